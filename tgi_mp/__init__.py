@@ -1,0 +1,1 @@
+"""tgi-mp: a multiprocess, TGI-compatible LLM inference server."""
