@@ -1,0 +1,212 @@
+"""Fill a model from safetensors (HF directory) or a GGUF file.
+
+Both readers yield `(hf_name, tensor)` one tensor at a time; `_Sink` copies each
+into its slice of our (possibly fused) parameter, so peak memory is the model
+plus one checkpoint tensor, never two models.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tgi_mp.executor.models import build_model
+from tgi_mp.model_source import ModelConfig, ModelSource
+
+ProgressFn = Callable[[int, int], None]
+
+# HF projection -> (our fused projection, shard index)
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+# llama.cpp block tensor -> HF module path inside `model.layers.N`
+_GGUF_BLOCK = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+class _Sink:
+    """Routes HF-named tensors into the model's parameters; checks completeness."""
+
+    def __init__(self, model: nn.Module, cfg: ModelConfig) -> None:
+        self.params = dict(model.named_parameters())
+        self.cfg = cfg
+        q, kv, inter = (
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+            cfg.intermediate_size,
+        )
+        # (row offset, rows) of each shard inside a fused parameter
+        self.shards = {
+            "qkv_proj": [(0, q), (q, kv), (q + kv, kv)],
+            "gate_up_proj": [(0, inter), (inter, inter)],
+        }
+        self.expected = {
+            (name, i)
+            for name in self.params
+            for i in range(len(self.shards.get(name.split(".")[-2], [None])))
+        }
+        self.loaded: set[tuple[str, int]] = set()
+
+    def put(self, hf_name: str, tensor: torch.Tensor) -> None:
+        if hf_name.endswith("rotary_emb.inv_freq"):  # recomputed from the config
+            return
+        if hf_name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+            return  # some tied checkpoints still store a copy
+        *path, module, kind = hf_name.split(".")
+        shard = 0
+        if module in _FUSED:
+            module, shard = _FUSED[module]
+        name = ".".join([*path, module, kind])
+        param = self.params.get(name)
+        if param is None:
+            raise KeyError(f"checkpoint tensor {hf_name!r} has no place in {self.cfg.architecture}")
+        target = param.data
+        if module in self.shards:
+            start, rows = self.shards[module][shard]
+            target = target[start : start + rows]
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"{hf_name}: checkpoint shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
+            )
+        target.copy_(tensor)  # casts to the model dtype / device
+        self.loaded.add((name, shard))
+
+    def check(self) -> None:
+        missing = sorted(f"{n}[{i}]" if i else n for n, i in self.expected - self.loaded)
+        if missing:
+            more = f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
+            raise ValueError(f"checkpoint lacks weights: {', '.join(missing[:8])}{more}")
+
+
+def _safetensors_tensors(directory: str) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
+    from safetensors import safe_open
+
+    index = Path(directory, "model.safetensors.index.json")
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in Path(directory).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {directory} (.bin is not supported)")
+    total = 0
+    for f in files:
+        with safe_open(str(Path(directory, f)), framework="pt") as st:
+            total += len(st.keys())
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for f in files:
+            with safe_open(str(Path(directory, f)), framework="pt") as st:
+                for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, st.get_tensor(name)
+
+    return total, tensors()
+
+
+def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (see `_gguf_tensors`).
+
+    In a GGUF, row `2*i + j` of each head holds HF row `j * head_dim/2 + i`
+    (j = 0, 1; i < head_dim/2): the two halves HF's rotate_half pairs up are
+    interleaved so that ggml's rope can rotate adjacent rows instead.
+    """
+    return w.reshape(n_heads, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_tensors(path: str, cfg: ModelConfig) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
+    # Only llama.cpp's "llama" converter permutes q/k (its rope is the
+    # adjacent-pairs kind); qwen2 uses neox rope and stores HF's layout.
+    permuted = arch == "llama"
+    tensors = [t for t in reader.tensors if t.name != "rope_freqs.weight"]  # read by the config
+
+    def hf_name(name: str) -> str:
+        if name in _GGUF_TOP:
+            return _GGUF_TOP[name]
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+        if m is None or m[2] not in _GGUF_BLOCK:
+            raise KeyError(f"unknown GGUF tensor {name!r}")
+        return f"model.layers.{m[1]}.{_GGUF_BLOCK[m[2]]}.{m[3]}"
+
+    def gen() -> Iterator[tuple[str, torch.Tensor]]:
+        for t in tensors:
+            # ggml lists dims fastest-first: reversed, they are numpy/torch's shape.
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            w = dequantize(t.data, t.tensor_type).reshape(shape)
+            name = hf_name(t.name)
+            if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+                w = unpermute_rope_rows(w, cfg.num_heads)
+            elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+                w = unpermute_rope_rows(w, cfg.num_kv_heads)
+            if not w.flags.writeable:  # F32 tensors are views of the read-only mmap
+                w = w.copy()
+            yield name, torch.from_numpy(w)
+
+    return len(tensors), gen()
+
+
+@torch.no_grad()  # not inference_mode: its tensors would be unusable outside it
+def load_model(
+    source: ModelSource,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    on_progress: ProgressFn | None = None,
+) -> nn.Module:
+    """Build the model for `cfg` and load its weights (float32 GGUF dequantisation,
+    then cast to `dtype`). `on_progress(done, total)` is called per tensor."""
+    model = build_model(cfg, dtype, device)
+    if source.kind == "hf":
+        total, tensors = _safetensors_tensors(source.path)
+    elif source.kind == "gguf":
+        total, tensors = _gguf_tensors(source.gguf_path, cfg)
+    else:
+        raise ValueError(f"unknown model source kind {source.kind!r}")
+    sink = _Sink(model, cfg)
+    for done, (name, tensor) in enumerate(tensors, 1):
+        sink.put(name, tensor)
+        if on_progress is not None:
+            on_progress(done, total)
+    sink.check()
+    return model
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights (`--load-format dummy`): N(0, 0.02), norms at 1, biases at 0."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model

@@ -1,0 +1,198 @@
+"""Every message that crosses a process boundary in tgi-mp.
+
+Three channels, one tagged union each (see `ipc.channels` for the sockets):
+
+* frontend -> scheduler: `AddRequest`, `AbortRequest`, `GetStats`
+* scheduler -> frontend: `TokenBatch`, `Error`, `SchedulerStats`
+* scheduler -> executors (one broadcast): `StepPlan`, `Shutdown`
+* executor -> scheduler: `StepResult`, `ExecutorReady`, `ExecutorFailed`
+* supervisor -> frontends (one broadcast): `EngineDead`
+
+Per-step messages are columnar: one numpy array per field, carried as
+zero-copy ZeroMQ frames by `ipc.codec`, never one Python object per request.
+Fields are only ever appended, so an older reader keeps working.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import msgspec
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+
+class FinishReason(IntEnum):
+    """Why a sequence stopped; values are stable on the wire."""
+
+    LENGTH = 1  # max_new_tokens reached
+    EOS = 2  # an end-of-sequence token was sampled
+    STOP_SEQUENCE = 3  # a stop token id from the request was sampled
+    ABORTED = 4  # the client went away or asked to stop
+    ERROR = 5  # the engine failed this request
+
+
+class SamplingParams(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    """What the engine needs to pick tokens; text-level options stay in the frontend."""
+
+    max_new_tokens: int = 20
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    do_sample: bool = False
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+
+# ---------------------------------------------------------------- frontend -> scheduler
+
+
+class AddRequest(msgspec.Struct, tag=True, array_like=True, gc=False):
+    req_id: int  # unique per frontend socket; replies are routed by socket identity
+    prompt: np.ndarray  # int32 token ids
+    params: SamplingParams
+    arrival_time: float = 0.0
+
+
+class AbortRequest(msgspec.Struct, tag=True, array_like=True, gc=False):
+    req_ids: list[int]
+
+
+class GetStats(msgspec.Struct, tag=True, array_like=True, gc=False):
+    pass
+
+
+FrontendMessage = AddRequest | AbortRequest | GetStats
+
+
+# ---------------------------------------------------------------- scheduler -> frontend
+
+
+class TokenBatch(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """New tokens of one step for every request of one frontend.
+
+    `req_ids[i]` produced `token_ids[i]`. `finished` lists (req_id, reason) for
+    requests that ended this step; an aborted or failed request may appear
+    there without a token.
+    """
+
+    req_ids: np.ndarray  # int64
+    token_ids: np.ndarray  # int32
+    finished: list[tuple[int, int]] = []
+    num_cached_tokens: list[tuple[int, int]] = []  # (req_id, prompt tokens served from cache)
+
+
+class Error(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """A request the scheduler refused or failed; `req_id` -1 means all of them."""
+
+    req_id: int
+    message: str
+    kind: str = "validation"
+
+
+class SchedulerStats(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """Cumulative counters since start; times in seconds."""
+
+    steps: int
+    preemptions: int
+    prefill_tokens: int
+    decode_tokens: int
+    waiting: int
+    running: int
+    blocks_free: int
+    blocks_total: int
+    schedule_time: float  # planning + applying results + emitting tokens
+    step_time: float  # plan sent -> result received, as the scheduler sees it
+    forward_time: float  # the executor's own share of step_time
+    busy_time: float  # wall time of loop iterations that ran a step
+
+
+SchedulerToFrontend = TokenBatch | Error | SchedulerStats
+
+
+# ---------------------------------------------------------------- scheduler -> executors
+
+
+class StepPlan(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """One forward pass over a flattened batch, self-contained.
+
+    Sequence i contributes `query_lens[i]` new tokens (a prefill chunk, or 1
+    for decode) on top of `context_lens[i]` tokens already in its KV blocks.
+    `input_ids` is the concatenation of every sequence's new tokens. Block
+    tables are flattened: sequence i owns `block_counts[i]` entries. Only rows
+    with `sample[i]` set produce a token (a non-final prefill chunk does not).
+    Sampling columns are per sequence; `sample_index[i]` is how many tokens
+    the sequence has generated before, which keys its random stream so a
+    seeded request samples identically whatever batch it lands in.
+    """
+
+    step_id: int
+    query_lens: np.ndarray  # int32 [B]
+    context_lens: np.ndarray  # int32 [B]
+    input_ids: np.ndarray  # int32 [sum(query_lens)]
+    block_counts: np.ndarray  # int32 [B]
+    block_tables: np.ndarray  # int32 [sum(block_counts)]
+    sample: np.ndarray  # bool [B]
+    temperature: np.ndarray  # float32 [B]; 0 means greedy
+    top_k: np.ndarray  # int32 [B]
+    top_p: np.ndarray  # float32 [B]
+    seeds: np.ndarray  # int64 [B]
+    sample_index: np.ndarray  # int32 [B]
+
+
+class Shutdown(msgspec.Struct, tag=True, array_like=True, gc=False):
+    reason: str = ""
+
+
+SchedulerToExecutor = StepPlan | Shutdown
+
+
+# ---------------------------------------------------------------- executor -> scheduler
+
+
+class ExecutorReady(msgspec.Struct, tag=True, array_like=True, gc=False):
+    rank: int
+    num_blocks: int  # KV blocks this executor allocated
+    block_size: int
+    attention_backend: str
+    dtype: str
+
+
+class StepResult(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """Tokens sampled for the rows of the plan with `sample` set, in plan order."""
+
+    step_id: int
+    token_ids: np.ndarray  # int32
+    forward_time: float  # seconds spent in input prep + forward + sampling
+
+
+class ExecutorFailed(msgspec.Struct, tag=True, array_like=True, gc=False):
+    rank: int
+    message: str
+
+
+ExecutorToScheduler = ExecutorReady | StepResult | ExecutorFailed
+
+
+# ---------------------------------------------------------------- supervisor -> frontends
+
+
+class EngineDead(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """Published by the supervisor when a child process dies; every pending request fails."""
+
+    message: str
+
+
+class SchedulerReady(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """Sent by the scheduler to the supervisor once every executor is ready."""
+
+    num_blocks: int
+    block_size: int
+    max_batch_total_tokens: int
+    attention_backend: str
+    dtype: str
+
+
+SupervisorMessage = EngineDead | SchedulerReady

@@ -1,0 +1,195 @@
+"""Paged attention: the interface and its plain-torch reference implementation.
+
+The KV cache of one layer is a pair of tensors `[num_blocks, block_size,
+num_kv_heads, head_dim]`; a sequence's tokens live in the blocks its block
+table lists, token `p` at slot `block_table[p // block_size] * block_size +
+p % block_size`. One step runs a flattened batch: sequence 0's new tokens,
+then sequence 1's, ... Each new token at position `p` attends to keys `0..p`
+of its own sequence (cached prefix + earlier chunks + this chunk).
+
+This file is the oracle the GPU kernels are tested against, so it favours the
+obvious over the clever; decode rows are still batched into one SDPA call per
+layer so the CPU backend is usable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    positions: torch.Tensor  # int64 [T]: position of each new token in its sequence
+    slot_mapping: torch.Tensor  # int64 [T]: cache slot each new token's K/V goes to
+    query_start_loc: torch.Tensor  # int32 [B+1]: offsets of each sequence's rows
+    seq_lens: torch.Tensor  # int32 [B]: context + new tokens
+    context_lens: torch.Tensor  # int32 [B]: tokens already cached before this step
+    block_tables: torch.Tensor  # int32 [B, max_blocks]
+    block_size: int
+    # Host-side plan for the reference implementation.
+    query_lens_host: list[int]
+    seq_lens_host: list[int]
+    query_start_host: list[int]
+    decode_rows: torch.Tensor  # int64 [D]: row (== token) index of each decode sequence
+    decode_blocks: torch.Tensor  # int64 [D, nb]: their block tables, padding entries zeroed
+    decode_max_len: int
+    all_decode: bool  # every sequence has one new token: rows are already in order
+    prefill_seqs: list[int]  # sequences with more than one new token
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: np.ndarray,
+        context_lens: np.ndarray,
+        block_tables: np.ndarray,
+        block_size: int,
+        device: torch.device | str,
+    ) -> AttentionMetadata:
+        query_lens = np.asarray(query_lens, dtype=np.int64)
+        context_lens = np.asarray(context_lens, dtype=np.int64)
+        block_tables = np.asarray(block_tables, dtype=np.int64).reshape(len(query_lens), -1)
+        seq_lens = context_lens + query_lens
+        qsl = np.zeros(len(query_lens) + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=qsl[1:])
+        num_tokens = int(qsl[-1])
+        # Per-token sequence index and offset inside the step's chunk, all vectorised.
+        seq_idx = np.repeat(np.arange(len(query_lens)), query_lens)
+        positions = context_lens[seq_idx] + (np.arange(num_tokens) - qsl[:-1][seq_idx])
+        slots = block_tables[seq_idx, positions // block_size] * block_size + positions % block_size
+
+        decode = np.flatnonzero(query_lens == 1)
+        d_lens = seq_lens[decode]
+        d_max = int(d_lens.max()) if len(decode) else 0
+        nb = -(-d_max // block_size)
+        # Entries past a sequence's last block may hold anything (-1, stale ids):
+        # point them at block 0 so the gather is in range; the mask hides them.
+        d_blocks = block_tables[decode, :nb]
+        used = np.arange(nb)[None, :] < -(-d_lens[:, None] // block_size)
+        d_blocks = np.where(used, d_blocks, 0)
+
+        def t(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
+
+        return cls(
+            positions=t(positions, torch.int64),
+            slot_mapping=t(slots, torch.int64),
+            query_start_loc=t(qsl, torch.int32),
+            seq_lens=t(seq_lens, torch.int32),
+            context_lens=t(context_lens, torch.int32),
+            block_tables=t(block_tables, torch.int32),
+            block_size=block_size,
+            query_lens_host=query_lens.tolist(),
+            seq_lens_host=seq_lens.tolist(),
+            query_start_host=qsl.tolist(),
+            decode_rows=t(qsl[decode], torch.int64),
+            decode_blocks=t(d_blocks, torch.int64),
+            decode_max_len=d_max,
+            all_decode=len(decode) == len(query_lens),
+            prefill_seqs=np.flatnonzero(query_lens > 1).tolist(),
+        )
+
+
+def allocate_kv_cache(
+    num_layers: int,
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    # Zeroed, not empty: masked-out slots still enter `weights @ V`, and 0 * NaN
+    # from uninitialised memory would poison the output.
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    return [
+        (
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
+        for _ in range(num_layers)
+    ]
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter the new tokens' K/V (`[T, num_kv_heads, head_dim]`) into their slots."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q `[N, Lq, H, D]`, k/v `[N, L, KVH, D]` (key j at position j), q_pos `[N, Lq]`.
+
+    GQA without copying K/V: the `g = H // KVH` query heads that share a KV head
+    (HF order: query head h reads KV head h // g) become extra query rows of that
+    KV head, so SDPA sees `[N, KVH, g*Lq, D]` against `[N, KVH, L, D]`.
+    """
+    n, lq, h, d = q.shape
+    kvh, length = k.shape[2], k.shape[1]
+    g = h // kvh
+    qg = q.reshape(n, lq, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(n, kvh, g * lq, d)
+    visible = torch.arange(length, device=q.device) <= q_pos[:, :, None]  # [N, Lq, L]
+    mask = visible[:, None, None].expand(n, 1, g, lq, length).reshape(n, 1, g * lq, length)
+    out = F.scaled_dot_product_attention(
+        qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
+    )
+    return out.view(n, kvh, g, lq, d).permute(0, 3, 1, 2, 4).reshape(n, lq, h, d)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of the step's tokens (`q` `[T, H, D]`) over their sequences'
+    cached K/V (already holding this step's tokens, see `write_kv`). Returns `[T, H, D]`."""
+    _, bs, kvh, d = k_cache.shape
+    if meta.all_decode:
+        return _decode(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
+    if meta.decode_rows.numel():
+        out[meta.decode_rows] = _decode(q[meta.decode_rows], k_cache, v_cache, meta, scale)
+    # Prefill chunks are few and long: one SDPA per sequence is fine.
+    for i in meta.prefill_seqs:
+        start, end = meta.query_start_host[i], meta.query_start_host[i + 1]
+        length = meta.seq_lens_host[i]
+        blocks = meta.block_tables[i, : -(-length // bs)].long()
+        k = k_cache[blocks].view(1, -1, kvh, d)[:, :length]
+        v = v_cache[blocks].view(1, -1, kvh, d)[:, :length]
+        pos = meta.positions[None, start:end]
+        out[start:end] = _attend(q[None, start:end], k, v, pos, scale)[0]
+    return out
+
+
+def _decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """All one-token rows at once: gather each sequence's blocks into a padded
+    `[n, L, KVH, head_dim]` tensor; padding sits at positions > the query's and is masked."""
+    kvh, d = k_cache.shape[2:]
+    n, length = meta.decode_blocks.shape[0], meta.decode_max_len
+    k = k_cache[meta.decode_blocks].view(n, -1, kvh, d)[:, :length]
+    v = v_cache[meta.decode_blocks].view(n, -1, kvh, d)[:, :length]
+    q_pos = meta.positions[meta.decode_rows][:, None]
+    return _attend(q[:, None], k, v, q_pos, scale)[:, 0]

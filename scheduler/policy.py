@@ -1,0 +1,263 @@
+"""Which tokens are computed next: admission, chunked prefill, preemption.
+
+One token budget per step (`max_batch_prefill_tokens`) and no phases: running
+requests are served first (a decode token each, or the next chunk of a
+prompt still being prefilled), then waiting requests are admitted in arrival
+order into what is left, the last one chunked to fit. When KV blocks run out
+the most recently admitted running request is preempted: its blocks are freed
+and it goes back to the head of the queue, to be recomputed later from its
+tokens (prompt and everything it generated), which the client never sees.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tgi_mp.ipc.messages import AddRequest, FinishReason, StepPlan
+from tgi_mp.scheduler.block_pool import BlockPool
+from tgi_mp.scheduler.request import Request, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_blocks: int
+    block_size: int = 16
+    max_batch_prefill_tokens: int = 4096
+    max_batch_size: int = 256
+    eos_token_ids: frozenset[int] = frozenset()
+
+
+class RequestRejected(ValueError):
+    pass
+
+
+@dataclass
+class ScheduledStep:
+    plan: StepPlan
+    reqs: list[Request]
+    num_new: list[int]
+
+
+@dataclass
+class Output:
+    """One request's news from a step: a token (or -1) and maybe a finish reason."""
+
+    req: Request
+    token: int
+    finish: FinishReason | None
+
+
+@dataclass
+class Stats:
+    steps: int = 0
+    preemptions: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    finished: list[int] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig) -> None:
+        self.cfg = cfg
+        self.pool = BlockPool(cfg.num_blocks, cfg.block_size)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[tuple[bytes, int], Request] = {}
+        self._aborts: list[Request] = []
+        self._step_id = 0
+        self.stats = Stats()
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.cfg.num_blocks * self.cfg.block_size
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._aborts)
+
+    # ------------------------------------------------------------ requests in
+
+    def add(self, msg: AddRequest, frontend: bytes = b"") -> Request:
+        key = (frontend, msg.req_id)
+        p = msg.params
+        if key in self.requests:
+            raise RequestRejected(f"request id {msg.req_id} is already in use")
+        if len(msg.prompt) == 0:
+            raise RequestRejected("the prompt is empty")
+        if p.max_new_tokens < 1:
+            raise RequestRejected("max_new_tokens must be at least 1")
+        total = len(msg.prompt) + p.max_new_tokens
+        if total > self.capacity_tokens:
+            raise RequestRejected(
+                f"prompt ({len(msg.prompt)} tokens) + max_new_tokens ({p.max_new_tokens}) = "
+                f"{total} exceeds the KV cache capacity of {self.capacity_tokens} tokens"
+            )
+        seed = p.seed if p.seed is not None else random.getrandbits(63)
+        req = Request(msg.req_id, frontend, msg.prompt, p, seed)
+        self.requests[key] = req
+        self.waiting.append(req)
+        return req
+
+    def abort(self, frontend: bytes, req_id: int) -> None:
+        """Takes effect at the next `schedule`, so an in-flight step stays consistent."""
+        req = self.requests.get((frontend, req_id))
+        if req is not None and req.status != Status.FINISHED:
+            self._aborts.append(req)
+
+    # ------------------------------------------------------------ planning
+
+    def schedule(self) -> tuple[ScheduledStep | None, list[Output]]:
+        """Plans the next step; also returns requests that ended outside a step."""
+        ended = [
+            self._finish(r, FinishReason.ABORTED)
+            for r in self._aborts
+            if r.status != Status.FINISHED
+        ]
+        self._aborts.clear()
+
+        budget = self.cfg.max_batch_prefill_tokens
+        reqs: list[Request] = []
+        num_new: list[int] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed, budget)
+            if not self._reserve(req, n):
+                # Free the tail of `running` until this request fits, or it is the tail.
+                while not self._reserve(req, n):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is req:
+                        break
+                if req.status != Status.RUNNING:
+                    break
+            reqs.append(req)
+            num_new.append(n)
+            budget -= n
+            i += 1
+
+        while not preempted and self.waiting and budget > 0:
+            if len(self.running) >= self.cfg.max_batch_size:
+                break
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed, budget)
+            if not self._reserve(req, n):
+                break
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            self.running.append(req)
+            reqs.append(req)
+            num_new.append(n)
+            budget -= n
+
+        if not reqs:
+            return None, ended
+        return ScheduledStep(self._build_plan(reqs, num_new), reqs, num_new), ended
+
+    def _reserve(self, req: Request, n: int) -> bool:
+        """Makes sure `req` owns blocks for its next `n` tokens."""
+        need = self.pool.blocks_for(req.num_computed + n) - len(req.block_ids)
+        if need <= 0:
+            return True
+        if need > self.pool.num_free:
+            return False
+        req.block_ids += self.pool.allocate(need)
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.pool.release(req.block_ids)
+        req.block_ids = []
+        req.num_computed = 0
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+        self.stats.preemptions += 1
+
+    def _build_plan(self, reqs: list[Request], num_new: list[int]) -> StepPlan:
+        self._step_id += 1
+        query_lens = np.array(num_new, dtype=np.int32)
+        context_lens = np.fromiter((r.num_computed for r in reqs), np.int32, len(reqs))
+        sample = context_lens + query_lens == np.fromiter(
+            (r.num_tokens for r in reqs), np.int32, len(reqs)
+        )
+        input_ids = np.concatenate(
+            [
+                r.tokens[r.num_computed : r.num_computed + n]
+                for r, n in zip(reqs, num_new, strict=True)
+            ]
+        )
+        params = [r.params for r in reqs]
+        return StepPlan(
+            step_id=self._step_id,
+            query_lens=query_lens,
+            context_lens=context_lens,
+            input_ids=input_ids,
+            block_counts=np.fromiter((len(r.block_ids) for r in reqs), np.int32, len(reqs)),
+            block_tables=np.fromiter(
+                (b for r in reqs for b in r.block_ids),
+                np.int32,
+                sum(len(r.block_ids) for r in reqs),
+            ),
+            sample=sample,
+            temperature=np.array(
+                [p.temperature if p.do_sample else 0.0 for p in params], dtype=np.float32
+            ),
+            top_k=np.array([p.top_k for p in params], dtype=np.int32),
+            top_p=np.array([p.top_p for p in params], dtype=np.float32),
+            seeds=np.array([r.seed for r in reqs], dtype=np.int64),
+            sample_index=np.fromiter((r.num_generated for r in reqs), np.int32, len(reqs)),
+        )
+
+    # ------------------------------------------------------------ results in
+
+    def update(self, step: ScheduledStep, sampled: np.ndarray) -> list[Output]:
+        """Applies a step's sampled tokens (one per row with `plan.sample` set)."""
+        outputs: list[Output] = []
+        tokens = sampled.tolist()
+        k = 0
+        self.stats.steps += 1
+        for req, n, do_sample in zip(
+            step.reqs, step.num_new, step.plan.sample.tolist(), strict=True
+        ):
+            if req.num_generated or req.num_computed >= req.num_prompt:
+                self.stats.decode_tokens += n
+            else:
+                self.stats.prefill_tokens += n
+            if req.status != Status.RUNNING:  # preempted is impossible mid-step; aborted is not
+                continue
+            req.num_computed += n
+            if not do_sample:
+                continue
+            token = tokens[k]
+            k += 1
+            req.append(token)
+            reason = req.finish_reason(token, self.cfg.eos_token_ids)
+            outputs.append(Output(req, token, reason))
+            if reason is not None:
+                self._finish(req, reason)
+        return outputs
+
+    def _finish(self, req: Request, reason: FinishReason) -> Output:
+        if req.status == Status.RUNNING:
+            self.running.remove(req)
+        elif req.status == Status.WAITING:
+            self.waiting.remove(req)
+        self.pool.release(req.block_ids)
+        req.block_ids = []
+        req.status = Status.FINISHED
+        del self.requests[(req.frontend, req.req_id)]
+        return Output(req, -1, reason)
+
+    def fail_all(self) -> list[Request]:
+        """Drops every request (the engine is going down); returns them for error replies."""
+        reqs = list(self.requests.values())
+        for req in reqs:
+            if req.status != Status.FINISHED:
+                self._finish(req, FinishReason.ERROR)
+        return reqs

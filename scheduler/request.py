@@ -1,0 +1,74 @@
+"""The scheduler's view of one request: token ids and KV progress, no text."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import numpy as np
+
+from tgi_mp.ipc.messages import FinishReason, SamplingParams
+
+
+class Status(IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED = 2
+
+
+class Request:
+    """Tokens live in one preallocated int32 array (prompt, then generated).
+
+    `num_computed` counts the tokens whose KV is in this request's blocks. A
+    step computes `num_tokens - num_computed` tokens at most; when it catches
+    up, the last position's logits give the next token. Preemption resets
+    `num_computed` to 0 and keeps the tokens, so recompute is a longer prefill.
+    """
+
+    __slots__ = (
+        "block_ids",
+        "frontend",
+        "num_computed",
+        "num_preemptions",
+        "num_prompt",
+        "num_tokens",
+        "params",
+        "req_id",
+        "seed",
+        "status",
+        "tokens",
+    )
+
+    def __init__(
+        self, req_id: int, frontend: bytes, prompt: np.ndarray, params: SamplingParams, seed: int
+    ) -> None:
+        self.req_id = req_id
+        self.frontend = frontend
+        self.params = params
+        self.seed = seed
+        self.num_prompt = len(prompt)
+        self.tokens = np.empty(self.num_prompt + params.max_new_tokens, dtype=np.int32)
+        self.tokens[: self.num_prompt] = prompt
+        self.num_tokens = self.num_prompt
+        self.num_computed = 0
+        self.block_ids: list[int] = []
+        self.status = Status.WAITING
+        self.num_preemptions = 0
+
+    @property
+    def num_generated(self) -> int:
+        return self.num_tokens - self.num_prompt
+
+    def append(self, token: int) -> None:
+        self.tokens[self.num_tokens] = token
+        self.num_tokens += 1
+
+    def finish_reason(self, token: int, eos_ids: frozenset[int]) -> FinishReason | None:
+        """Checked after `token` was appended."""
+        p = self.params
+        if not p.ignore_eos and token in eos_ids:
+            return FinishReason.EOS
+        if token in p.stop_token_ids:
+            return FinishReason.STOP_SEQUENCE
+        if self.num_generated >= p.max_new_tokens:
+            return FinishReason.LENGTH
+        return None
