@@ -17,8 +17,8 @@ must slow the writer down instead.
 
 from __future__ import annotations
 
-import contextlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -63,11 +63,8 @@ class Endpoints:
         return self._addr("events")
 
     def remove(self) -> None:
-        for name in ("frontend", "plan", "results", "supervisor", "events"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.root, name))
-        with contextlib.suppress(OSError):
-            os.rmdir(self.root)
+        """Deletes the socket files and anything else the instance kept there."""
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 class Channel:
@@ -97,8 +94,8 @@ class Channel:
         assert self._dec is not None, "this channel only sends"
         return self._dec.decode(frames)
 
-    def close(self) -> None:
-        self.sock.close(linger=0)
+    def close(self, linger: int = 0) -> None:
+        self.sock.close(linger=linger)
 
 
 def _socket(ctx: zmq.Context, kind: int, addr: str, bind: bool, **opts: Any) -> zmq.Socket:
@@ -144,9 +141,10 @@ class ExecutorChannels:
         )
         self.results = Channel(_socket(ctx, zmq.PUSH, ep.results, False, SNDHWM=0))
 
-    def close(self) -> None:
+    def close(self, linger: int = 0) -> None:
+        """`linger` (ms) lets a last failure report leave before the socket goes."""
         self.plan.close()
-        self.results.close()
+        self.results.close(linger)
 
 
 class SupervisorChannels:

@@ -1,0 +1,59 @@
+"""Executor process: holds one shard of the model and runs the step plans it is sent.
+
+Usage (by the supervisor only): python -m tgi_mp.executor.main CONFIG RANK PARENT_PID
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+
+import zmq
+
+from tgi_mp.config import EngineConfig
+from tgi_mp.ipc.channels import Endpoints, ExecutorChannels
+from tgi_mp.ipc.messages import ExecutorFailed, ExecutorReady, Shutdown, StepResult
+from tgi_mp.process import bind_to_parent, exit_on_sigterm, setup_logging
+
+
+def run(cfg: EngineConfig, rank: int) -> int:
+    log = setup_logging(f"executor{rank}")
+    ctx = zmq.Context()
+    ch = ExecutorChannels(ctx, Endpoints(cfg.ipc_root))
+    linger = 0
+    try:
+        from tgi_mp.executor.runner import ModelRunner  # torch import: after sockets are up
+
+        runner = ModelRunner(cfg, rank)
+        ch.results.send(ExecutorReady(rank, runner.num_blocks, cfg.block_size, "torch", cfg.dtype))
+        while True:
+            plan = ch.plan.recv()
+            if isinstance(plan, Shutdown):
+                log.info("shutting down: %s", plan.reason)
+                return 0
+            t0 = time.perf_counter()
+            tokens = runner.step(plan)
+            if rank == 0:
+                ch.results.send(StepResult(plan.step_id, tokens, time.perf_counter() - t0))
+    except SystemExit:
+        raise
+    except BaseException as e:  # report, then die loudly: the supervisor takes it from there
+        log.error("executor %d failed:\n%s", rank, traceback.format_exc())
+        ch.results.send(ExecutorFailed(rank, f"{type(e).__name__}: {e}"))
+        linger = 2000
+        return 1
+    finally:
+        ch.close(linger)
+        ctx.term()
+
+
+def main() -> None:
+    path, rank, parent = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    bind_to_parent(parent)
+    exit_on_sigterm()
+    sys.exit(run(EngineConfig.load(path), rank))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""One executor's model, KV cache and step: plan in, sampled token ids out."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from tgi_mp.config import EngineConfig
+from tgi_mp.executor.sampler import sample
+from tgi_mp.executor.weights import load_model
+from tgi_mp.ipc.messages import StepPlan
+from tgi_mp.kernels.attention import AttentionMetadata, allocate_kv_cache
+
+log = logging.getLogger("tgi_mp.executor")
+
+
+def kv_bytes_per_block(cfg: EngineConfig) -> int:
+    mc = cfg.model_config
+    elem = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
+    return 2 * mc.num_layers * cfg.block_size * mc.num_kv_heads * mc.head_dim * elem
+
+
+def num_kv_blocks(cfg: EngineConfig) -> int:
+    """KV capacity: `max_batch_total_tokens` when given, else the memory budget."""
+    if cfg.max_batch_total_tokens is not None:
+        return -(-cfg.max_batch_total_tokens // cfg.block_size)
+    return max(1, cfg.kv_cache_memory // kv_bytes_per_block(cfg))
+
+
+def _tensor(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Plan arrays are read-only views of ZeroMQ frames; torch wants writable memory.
+    return torch.from_numpy(np.array(a)).to(device=device, dtype=dtype)
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, rank: int) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.dtype = getattr(torch, cfg.dtype)
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
+        t0 = time.perf_counter()
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if done == total or now - last[0] > 2.0:
+                last[0] = now
+                log.info("loading weights: %d/%d tensors", done, total)
+
+        self.model = load_model(cfg.model, cfg.model_config, self.dtype, self.device, progress)
+        self.num_blocks = num_kv_blocks(cfg)
+        mc = cfg.model_config
+        self.kv_caches = allocate_kv_cache(
+            mc.num_layers,
+            self.num_blocks,
+            cfg.block_size,
+            mc.num_kv_heads,
+            mc.head_dim,
+            self.dtype,
+            self.device,
+        )
+        log.info(
+            "rank %d: %s loaded in %.1fs (%s, %s); KV cache %d blocks x %d tokens = %d tokens",
+            rank,
+            cfg.model.model_id,
+            time.perf_counter() - t0,
+            cfg.dtype,
+            cfg.device,
+            self.num_blocks,
+            cfg.block_size,
+            self.num_blocks * cfg.block_size,
+        )
+
+    @torch.inference_mode()
+    def step(self, plan: StepPlan) -> np.ndarray:
+        counts = plan.block_counts
+        tables = np.zeros((len(counts), int(counts.max())), dtype=np.int32)
+        tables[np.arange(tables.shape[1])[None, :] < counts[:, None]] = plan.block_tables
+        meta = AttentionMetadata.build(
+            plan.query_lens, plan.context_lens, tables, self.cfg.block_size, self.device
+        )
+        input_ids = _tensor(plan.input_ids, torch.int64, self.device)
+        hidden = self.model(input_ids, meta.positions, self.kv_caches, meta)
+
+        rows = np.flatnonzero(plan.sample)
+        if len(rows) == 0:
+            return np.empty(0, dtype=np.int32)
+        last_token = (np.cumsum(plan.query_lens) - 1)[rows]
+        logits = self.model.compute_logits(hidden[_tensor(last_token, torch.int64, self.device)])
+        tokens = sample(
+            logits,
+            _tensor(plan.temperature[rows], torch.float32, self.device),
+            _tensor(plan.top_k[rows], torch.int64, self.device),
+            _tensor(plan.top_p[rows], torch.float32, self.device),
+            _tensor(plan.seeds[rows], torch.int64, self.device),
+            _tensor(plan.sample_index[rows], torch.int64, self.device),
+        )
+        return tokens.to(torch.int32).cpu().numpy()

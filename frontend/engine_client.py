@@ -1,0 +1,140 @@
+"""The frontend's handle on the engine: token ids in, token ids out, asyncio.
+
+One receiver task reads the scheduler's `TokenBatch`es and routes each token
+to its request's queue; it also listens for `EngineDead` from the
+supervisor, and fails every pending request at once when it arrives.
+Leaving a `generate` loop early (a client disconnect) aborts the request,
+which frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from tgi_mp.ipc import messages as m
+from tgi_mp.ipc.channels import Endpoints, FrontendChannels
+
+
+class EngineError(RuntimeError):
+    """The engine failed this request (or died)."""
+
+
+class RequestError(ValueError):
+    """The engine refused this request."""
+
+
+@dataclass(slots=True)
+class TokenOutput:
+    token_id: int  # -1 when the request ended without a new token
+    finish_reason: m.FinishReason | None = None
+
+
+class EngineClient:
+    def __init__(self, ipc_root: str, frontend_id: int = 0) -> None:
+        self._ctx = zmq.asyncio.Context()
+        self._ch = FrontendChannels(self._ctx, Endpoints(ipc_root), frontend_id)
+        self._ids = itertools.count(1)
+        self._queues: dict[int, asyncio.Queue[TokenOutput | BaseException]] = {}
+        self._receiver: asyncio.Task | None = None
+        self._stats_waiter: asyncio.Future[m.SchedulerStats] | None = None
+        self.dead: str | None = None
+
+    def _ensure_receiver(self) -> None:
+        if self._receiver is None:
+            self._receiver = asyncio.get_running_loop().create_task(self._receive())
+
+    async def generate(
+        self, prompt_ids: list[int] | np.ndarray, params: m.SamplingParams
+    ) -> AsyncIterator[TokenOutput]:
+        if self.dead:
+            raise EngineError(self.dead)
+        self._ensure_receiver()
+        req_id = next(self._ids)
+        queue: asyncio.Queue[TokenOutput | BaseException] = asyncio.Queue()
+        self._queues[req_id] = queue
+        prompt = np.asarray(prompt_ids, dtype=np.int32)
+        finished = False
+        try:
+            await self._ch.scheduler.send(m.AddRequest(req_id, prompt, params))
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            del self._queues[req_id]
+            if not finished and not self.dead:
+                await self.abort(req_id)
+
+    async def abort(self, req_id: int) -> None:
+        await self._ch.scheduler.send(m.AbortRequest([req_id]))
+
+    async def stats(self) -> m.SchedulerStats:
+        self._ensure_receiver()
+        self._stats_waiter = asyncio.get_running_loop().create_future()
+        await self._ch.scheduler.send(m.GetStats())
+        return await self._stats_waiter
+
+    async def _receive(self) -> None:
+        poller = zmq.asyncio.Poller()
+        sched, events = self._ch.scheduler, self._ch.events
+        poller.register(sched.sock, zmq.POLLIN)
+        poller.register(events.sock, zmq.POLLIN)
+        while True:
+            ready = dict(await poller.poll())
+            if events.sock in ready:
+                msg = events.decode(await events.sock.recv_multipart(copy=False))
+                self._fail_all(msg.message)
+                return
+            if sched.sock in ready:
+                self._dispatch(sched.decode(await sched.sock.recv_multipart(copy=False)))
+
+    def _dispatch(self, msg: m.SchedulerToFrontend) -> None:
+        queues = self._queues
+        if isinstance(msg, m.TokenBatch):
+            finished = dict(msg.finished)
+            for req_id, token in zip(msg.req_ids.tolist(), msg.token_ids.tolist(), strict=True):
+                q = queues.get(req_id)
+                if q is not None:
+                    reason = finished.pop(req_id, None)
+                    q.put_nowait(
+                        TokenOutput(token, None if reason is None else m.FinishReason(reason))
+                    )
+            for req_id, reason in finished.items():  # ended without a token this step
+                if (q := queues.get(req_id)) is not None:
+                    q.put_nowait(TokenOutput(-1, m.FinishReason(reason)))
+        elif isinstance(msg, m.Error):
+            err = RequestError if msg.kind == "validation" else EngineError
+            if msg.req_id < 0:
+                self._fail_all(msg.message)
+            elif (q := queues.get(msg.req_id)) is not None:
+                q.put_nowait(err(msg.message))
+        elif isinstance(msg, m.SchedulerStats):
+            waiter = self._stats_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(msg)
+
+    def _fail_all(self, message: str) -> None:
+        self.dead = message
+        for q in self._queues.values():
+            q.put_nowait(EngineError(message))
+        waiter = self._stats_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(EngineError(message))
+
+    def close(self) -> None:
+        if self._receiver is not None:
+            self._receiver.cancel()
+        self._ch.close()
+        self._ctx.term()

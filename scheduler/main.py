@@ -1,0 +1,196 @@
+"""Scheduler process: the one place that decides what the executors compute.
+
+Usage (by the supervisor only): python -m tgi_mp.scheduler.main CONFIG PARENT_PID
+
+The loop: take in requests and aborts, plan a step, broadcast it to every
+executor, wait for rank 0's sampled tokens (taking in new requests
+meanwhile), apply them, and send each frontend its requests' tokens.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+import zmq
+
+from tgi_mp.config import EngineConfig
+from tgi_mp.ipc import messages as m
+from tgi_mp.ipc.channels import Endpoints, SchedulerChannels
+from tgi_mp.process import bind_to_parent, exit_on_sigterm, setup_logging
+from tgi_mp.scheduler.policy import Output, RequestRejected, Scheduler, SchedulerConfig
+
+log = setup_logging("scheduler")
+
+
+class ExecutorDied(RuntimeError):
+    pass
+
+
+class SchedulerProcess:
+    def __init__(self, cfg: EngineConfig, ch: SchedulerChannels) -> None:
+        self.cfg = cfg
+        self.ch = ch
+        self.poller = zmq.Poller()
+        self.poller.register(ch.frontend.sock, zmq.POLLIN)
+        self.poller.register(ch.results.sock, zmq.POLLIN)
+        self.core: Scheduler | None = None
+        self.times = defaultdict(float)  # schedule / step / forward / busy seconds
+
+    def wait_for_executors(self) -> m.SchedulerReady:
+        n, timeout_ms = self.cfg.num_shards, int(self.cfg.startup_timeout * 1000)
+        self.ch.wait_for_subscribers(n, timeout_ms)
+        ready: list[m.ExecutorReady] = []
+        while len(ready) < n:
+            if not self.ch.results.sock.poll(timeout_ms):
+                raise TimeoutError(f"{len(ready)} of {n} executors ready in time")
+            msg = self.ch.results.recv()
+            if isinstance(msg, m.ExecutorFailed):
+                raise ExecutorDied(f"executor {msg.rank} failed at start: {msg.message}")
+            ready.append(msg)
+        num_blocks = min(r.num_blocks for r in ready)
+        mc = self.cfg.model_config
+        self.core = Scheduler(
+            SchedulerConfig(
+                num_blocks=num_blocks,
+                block_size=self.cfg.block_size,
+                max_batch_prefill_tokens=self.cfg.max_batch_prefill_tokens,
+                max_batch_size=self.cfg.max_batch_size,
+                eos_token_ids=frozenset(mc.eos_token_ids),
+            )
+        )
+        r0 = ready[0]
+        return m.SchedulerReady(
+            num_blocks, r0.block_size, num_blocks * r0.block_size, r0.attention_backend, r0.dtype
+        )
+
+    # ------------------------------------------------------------ the loop
+
+    def serve_forever(self) -> None:
+        while True:
+            self._drain_frontend(block_ms=0)
+            t0 = time.perf_counter()
+            step, ended = self.core.schedule()
+            self._emit(ended)
+            if step is None:
+                self._drain_frontend(block_ms=1000)
+                continue
+            self.ch.plan.send(step.plan)
+            t1 = time.perf_counter()
+            result = self._wait_for_result(step.plan.step_id)
+            t2 = time.perf_counter()
+            self._emit(self.core.update(step, result.token_ids))
+            t3 = time.perf_counter()
+            self.times["schedule"] += (t1 - t0) + (t3 - t2)
+            self.times["step"] += t2 - t1
+            self.times["forward"] += result.forward_time
+            self.times["busy"] += t3 - t0
+
+    def _wait_for_result(self, step_id: int) -> m.StepResult:
+        while True:
+            events = dict(self.poller.poll())
+            if self.ch.frontend.sock in events:
+                self._drain_frontend(block_ms=0)
+            if self.ch.results.sock in events:
+                msg = self.ch.results.recv()
+                if isinstance(msg, m.ExecutorFailed):
+                    raise ExecutorDied(f"executor {msg.rank} failed: {msg.message}")
+                if isinstance(msg, m.StepResult) and msg.step_id == step_id:
+                    return msg
+                log.warning("unexpected message from an executor: %r", msg)
+
+    def _drain_frontend(self, block_ms: int) -> None:
+        sock = self.ch.frontend.sock
+        if block_ms and not sock.poll(block_ms):
+            return
+        while sock.poll(0):
+            frontend, msg = self.ch.frontend.recv_routed()
+            if isinstance(msg, m.AddRequest):
+                try:
+                    self.core.add(msg, frontend)
+                except RequestRejected as e:
+                    self.ch.frontend.send(m.Error(msg.req_id, str(e)), frontend)
+            elif isinstance(msg, m.AbortRequest):
+                for req_id in msg.req_ids:
+                    self.core.abort(frontend, req_id)
+            elif isinstance(msg, m.GetStats):
+                self.ch.frontend.send(self._stats(), frontend)
+
+    def _emit(self, outputs: list[Output]) -> None:
+        """One TokenBatch per frontend that has news this step."""
+        if not outputs:
+            return
+        by_frontend: dict[bytes, list[Output]] = defaultdict(list)
+        for out in outputs:
+            by_frontend[out.req.frontend].append(out)
+        for frontend, outs in by_frontend.items():
+            with_token = [o for o in outs if o.token >= 0]
+            batch = m.TokenBatch(
+                req_ids=np.array([o.req.req_id for o in with_token], dtype=np.int64),
+                token_ids=np.array([o.token for o in with_token], dtype=np.int32),
+                finished=[(o.req.req_id, int(o.finish)) for o in outs if o.finish is not None],
+            )
+            self.ch.frontend.send(batch, frontend)
+
+    def _stats(self) -> m.SchedulerStats:
+        core, t = self.core, self.times
+        return m.SchedulerStats(
+            steps=core.stats.steps,
+            preemptions=core.stats.preemptions,
+            prefill_tokens=core.stats.prefill_tokens,
+            decode_tokens=core.stats.decode_tokens,
+            waiting=len(core.waiting),
+            running=len(core.running),
+            blocks_free=core.pool.num_free,
+            blocks_total=core.pool.num_blocks,
+            schedule_time=t["schedule"],
+            step_time=t["step"],
+            forward_time=t["forward"],
+            busy_time=t["busy"],
+        )
+
+    def fail_everything(self, message: str) -> None:
+        if self.core is None:
+            return
+        for req in self.core.fail_all():
+            self.ch.frontend.send(m.Error(req.req_id, message, kind="engine"), req.frontend)
+
+
+def run(cfg: EngineConfig) -> int:
+    ctx = zmq.Context()
+    ch = SchedulerChannels(ctx, Endpoints(cfg.ipc_root))
+    proc = SchedulerProcess(cfg, ch)
+    try:
+        ready = proc.wait_for_executors()
+        log.info(
+            "ready: %d KV blocks of %d tokens (%d tokens), attention %s, %s",
+            ready.num_blocks,
+            ready.block_size,
+            ready.max_batch_total_tokens,
+            ready.attention_backend,
+            ready.dtype,
+        )
+        ch.supervisor.send(ready)
+        proc.serve_forever()
+    except ExecutorDied as e:
+        log.error("%s", e)
+        proc.fail_everything(str(e))
+        return 1
+    finally:
+        ch.plan.send(m.Shutdown("scheduler exiting"))  # one write reaches every executor
+        ch.close()
+        ctx.term()
+    return 0
+
+
+def main() -> None:
+    path, parent = sys.argv[1], int(sys.argv[2])
+    bind_to_parent(parent)
+    exit_on_sigterm()
+    sys.exit(run(EngineConfig.load(path)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Starts the engine's processes, waits until they are ready, and supervises them.
+
+The supervisor runs in the caller's process (the `tgi-mp serve` parent, or a
+test). It spawns every child with `python -m`, so children start from a
+clean interpreter and never inherit the caller's state. If any child exits,
+the supervisor publishes `EngineDead` to every frontend (each fails its
+pending requests at once) and stops the other children: a broken engine is
+loud and quick, never a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from tgi_mp.config import EngineConfig
+from tgi_mp.ipc import messages as m
+from tgi_mp.ipc.channels import Endpoints, SupervisorChannels
+from tgi_mp.model_source import load_model_config, resolve_model
+
+log = logging.getLogger("tgi_mp.launcher")
+
+
+class EngineStartupError(RuntimeError):
+    pass
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+class Engine:
+    """A running scheduler + executors; `client()` talks to it."""
+
+    def __init__(self, cfg: EngineConfig, endpoints: Endpoints) -> None:
+        self.cfg = cfg
+        self.endpoints = endpoints
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.ready: m.SchedulerReady | None = None
+        self.failure: str | None = None
+        self._ctx = zmq.Context()
+        self._ch = SupervisorChannels(self._ctx, endpoints)
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    # ------------------------------------------------------------ start
+
+    @classmethod
+    def start(cls, model_id: str | None = None, revision: str | None = None, **opts: Any) -> Engine:
+        source = resolve_model(model_id, revision)
+        endpoints = Endpoints.create()
+        cfg = EngineConfig(
+            model=source, model_config=load_model_config(source), ipc_root=endpoints.root, **opts
+        )
+        engine = cls(cfg, endpoints)
+        try:
+            engine._spawn()
+            engine._wait_ready()
+        except BaseException:
+            engine.shutdown()
+            raise
+        engine._watcher = threading.Thread(target=engine._watch, name="supervisor", daemon=True)
+        engine._watcher.start()
+        return engine
+
+    def _spawn(self) -> None:
+        path, parent = self.cfg.save(), str(os.getpid())
+        for rank in range(self.cfg.num_shards):
+            self.procs[f"executor{rank}"] = subprocess.Popen(
+                [sys.executable, "-m", "tgi_mp.executor.main", path, str(rank), parent]
+            )
+        self.procs["scheduler"] = subprocess.Popen(
+            [sys.executable, "-m", "tgi_mp.scheduler.main", path, parent]
+        )
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.cfg.startup_timeout
+        while time.monotonic() < deadline:
+            if self._ch.control.sock.poll(200):
+                msg = self._ch.control.recv()
+                if isinstance(msg, m.SchedulerReady):
+                    self.ready = msg
+                    return
+            dead = self._first_dead()
+            if dead:
+                raise EngineStartupError(f"tgi-mp failed to start: {dead}")
+        raise EngineStartupError(f"tgi-mp not ready after {self.cfg.startup_timeout:.0f}s")
+
+    # ------------------------------------------------------------ supervision
+
+    def _first_dead(self) -> str | None:
+        for name, proc in self.procs.items():
+            code = proc.poll()
+            if code is not None:
+                return f"{name} (pid {proc.pid}) {_describe_exit(code)}"
+        return None
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.1):
+            dead = self._first_dead()
+            if dead:
+                self.failure = f"the engine stopped: {dead}"
+                log.error("%s; shutting down the other processes", self.failure)
+                self._ch.events.send(m.EngineDead(self.failure))
+                self._terminate()
+                return
+
+    @property
+    def alive(self) -> bool:
+        return self.failure is None and not self._stopping.is_set()
+
+    # ------------------------------------------------------------ stop
+
+    def _terminate(self, grace: float = 5.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def shutdown(self) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join()
+        self._terminate()
+        self._ch.close()
+        self._ctx.term()
+        self.endpoints.remove()
+
+    def client(self, frontend_id: int = 0) -> Any:
+        from tgi_mp.frontend.engine_client import EngineClient
+
+        return EngineClient(self.endpoints.root, frontend_id)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
