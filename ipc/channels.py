@@ -129,9 +129,9 @@ class SchedulerChannels:
             if self.plan.sock.recv()[:1] == b"\x01":
                 seen += 1
 
-    def close(self) -> None:
+    def close(self, linger: int = 0) -> None:
         for ch in (self.frontend, self.plan, self.results, self.supervisor):
-            ch.close()
+            ch.close(linger)
 
 
 class ExecutorChannels:

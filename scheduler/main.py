@@ -48,7 +48,7 @@ class SchedulerProcess:
                 raise TimeoutError(f"{len(ready)} of {n} executors ready in time")
             msg = self.ch.results.recv()
             if isinstance(msg, m.ExecutorFailed):
-                raise ExecutorDied(f"executor {msg.rank} failed at start: {msg.message}")
+                raise ExecutorDied(f"executor{msg.rank} failed at start: {msg.message}")
             ready.append(msg)
         num_blocks = min(r.num_blocks for r in ready)
         mc = self.cfg.model_config
@@ -96,7 +96,7 @@ class SchedulerProcess:
             if self.ch.results.sock in events:
                 msg = self.ch.results.recv()
                 if isinstance(msg, m.ExecutorFailed):
-                    raise ExecutorDied(f"executor {msg.rank} failed: {msg.message}")
+                    raise ExecutorDied(f"executor{msg.rank} failed: {msg.message}")
                 if isinstance(msg, m.StepResult) and msg.step_id == step_id:
                     return msg
                 log.warning("unexpected message from an executor: %r", msg)
@@ -162,6 +162,7 @@ def run(cfg: EngineConfig) -> int:
     ctx = zmq.Context()
     ch = SchedulerChannels(ctx, Endpoints(cfg.ipc_root))
     proc = SchedulerProcess(cfg, ch)
+    linger = 0
     try:
         ready = proc.wait_for_executors()
         log.info(
@@ -174,13 +175,15 @@ def run(cfg: EngineConfig) -> int:
         )
         ch.supervisor.send(ready)
         proc.serve_forever()
-    except ExecutorDied as e:
+    except (ExecutorDied, TimeoutError) as e:
         log.error("%s", e)
         proc.fail_everything(str(e))
+        ch.supervisor.send(m.EngineDead(str(e)))  # the supervisor reports the cause
+        linger = 2000
         return 1
     finally:
         ch.plan.send(m.Shutdown("scheduler exiting"))  # one write reaches every executor
-        ch.close()
+        ch.close(linger)
         ctx.term()
     return 0
 

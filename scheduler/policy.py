@@ -225,17 +225,20 @@ class Scheduler:
         for req, n, do_sample in zip(
             step.reqs, step.num_new, step.plan.sample.tolist(), strict=True
         ):
-            if req.num_generated or req.num_computed >= req.num_prompt:
+            # Decode = the one token sampled last step; a preempted request's recompute
+            # of its generated tokens is prefill work.
+            if req.num_generated and req.num_computed == req.num_tokens - 1:
                 self.stats.decode_tokens += n
             else:
                 self.stats.prefill_tokens += n
+            if do_sample:  # consumed even for a row that ended meanwhile: keeps k aligned
+                k += 1
             if req.status != Status.RUNNING:  # preempted is impossible mid-step; aborted is not
                 continue
             req.num_computed += n
             if not do_sample:
                 continue
-            token = tokens[k]
-            k += 1
+            token = tokens[k - 1]
             req.append(token)
             reason = req.finish_reason(token, self.cfg.eos_token_ids)
             outputs.append(Output(req, token, reason))

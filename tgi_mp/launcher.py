@@ -91,9 +91,10 @@ class Engine:
                 if isinstance(msg, m.SchedulerReady):
                     self.ready = msg
                     return
+                raise EngineStartupError(f"tgi-mp failed to start: {msg.message}")
             dead = self._first_dead()
             if dead:
-                raise EngineStartupError(f"tgi-mp failed to start: {dead}")
+                raise EngineStartupError(f"tgi-mp failed to start: {dead}{self._cause()}")
         raise EngineStartupError(f"tgi-mp not ready after {self.cfg.startup_timeout:.0f}s")
 
     # ------------------------------------------------------------ supervision
@@ -105,11 +106,19 @@ class Engine:
                 return f"{name} (pid {proc.pid}) {_describe_exit(code)}"
         return None
 
+    def _cause(self, wait_ms: int = 500) -> str:
+        """The reason the scheduler reported for the failure, if it had time to."""
+        if self._ch.control.sock.poll(wait_ms):
+            msg = self._ch.control.recv()
+            if isinstance(msg, m.EngineDead):
+                return f" ({msg.message})"
+        return ""
+
     def _watch(self) -> None:
         while not self._stopping.wait(0.1):
             dead = self._first_dead()
             if dead:
-                self.failure = f"the engine stopped: {dead}"
+                self.failure = f"the engine stopped: {dead}{self._cause()}"
                 log.error("%s; shutting down the other processes", self.failure)
                 self._ch.events.send(m.EngineDead(self.failure))
                 self._terminate()

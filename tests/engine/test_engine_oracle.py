@@ -1,0 +1,99 @@
+"""The correctness oracle: the engine's greedy tokens are transformers' greedy tokens.
+
+The bundled SmolLM2 in float32, prompts of 1 to 640 tokens, 32 new tokens each,
+run (a) one at a time, (b) all at once, (c) with 64-token prefill chunks and
+(d) in a KV cache small enough to force preemption.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.engine.oracle import NEW_TOKENS, compare, prompts, reference_greedy
+from tgi_mp.ipc.messages import SamplingParams
+from tgi_mp.launcher import Engine
+
+GREEDY = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def cases() -> list[tuple[list[int], list[int], list[float]]]:
+    ps = prompts()
+    return [(p, toks, margins) for p, (toks, margins) in zip(ps, reference_greedy(ps), strict=True)]
+
+
+async def _generate(client, prompt: list[int]) -> list[int]:
+    return [o.token_id async for o in client.generate(prompt, GREEDY)]
+
+
+def _check(label: str, cases, outputs: list[list[int]]) -> None:
+    near_ties = 0
+    for (prompt, want, margins), got in zip(cases, outputs, strict=True):
+        assert len(got) == NEW_TOKENS
+        ok, n = compare(got, want, margins)
+        assert ok, (
+            f"{label}: prompt of {len(prompt)} tokens diverges at new token {n}: "
+            f"engine {got[n]} vs transformers {want[n]} (margin {margins[n]:.2e})\n"
+            f"engine {got}\ntransformers {want}"
+        )
+        near_ties += n < NEW_TOKENS
+    print(f"\n[oracle] {label}: {len(cases)} prompts, near-tie divergences: {near_ties}")
+    assert near_ties <= len(cases) // 4, "near-ties should be rare, never the norm"
+
+
+def _run(engine: Engine, cases, concurrent: bool) -> list[list[int]]:
+    async def main() -> list[list[int]]:
+        client = engine.client()
+        try:
+            if concurrent:
+                return await asyncio.gather(*(_generate(client, p) for p, _, _ in cases))
+            return [await _generate(client, p) for p, _, _ in cases]
+        finally:
+            client.close()
+
+    return asyncio.run(main())
+
+
+async def _stats(engine: Engine):
+    client = engine.client()
+    try:
+        return await client.stats()
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def default_engine():
+    with Engine.start(None, max_batch_total_tokens=8192) as engine:
+        yield engine
+
+
+def test_alone(default_engine, cases):
+    _check("alone", cases, _run(default_engine, cases, concurrent=False))
+
+
+def test_concurrent(default_engine, cases):
+    _check("concurrent", cases, _run(default_engine, cases, concurrent=True))
+    stats = asyncio.run(_stats(default_engine))
+    assert stats.blocks_free == stats.blocks_total, "every block is back in the pool"
+
+
+def test_chunked_prefill(cases):
+    with Engine.start(None, max_batch_total_tokens=8192, max_batch_prefill_tokens=64) as engine:
+        _check("chunked prefill (64)", cases, _run(engine, cases, concurrent=True))
+        stats = asyncio.run(_stats(engine))
+    longest = max(len(p) for p, _, _ in cases)
+    assert stats.steps >= longest // 64, "long prompts were split over several steps"
+    assert stats.blocks_free == stats.blocks_total
+
+
+def test_preemption(cases):
+    # Room for the longest request (640 + 32 tokens) but not for all of them at once.
+    with Engine.start(None, max_batch_total_tokens=1024, max_batch_prefill_tokens=256) as engine:
+        _check("preemption", cases, _run(engine, cases, concurrent=True))
+        stats = asyncio.run(_stats(engine))
+    print(f"[oracle] preemptions: {stats.preemptions}")
+    assert stats.preemptions > 0, "the small KV cache must have forced preemption"
+    assert stats.blocks_free == stats.blocks_total

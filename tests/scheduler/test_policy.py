@@ -1,0 +1,538 @@
+"""The scheduling policy against a fake executor that keeps a fake KV cache.
+
+The fake executor writes every input token into the slot its block table and
+position name, and computes each sampled token from the history it reads back
+*out of that cache*. A wrong, stale or shared block table, or a wrong position,
+therefore changes the tokens, and comparing them with `reference` (the same
+function on the true token list) checks the scheduler's KV bookkeeping, not
+only its counters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from tgi_mp.ipc.messages import AddRequest, FinishReason, SamplingParams, StepPlan
+from tgi_mp.scheduler.policy import RequestRejected, Scheduler, SchedulerConfig
+from tgi_mp.scheduler.request import Request, Status
+
+EOS = 0
+VOCAB = 1000
+
+TokenFn = Callable[[np.ndarray], int]
+
+
+def hash_token(history: np.ndarray) -> int:
+    """A deterministic 'model': any change in the history changes the next token (mostly)."""
+    digest = hashlib.blake2b(history.astype(np.int32).tobytes(), digest_size=8).digest()
+    return 1 + int.from_bytes(digest, "little") % (VOCAB - 1)  # never EOS
+
+
+def reference(
+    prompt: np.ndarray, params: SamplingParams, eos: frozenset[int], fn: TokenFn = hash_token
+) -> tuple[list[int], FinishReason]:
+    """What one request alone must produce, with the finish rules of `Request.finish_reason`."""
+    history, out = [int(t) for t in prompt], []
+    while True:
+        tok = fn(np.array(history, dtype=np.int32))
+        history.append(tok)
+        out.append(tok)
+        if not params.ignore_eos and tok in eos:
+            return out, FinishReason.EOS
+        if tok in params.stop_token_ids:
+            return out, FinishReason.STOP_SEQUENCE
+        if len(out) >= params.max_new_tokens:
+            return out, FinishReason.LENGTH
+
+
+class FakeExecutor:
+    """Executes plans on a token-id 'KV cache': slot -> the token whose KV would live there."""
+
+    def __init__(self, num_blocks: int, block_size: int, fn: TokenFn = hash_token) -> None:
+        self.bs = block_size
+        self.num_blocks = num_blocks
+        self.kv = np.full(num_blocks * block_size, -1, dtype=np.int64)
+        self.fn = fn
+
+    def _slots(self, table: np.ndarray, start: int, stop: int) -> np.ndarray:
+        pos = np.arange(start, stop)
+        assert stop <= len(table) * self.bs, "block table too short for the positions"
+        return table[pos // self.bs].astype(np.int64) * self.bs + pos % self.bs
+
+    def step(self, plan: StepPlan) -> np.ndarray:
+        b = len(plan.query_lens)
+        for name in ("context_lens", "block_counts", "sample", "temperature", "seeds"):
+            assert len(getattr(plan, name)) == b, name
+        assert len(plan.input_ids) == plan.query_lens.sum()
+        assert len(plan.block_tables) == plan.block_counts.sum()
+        assert plan.query_lens.min() >= 1
+        assert ((plan.block_tables >= 0) & (plan.block_tables < self.num_blocks)).all()
+        tables = np.split(plan.block_tables, np.cumsum(plan.block_counts)[:-1])
+        starts = np.concatenate([[0], np.cumsum(plan.query_lens)])
+        # Write every row's KV first, then read: as in a real forward pass, a block
+        # shared by two rows of one step corrupts one of them.
+        for i in range(b):
+            c, q = int(plan.context_lens[i]), int(plan.query_lens[i])
+            self.kv[self._slots(tables[i], c, c + q)] = plan.input_ids[starts[i] : starts[i + 1]]
+        out = []
+        for i in range(b):
+            if plan.sample[i]:
+                end = int(plan.context_lens[i] + plan.query_lens[i])
+                history = self.kv[self._slots(tables[i], 0, end)]
+                assert (history >= 0).all(), "read a slot that was never written"
+                out.append(self.fn(history))
+        return np.array(out, dtype=np.int32)
+
+
+@dataclass
+class Trace:
+    """What a client of each request saw, plus per-step records for budget checks."""
+
+    tokens: dict[tuple[bytes, int], list[int]] = field(default_factory=dict)
+    finish: dict[tuple[bytes, int], FinishReason] = field(default_factory=dict)
+    plans: list[tuple[StepPlan, list[Request]]] = field(default_factory=list)
+
+    def saw(self, frontend: bytes, req_id: int, token: int, reason: FinishReason | None) -> None:
+        key = (frontend, req_id)
+        assert key not in self.finish, f"{key} got news after it finished"
+        if token >= 0:
+            self.tokens.setdefault(key, []).append(token)
+        if reason is not None:
+            self.finish[key] = reason
+
+
+def check_bookkeeping(s: Scheduler) -> None:
+    """Blocks are owned by exactly one running request each, or free; waiting ones own none."""
+    owned = [b for r in s.running for b in r.block_ids]
+    assert len(owned) == len(set(owned)), "a block is in two block tables"
+    for b, count in enumerate(s.pool.ref_counts):
+        assert count == (1 if b in set(owned) else 0), f"block {b} has ref count {count}"
+    assert s.pool.num_free == s.pool.num_blocks - len(owned)
+    assert all(not r.block_ids and r.status == Status.WAITING for r in s.waiting)
+    assert all(r.status == Status.RUNNING for r in s.running)
+    assert len(s.running) <= s.cfg.max_batch_size
+    for r in s.running:  # between steps, a request owns the blocks of what it computed, no more
+        assert len(r.block_ids) == s.pool.blocks_for(r.num_computed)
+
+
+def assert_drained(s: Scheduler) -> None:
+    assert not s.has_work() and not s.requests
+    assert s.pool.num_free == s.pool.num_blocks
+    assert all(c == 0 for c in s.pool.ref_counts)
+
+
+def step_once(s: Scheduler, ex: FakeExecutor, trace: Trace, between: Callable[[], None]) -> bool:
+    """One scheduler iteration as `scheduler.main` runs it; False when idle."""
+    step, ended = s.schedule()
+    for out in ended:
+        trace.saw(out.req.frontend, out.req.req_id, out.token, out.finish)
+    if step is None:
+        return False
+    plan = step.plan
+    cfg = s.cfg
+    assert plan.query_lens.sum() <= cfg.max_batch_prefill_tokens
+    assert len(plan.query_lens) <= cfg.max_batch_size
+    for i, req in enumerate(step.reqs):
+        key = (req.frontend, req.req_id)
+        # The sampler's random stream is keyed by (seed, tokens generated so far).
+        assert plan.sample_index[i] == len(trace.tokens.get(key, []))
+        assert plan.seeds[i] == req.seed
+    trace.plans.append((plan, list(step.reqs)))
+    sampled = ex.step(plan)
+    between()  # e.g. a client aborts while the step is in flight
+    for out in s.update(step, sampled):
+        trace.saw(out.req.frontend, out.req.req_id, out.token, out.finish)
+    check_bookkeeping(s)
+    return True
+
+
+def run_all(
+    s: Scheduler,
+    ex: FakeExecutor,
+    trace: Trace | None = None,
+    before: Callable[[int], None] = lambda i: None,
+    between: Callable[[], None] = lambda: None,
+    max_steps: int = 10_000,
+) -> Trace:
+    """Steps until nothing is left; `before(i)` runs ahead of step i (new requests, aborts)."""
+    trace = trace or Trace()
+    for i in range(max_steps):
+        before(i)
+        if not step_once(s, ex, trace, between) and not s.has_work():
+            return trace
+    raise AssertionError("the scheduler made no progress")
+
+
+def add(
+    s: Scheduler, req_id: int, prompt: np.ndarray | list[int], frontend: bytes = b"f0", **params
+) -> Request:
+    msg = AddRequest(req_id, np.asarray(prompt, dtype=np.int32), SamplingParams(**params))
+    return s.add(msg, frontend)
+
+
+def prompt_of(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(1, VOCAB, n, dtype=np.int32)
+
+
+@pytest.fixture
+def make() -> Iterator[Callable[..., tuple[Scheduler, FakeExecutor]]]:
+    """Builds a scheduler and its fake executor; after the test, every block must be free."""
+    made: list[Scheduler] = []
+
+    def build(
+        num_blocks: int = 64, block_size: int = 4, fn: TokenFn = hash_token, **kw
+    ) -> tuple[Scheduler, FakeExecutor]:
+        cfg = SchedulerConfig(num_blocks=num_blocks, block_size=block_size, **kw)
+        s = Scheduler(cfg)
+        made.append(s)
+        return s, FakeExecutor(num_blocks, block_size, fn)
+
+    yield build
+    for s in made:
+        assert_drained(s)
+
+
+def check_outputs(
+    trace: Trace, reqs: list[Request], eos: frozenset[int] = frozenset(), fn: TokenFn = hash_token
+) -> None:
+    for r in reqs:
+        want_tokens, want_reason = reference(r.tokens[: r.num_prompt], r.params, eos, fn)
+        key = (r.frontend, r.req_id)
+        assert trace.tokens[key] == want_tokens, f"request {key}"
+        assert trace.finish[key] == want_reason, f"request {key}"
+
+
+# ---------------------------------------------------------------- basics
+
+
+def test_single_request_matches_reference(make) -> None:
+    s, ex = make()
+    r = add(s, 1, [5, 6, 7, 8, 9], max_new_tokens=12)
+    trace = run_all(s, ex)
+    check_outputs(trace, [r])
+    assert len(trace.plans) == 12  # one prefill step (it samples) + 11 decode steps
+    assert s.stats.prefill_tokens == 5 and s.stats.decode_tokens == 11
+
+
+def test_concurrent_requests_match_reference(make) -> None:
+    rng = np.random.default_rng(0)
+    s, ex = make(num_blocks=128)
+    reqs = [
+        add(s, i, prompt_of(rng, int(rng.integers(1, 30))), max_new_tokens=int(rng.integers(1, 20)))
+        for i in range(12)
+    ]
+    check_outputs(run_all(s, ex), reqs)
+
+
+def test_budget_and_batch_size_respected(make) -> None:
+    rng = np.random.default_rng(1)
+    s, ex = make(num_blocks=256, max_batch_prefill_tokens=16, max_batch_size=3)
+    reqs = [add(s, i, prompt_of(rng, 10), max_new_tokens=6) for i in range(10)]
+    trace = run_all(s, ex)  # `step_once` asserts both limits on every plan
+    check_outputs(trace, reqs)
+    assert max(len(p.query_lens) for p, _ in trace.plans) == 3  # the cap was actually reached
+    assert max(int(p.query_lens.sum()) for p, _ in trace.plans) == 16
+    total = sum(int(p.query_lens.sum()) for p, _ in trace.plans)
+    assert s.stats.prefill_tokens + s.stats.decode_tokens == total
+
+
+def test_long_prompt_is_chunked(make) -> None:
+    rng = np.random.default_rng(2)
+    s, ex = make(num_blocks=64, max_batch_prefill_tokens=32)
+    r = add(s, 1, prompt_of(rng, 100), max_new_tokens=3)
+    trace = run_all(s, ex)
+    check_outputs(trace, [r])
+    rows = [
+        (int(p.context_lens[0]), int(p.query_lens[0]), bool(p.sample[0])) for p, _ in trace.plans
+    ]
+    assert rows[:4] == [(0, 32, False), (32, 32, False), (64, 32, False), (96, 4, True)]
+    assert rows[4:] == [(100, 1, True), (101, 1, True)]
+
+
+def test_decode_rows_mix_with_prefill_chunks(make) -> None:
+    rng = np.random.default_rng(3)
+    s, ex = make(num_blocks=128, max_batch_prefill_tokens=16)
+    a = add(s, 1, prompt_of(rng, 4), max_new_tokens=20)
+    b = None
+
+    def before(i: int) -> None:
+        nonlocal b
+        if i == 2:  # `a` is decoding by now
+            b = add(s, 2, prompt_of(rng, 60), max_new_tokens=4)
+
+    trace = run_all(s, ex, before=before)
+    check_outputs(trace, [a, b])
+    mixed = [p for p, reqs in trace.plans if len(reqs) == 2 and not p.sample[1]]
+    assert len(mixed) >= 3  # `b` took several chunks, each beside a decode row of `a`
+    for p in mixed:
+        assert p.query_lens[0] == 1 and p.sample[0]  # `a` kept decoding: never stalled
+        assert p.query_lens.sum() == 16  # the chunk filled the rest of the budget
+
+
+def test_preempted_requests_resume_invisibly(make) -> None:
+    rng = np.random.default_rng(4)
+    # 12 blocks of 4 = 48 tokens; four requests growing to 8 + 30 tokens each cannot all fit.
+    s, ex = make(num_blocks=12, max_batch_prefill_tokens=64)
+    reqs = [add(s, i, prompt_of(rng, 8), max_new_tokens=30) for i in range(4)]
+    trace = run_all(s, ex)
+    assert s.stats.preemptions > 0
+    assert any(r.num_preemptions > 0 for r in reqs)
+    check_outputs(trace, reqs)
+    # A resumed request recomputes prompt + generated tokens in one prefill row and samples
+    # its next token at once; that recompute is prefill work, not decode.
+    total = sum(int(p.query_lens.sum()) for p, _ in trace.plans)
+    decode_rows = sum(
+        1
+        for p, rs in trace.plans
+        for i, r in enumerate(rs)
+        if p.query_lens[i] == 1 and p.context_lens[i] + 1 > r.num_prompt
+    )
+    assert s.stats.decode_tokens == decode_rows
+    assert s.stats.prefill_tokens == total - decode_rows
+
+
+def test_preemption_with_chunked_resume(make) -> None:
+    rng = np.random.default_rng(5)
+    s, ex = make(num_blocks=10, max_batch_prefill_tokens=6, max_batch_size=4)
+    reqs = [
+        add(s, i, prompt_of(rng, int(rng.integers(3, 15))), max_new_tokens=20) for i in range(6)
+    ]
+    trace = run_all(s, ex)
+    assert s.stats.preemptions > 0
+    check_outputs(trace, reqs)
+
+
+# ---------------------------------------------------------------- aborts
+
+
+def test_abort_waiting_and_running(make) -> None:
+    rng = np.random.default_rng(6)
+    s, ex = make(num_blocks=64, max_batch_size=1)
+    running = add(s, 1, prompt_of(rng, 9), max_new_tokens=50)
+    waiting = add(s, 2, prompt_of(rng, 9), max_new_tokens=50)
+    kept = add(s, 3, prompt_of(rng, 9), max_new_tokens=5)
+    trace = Trace()
+    for _ in range(3):
+        assert step_once(s, ex, trace, lambda: None)
+    assert running.status == Status.RUNNING and running.block_ids
+    assert waiting.status == Status.WAITING
+    s.abort(b"f0", 1)
+    s.abort(b"f0", 2)
+    s.abort(b"f0", 99)  # unknown: ignored
+    s.abort(b"other", 3)  # same id, other frontend: not this request
+    step, ended = s.schedule()  # aborts take effect here, before planning
+    assert {(o.req.req_id, o.token, o.finish) for o in ended} == {
+        (1, -1, FinishReason.ABORTED),
+        (2, -1, FinishReason.ABORTED),
+    }
+    assert step is not None and step.reqs == [kept]  # the freed slot went to the next one
+    for out in ended:
+        trace.saw(out.req.frontend, out.req.req_id, out.token, out.finish)
+    for out in s.update(step, ex.step(step.plan)):
+        trace.saw(out.req.frontend, out.req.req_id, out.token, out.finish)
+    assert trace.finish[(b"f0", 1)] == FinishReason.ABORTED
+    assert trace.finish[(b"f0", 2)] == FinishReason.ABORTED
+    assert (b"f0", 2) not in trace.tokens  # never ran, so no token, only the finish
+    assert running.block_ids == [] and waiting.status == Status.FINISHED
+    check_bookkeeping(s)  # the aborted request's blocks are free or owned by `kept` alone
+    want, _ = reference(running.tokens[:9], running.params, frozenset())
+    assert trace.tokens[(b"f0", 1)] == want[:3]
+    run_all(s, ex, trace)
+    check_outputs(trace, [kept])
+
+
+def test_abort_while_step_in_flight(make) -> None:
+    """An abort between plan and result takes effect after the step's tokens are applied."""
+    rng = np.random.default_rng(7)
+    s, ex = make()
+    a = add(s, 1, prompt_of(rng, 5), max_new_tokens=10)
+    b = add(s, 2, prompt_of(rng, 5), max_new_tokens=10)
+    trace = Trace()
+    step_once(s, ex, trace, lambda: None)
+    step_once(s, ex, trace, lambda: s.abort(b"f0", 1))
+    assert a.status == Status.RUNNING  # still: the step in flight completes for it
+    assert len(trace.tokens[(b"f0", 1)]) == 2
+    run_all(s, ex, trace)
+    assert trace.finish[(b"f0", 1)] == FinishReason.ABORTED
+    assert len(trace.tokens[(b"f0", 1)]) == 2
+    check_outputs(trace, [b])
+
+
+def test_abort_after_finish_is_ignored(make) -> None:
+    s, ex = make()
+    r = add(s, 1, [1, 2, 3], max_new_tokens=2)
+    trace = Trace()
+    step_once(s, ex, trace, lambda: None)
+    step_once(s, ex, trace, lambda: s.abort(b"f0", 1))  # finishes by LENGTH in this step
+    run_all(s, ex, trace)
+    check_outputs(trace, [r])
+
+
+def test_row_finished_mid_step_does_not_shift_tokens(make) -> None:
+    """White-box: if a request ends while its step is in flight (today only `_finish` can do
+    that), the sampled tokens of the rows after it must still go to the right requests."""
+    rng = np.random.default_rng(8)
+    s, ex = make()
+    a = add(s, 1, prompt_of(rng, 5), max_new_tokens=10)
+    b = add(s, 2, prompt_of(rng, 5), max_new_tokens=10)
+    trace = Trace()
+    step_once(s, ex, trace, lambda: s._finish(a, FinishReason.ABORTED))
+    assert (b"f0", 1) not in trace.tokens
+    run_all(s, ex, trace)
+    check_outputs(trace, [b])
+
+
+def test_fail_all_frees_everything(make) -> None:
+    rng = np.random.default_rng(9)
+    s, ex = make(max_batch_size=2)
+    for i in range(4):
+        add(s, i, prompt_of(rng, 7), max_new_tokens=10)
+    trace = Trace()
+    step_once(s, ex, trace, lambda: None)
+    failed = s.fail_all()
+    assert sorted(r.req_id for r in failed) == [0, 1, 2, 3]
+    assert all(r.status == Status.FINISHED for r in failed)
+
+
+# ---------------------------------------------------------------- finishing
+
+
+def eos_at(length: int) -> TokenFn:
+    """A model that says EOS once the history reaches `length` tokens."""
+    return lambda h: EOS if len(h) == length else hash_token(h)
+
+
+def test_eos_finishes(make) -> None:
+    fn = eos_at(7)
+    s, ex = make(fn=fn, eos_token_ids=frozenset({EOS}))
+    r = add(s, 1, [1, 2, 3, 4], max_new_tokens=20)
+    trace = run_all(s, ex)
+    assert trace.finish[(b"f0", 1)] == FinishReason.EOS
+    assert trace.tokens[(b"f0", 1)] == [
+        *reference(r.tokens[:4], r.params, frozenset(), fn)[0][:3],
+        EOS,
+    ]
+
+
+def test_ignore_eos_runs_to_length(make) -> None:
+    fn = eos_at(7)
+    s, ex = make(fn=fn, eos_token_ids=frozenset({EOS}))
+    add(s, 1, [1, 2, 3, 4], max_new_tokens=6, ignore_eos=True)
+    trace = run_all(s, ex)
+    assert trace.finish[(b"f0", 1)] == FinishReason.LENGTH
+    toks = trace.tokens[(b"f0", 1)]
+    assert len(toks) == 6 and toks[3] == EOS
+
+
+def test_stop_token_ids(make) -> None:
+    prompt = np.array([9, 8, 7], dtype=np.int32)
+    ref, _ = reference(prompt, SamplingParams(max_new_tokens=10), frozenset())
+    stop = ref[4]
+    assert stop not in ref[:4]
+    s, ex = make()
+    add(s, 1, prompt, max_new_tokens=10, stop_token_ids=(12345, stop))
+    trace = run_all(s, ex)
+    assert trace.tokens[(b"f0", 1)] == ref[:5]
+    assert trace.finish[(b"f0", 1)] == FinishReason.STOP_SEQUENCE
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 9])
+def test_max_new_tokens_length(make, max_new: int) -> None:
+    s, ex = make()
+    r = add(s, 1, [3, 1, 4, 1, 5], max_new_tokens=max_new)
+    trace = run_all(s, ex)
+    assert len(trace.tokens[(b"f0", 1)]) == max_new
+    check_outputs(trace, [r])
+
+
+# ---------------------------------------------------------------- admission
+
+
+def test_rejections(make) -> None:
+    s, ex = make(num_blocks=4, block_size=4)  # 16 tokens of KV
+    assert s.capacity_tokens == 16
+    with pytest.raises(RequestRejected, match="exceeds the KV cache capacity"):
+        add(s, 1, list(range(1, 11)), max_new_tokens=7)
+    with pytest.raises(RequestRejected, match="empty"):
+        add(s, 2, [], max_new_tokens=1)
+    with pytest.raises(RequestRejected, match="max_new_tokens"):
+        add(s, 3, [1], max_new_tokens=0)
+    exact = add(s, 4, list(range(1, 11)), max_new_tokens=6)  # exactly the capacity: fits
+    with pytest.raises(RequestRejected, match="already in use"):
+        add(s, 4, [1, 2], max_new_tokens=1)
+    other = add(s, 4, [1, 2], frontend=b"f1", max_new_tokens=2)  # ids are per frontend
+    assert len(s.requests) == 2 and s.pool.num_free == 4  # rejections took nothing
+    check_outputs(run_all(s, ex), [exact, other])
+    add(s, 4, [1, 2], max_new_tokens=1)  # a finished request's id may be reused
+    run_all(s, ex)
+
+
+# ---------------------------------------------------------------- stress
+
+
+def test_randomized_stress(make) -> None:
+    seed = 1234
+    rng = np.random.default_rng(seed)
+    pyrng = random.Random(seed)
+    vocab = 50  # small: EOS (0) and stop tokens come up by themselves
+
+    def fn(history: np.ndarray) -> int:
+        return hash_token(history) % vocab
+
+    eos = frozenset({EOS})
+    s, ex = make(
+        num_blocks=24, fn=fn, max_batch_prefill_tokens=20, max_batch_size=12, eos_token_ids=eos
+    )
+    pending: list[tuple[int, bytes, int, np.ndarray, SamplingParams]] = []
+    for i in range(200):
+        n_prompt = int(rng.integers(1, 50))
+        params = SamplingParams(
+            max_new_tokens=int(rng.integers(1, min(40, 96 - n_prompt))),
+            ignore_eos=bool(rng.random() < 0.5),
+            stop_token_ids=tuple(int(t) for t in rng.integers(1, vocab, int(rng.integers(0, 2)))),
+            seed=i,
+        )
+        # Two frontends with overlapping request ids.
+        pending.append(
+            (i // 2, b"f%d" % (i % 2), int(rng.integers(0, 400)), prompt_of(rng, n_prompt), params)
+        )
+    reqs: list[Request] = []
+    aborted: set[tuple[bytes, int]] = set()
+
+    def maybe_abort() -> None:
+        live = [r for r in reqs if r.status != Status.FINISHED]
+        if live and pyrng.random() < 0.1:
+            r = pyrng.choice(live)
+            s.abort(r.frontend, r.req_id)
+            aborted.add((r.frontend, r.req_id))
+
+    def before(step: int) -> None:
+        for req_id, frontend, at, prompt, params in pending:
+            if at == step:
+                reqs.append(s.add(AddRequest(req_id, prompt, params), frontend))
+        maybe_abort()
+
+    trace = Trace()
+    for step in range(401):
+        before(step)
+        step_once(s, ex, trace, maybe_abort)
+    run_all(s, ex, trace, between=maybe_abort)
+
+    assert len(reqs) == 200 and s.stats.preemptions > 0
+    reasons = set()
+    for r in reqs:
+        key = (r.frontend, r.req_id)
+        want, want_reason = reference(r.tokens[: r.num_prompt], r.params, eos, fn)
+        got, reason = trace.tokens.get(key, []), trace.finish[key]
+        reasons.add(reason)
+        if reason == FinishReason.ABORTED:
+            assert key in aborted and got == want[: len(got)]
+        else:
+            assert (got, reason) == (want, want_reason), key
+    assert reasons == set(FinishReason) - {FinishReason.ERROR}
