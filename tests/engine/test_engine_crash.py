@@ -73,5 +73,5 @@ def test_killed_child_fails_every_client(victim: str) -> None:
 
 def test_startup_failure_is_reported() -> None:
     # A KV cache far beyond memory makes the executor fail while allocating it.
-    with pytest.raises(EngineStartupError, match="executor0 failed at start.*allocate"):
+    with pytest.raises(EngineStartupError, match=r"executor0 failed at start.*allocate"):
         Engine.start(None, max_batch_total_tokens=1 << 40, startup_timeout=120)

@@ -297,6 +297,22 @@ def test_preempted_requests_resume_invisibly(make) -> None:
     assert s.stats.prefill_tokens == total - decode_rows
 
 
+def test_prefill_chunk_shrinks_to_free_blocks(make) -> None:
+    # 6 blocks of 4. B (4 + 4 tokens) is admitted first, then A's 20-token prompt
+    # starts with a 12-token chunk. Next step only one block is left after B's
+    # decode: A's chunk must shrink to the 4 tokens that fit, not preempt A.
+    s, ex = make(num_blocks=6, block_size=4, max_batch_prefill_tokens=16)
+    b = add(s, 1, list(range(1, 5)), max_new_tokens=4)
+    a = add(s, 2, list(range(1, 21)), max_new_tokens=1)
+    trace = Trace()
+    step_once(s, ex, trace, lambda: None)
+    assert trace.plans[0][0].query_lens.tolist() == [4, 12]
+    step_once(s, ex, trace, lambda: None)
+    assert trace.plans[1][0].query_lens.tolist() == [1, 4]
+    assert s.stats.preemptions == 0
+    check_outputs(run_all(s, ex, trace), [a, b])
+
+
 def test_preemption_with_chunked_resume(make) -> None:
     rng = np.random.default_rng(5)
     s, ex = make(num_blocks=10, max_batch_prefill_tokens=6, max_batch_size=4)

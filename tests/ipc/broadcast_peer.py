@@ -1,0 +1,43 @@
+"""One fake executor for test_broadcast.py: python broadcast_peer.py IPC_ROOT RANK.
+
+Reads step plans until `Shutdown`, then reports one checksum per plan (in the
+order received) as the token ids of a `StepResult` whose step_id is its rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+
+import numpy as np
+import zmq
+
+from tgi_mp.ipc import messages as m
+from tgi_mp.ipc.channels import Endpoints, ExecutorChannels
+
+
+def checksum(plan: m.StepPlan) -> int:
+    h = hashlib.blake2b(str(plan.step_id).encode(), digest_size=4)
+    for name in plan.__struct_fields__[1:]:
+        arr = getattr(plan, name)
+        h.update(f"{name}:{arr.dtype.str}:{arr.shape}".encode())
+        h.update(arr.tobytes())
+    return int.from_bytes(h.digest(), "little", signed=True)
+
+
+def main() -> None:
+    root, rank = sys.argv[1], int(sys.argv[2])
+    ctx = zmq.Context()
+    ch = ExecutorChannels(ctx, Endpoints(root))
+    sums: list[int] = []
+    try:
+        while not isinstance(msg := ch.plan.recv(), m.Shutdown):
+            sums.append(checksum(msg))
+        ch.results.send(m.StepResult(rank, np.array(sums, dtype=np.int32), 0.0))
+    finally:
+        ch.close(linger=5000)  # let the report leave before the socket goes
+        ctx.term()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The scheduler -> executors broadcast over the real sockets, with real processes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from tgi_mp.ipc import messages as m
+from tgi_mp.ipc.channels import Endpoints, SchedulerChannels
+from tgi_mp.ipc.codec import INLINE_LIMIT
+
+PEER = Path(__file__).with_name("broadcast_peer.py")
+_spec = importlib.util.spec_from_file_location("broadcast_peer", PEER)
+peer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(peer)
+
+NUM_PEERS = 3
+NUM_PLANS = 50
+
+
+def random_plan(rng: np.random.Generator, step_id: int) -> m.StepPlan:
+    b = int(rng.choice([1, 7, 200]))  # 200 rows: most columns become frames
+    tokens = int(rng.choice([1, 50, 3000, 70_000]))  # 70k int32: a frame of 280 kB
+
+    def ints(n: int, dtype: type = np.int32) -> np.ndarray:
+        return rng.integers(0, 2**31 - 1, n).astype(dtype)
+
+    return m.StepPlan(
+        step_id=step_id,
+        query_lens=ints(b),
+        context_lens=ints(b),
+        input_ids=ints(tokens),
+        block_counts=ints(b),
+        block_tables=ints(4 * b),
+        sample=rng.random(b) < 0.5,
+        temperature=rng.random(b, dtype=np.float32),
+        top_k=ints(b),
+        top_p=rng.random(b, dtype=np.float32),
+        seeds=ints(b, np.int64),
+        sample_index=ints(b),
+    )
+
+
+@pytest.mark.timeout(60)
+def test_broadcast_reaches_every_executor_in_order() -> None:
+    rng = np.random.default_rng(0)
+    plans = [random_plan(rng, i + 1) for i in range(NUM_PLANS)]
+    assert any(p.input_ids.nbytes >= INLINE_LIMIT for p in plans)  # some frames...
+    assert any(p.input_ids.nbytes < INLINE_LIMIT for p in plans)  # ...and some inline
+    want = [peer.checksum(p) for p in plans]
+
+    ep = Endpoints.create()
+    ctx = zmq.Context()
+    ch = SchedulerChannels(ctx, ep)
+    procs: list[subprocess.Popen] = []
+    try:
+        procs = [
+            subprocess.Popen([sys.executable, str(PEER), ep.root, str(rank)])
+            for rank in range(NUM_PEERS)
+        ]
+        ch.wait_for_subscribers(NUM_PEERS, timeout_ms=30_000)
+        for plan in plans:
+            ch.plan.send(plan)
+        ch.plan.send(m.Shutdown("test over"))  # one write, every peer must see it
+
+        got: dict[int, list[int]] = {}
+        while len(got) < NUM_PEERS:
+            assert ch.results.sock.poll(30_000), f"only {sorted(got)} reported"
+            msg = ch.results.recv()
+            assert isinstance(msg, m.StepResult) and msg.step_id not in got
+            got[msg.step_id] = msg.token_ids.tolist()
+        assert sorted(got) == list(range(NUM_PEERS))
+        for rank, sums in got.items():
+            assert sums == want, f"peer {rank} saw other plans, or in another order"
+        for p in procs:
+            assert p.wait(timeout=30) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait()
+        ch.close()
+        ctx.term()
+        ep.remove()
+    assert not os.path.exists(ep.root)
