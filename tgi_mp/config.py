@@ -24,15 +24,16 @@ class EngineConfig(msgspec.Struct, frozen=True):
     max_batch_prefill_tokens: int = 4096
     max_batch_total_tokens: int | None = None  # KV capacity; None = from the memory budget
     kv_cache_memory: int = 1 << 30  # bytes per executor when max_batch_total_tokens is None
-    max_batch_size: int = 256  # sequences per step
+    max_batch_size: int | None = None  # sequences per step; None = up to the token budget
     torch_threads: int | None = None
     startup_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         for name in ("num_shards", "block_size", "max_batch_prefill_tokens", "max_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_batch_size > self.max_batch_prefill_tokens:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.max_batch_size and self.max_batch_size > self.max_batch_prefill_tokens:
             # Every running request needs one token of the step budget to make progress.
             raise ValueError(
                 f"max_batch_size ({self.max_batch_size}) must be <= "
