@@ -33,9 +33,10 @@ def run(cfg: EngineConfig, rank: int) -> int:
                 log.info("shutting down: %s", plan.reason)
                 return 0
             t0 = time.perf_counter()
-            tokens = runner.step(plan)
+            tokens, logprobs = runner.step(plan)
             if rank == 0:
-                ch.results.send(StepResult(plan.step_id, tokens, time.perf_counter() - t0))
+                elapsed = time.perf_counter() - t0
+                ch.results.send(StepResult(plan.step_id, tokens, elapsed, logprobs))
     except SystemExit:
         raise
     except BaseException as e:  # report, then die loudly: the supervisor takes it from there

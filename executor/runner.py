@@ -76,7 +76,8 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def step(self, plan: StepPlan) -> np.ndarray:
+    def step(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray]:
+        """Sampled token ids (int32) and their logprobs (float32), one per sampled row."""
         counts = plan.block_counts
         tables = np.zeros((len(counts), int(counts.max())), dtype=np.int32)
         tables[np.arange(tables.shape[1])[None, :] < counts[:, None]] = plan.block_tables
@@ -88,10 +89,10 @@ class ModelRunner:
 
         rows = np.flatnonzero(plan.sample)
         if len(rows) == 0:
-            return np.empty(0, dtype=np.int32)
+            return np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32)
         last_token = (np.cumsum(plan.query_lens) - 1)[rows]
         logits = self.model.compute_logits(hidden[_tensor(last_token, torch.int64, self.device)])
-        tokens = sample(
+        tokens, logprobs = sample(
             logits,
             _tensor(plan.temperature[rows], torch.float32, self.device),
             _tensor(plan.top_k[rows], torch.int64, self.device),
@@ -99,4 +100,4 @@ class ModelRunner:
             _tensor(plan.seeds[rows], torch.int64, self.device),
             _tensor(plan.sample_index[rows], torch.int64, self.device),
         )
-        return tokens.to(torch.int32).cpu().numpy()
+        return tokens.to(torch.int32).cpu().numpy(), logprobs.cpu().numpy()

@@ -71,12 +71,18 @@ def sample(
     seeds: torch.Tensor,
     sample_index: torch.Tensor,
 ) -> torch.Tensor:
-    """int64 token ids [B]; rows with temperature 0 are greedy."""
+    """(int64 token ids [B], their float32 logprobs [B]); temperature 0 rows are greedy.
+
+    The logprob is of the distribution after temperature and before top-k /
+    top-p, as TGI reports it.
+    """
     tokens = logits.argmax(dim=-1)
     rows = (temperature > 0).nonzero().squeeze(1)
     if rows.numel() == 0:
-        return tokens
+        return tokens, _logprobs(logits, tokens)
     scaled = logits[rows] / temperature[rows, None]
+    logits = logits.clone()
+    logits[rows] = scaled
     k, p = top_k[rows], top_p[rows]
     if bool((k > 0).any()) or bool((p < 1).any()):
         scaled = apply_top_k_top_p(scaled, k, p)
@@ -84,4 +90,8 @@ def sample(
     u = hash_uniform(seeds[rows], sample_index[rows], logits.shape[-1])
     gumbel = -torch.log(-torch.log(u))
     tokens[rows] = (scaled.double() + gumbel).argmax(dim=-1)
-    return tokens
+    return tokens, _logprobs(logits, tokens)
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return logits.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1).float()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ import zmq.asyncio
 
 from tgi_mp.ipc import messages as m
 from tgi_mp.ipc.channels import Endpoints, FrontendChannels
+
+_client_numbers = itertools.count()
 
 
 class EngineError(RuntimeError):
@@ -34,12 +37,15 @@ class RequestError(ValueError):
 class TokenOutput:
     token_id: int  # -1 when the request ended without a new token
     finish_reason: m.FinishReason | None = None
+    logprob: float = float("nan")
 
 
 class EngineClient:
-    def __init__(self, ipc_root: str, frontend_id: int = 0) -> None:
+    def __init__(self, ipc_root: str) -> None:
         self._ctx = zmq.asyncio.Context()
-        self._ch = FrontendChannels(self._ctx, Endpoints(ipc_root), frontend_id)
+        # Unique per client, across processes and within one: the scheduler routes replies by it.
+        self.identity = f"f{os.getpid()}-{next(_client_numbers)}".encode()
+        self._ch = FrontendChannels(self._ctx, Endpoints(ipc_root), self.identity)
         self._ids = itertools.count(1)
         self._queues: dict[int, asyncio.Queue[TokenOutput | BaseException]] = {}
         self._receiver: asyncio.Task | None = None
@@ -104,13 +110,15 @@ class EngineClient:
         queues = self._queues
         if isinstance(msg, m.TokenBatch):
             finished = dict(msg.finished)
-            for req_id, token in zip(msg.req_ids.tolist(), msg.token_ids.tolist(), strict=True):
+            rows = zip(
+                msg.req_ids.tolist(), msg.token_ids.tolist(), msg.logprobs.tolist(), strict=True
+            )
+            for req_id, token, logprob in rows:
                 q = queues.get(req_id)
                 if q is not None:
                     reason = finished.pop(req_id, None)
-                    q.put_nowait(
-                        TokenOutput(token, None if reason is None else m.FinishReason(reason))
-                    )
+                    finish = None if reason is None else m.FinishReason(reason)
+                    q.put_nowait(TokenOutput(token, finish, logprob))
             for req_id, reason in finished.items():  # ended without a token this step
                 if (q := queues.get(req_id)) is not None:
                     q.put_nowait(TokenOutput(-1, m.FinishReason(reason)))

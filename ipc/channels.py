@@ -160,9 +160,9 @@ class SupervisorChannels:
 class FrontendChannels:
     """asyncio sockets of one frontend process (or one engine client)."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, ep: Endpoints, frontend_id: int) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, ep: Endpoints, identity: bytes) -> None:
         self.scheduler = Channel(
-            _socket(ctx, zmq.DEALER, ep.frontend, False, ROUTING_ID=f"f{frontend_id}".encode()),
+            _socket(ctx, zmq.DEALER, ep.frontend, False, ROUTING_ID=identity),
             m.SchedulerToFrontend,
         )
         self.events = Channel(_socket(ctx, zmq.SUB, ep.events, False, SUBSCRIBE=b""), m.EngineDead)

@@ -80,6 +80,7 @@ class TokenBatch(msgspec.Struct, tag=True, array_like=True, gc=False):
 
     req_ids: np.ndarray  # int64
     token_ids: np.ndarray  # int32
+    logprobs: np.ndarray  # float32
     finished: list[tuple[int, int]] = []
     num_cached_tokens: list[tuple[int, int]] = []  # (req_id, prompt tokens served from cache)
 
@@ -166,6 +167,7 @@ class StepResult(msgspec.Struct, tag=True, array_like=True, gc=False):
     step_id: int
     token_ids: np.ndarray  # int32
     forward_time: float  # seconds spent in input prep + forward + sampling
+    logprobs: np.ndarray | None = None  # float32, of each sampled token
 
 
 class ExecutorFailed(msgspec.Struct, tag=True, array_like=True, gc=False):

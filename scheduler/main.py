@@ -81,7 +81,7 @@ class SchedulerProcess:
             t1 = time.perf_counter()
             result = self._wait_for_result(step.plan.step_id)
             t2 = time.perf_counter()
-            self._emit(self.core.update(step, result.token_ids))
+            self._emit(self.core.update(step, result.token_ids, result.logprobs))
             t3 = time.perf_counter()
             self.times["schedule"] += (t1 - t0) + (t3 - t2)
             self.times["step"] += t2 - t1
@@ -130,6 +130,7 @@ class SchedulerProcess:
             batch = m.TokenBatch(
                 req_ids=np.array([o.req.req_id for o in with_token], dtype=np.int64),
                 token_ids=np.array([o.token for o in with_token], dtype=np.int32),
+                logprobs=np.array([o.logprob for o in with_token], dtype=np.float32),
                 finished=[(o.req.req_id, int(o.finish)) for o in outs if o.finish is not None],
             )
             self.ch.frontend.send(batch, frontend)

@@ -49,6 +49,7 @@ class Output:
     req: Request
     token: int
     finish: FinishReason | None
+    logprob: float = float("nan")
 
 
 @dataclass
@@ -217,10 +218,13 @@ class Scheduler:
 
     # ------------------------------------------------------------ results in
 
-    def update(self, step: ScheduledStep, sampled: np.ndarray) -> list[Output]:
+    def update(
+        self, step: ScheduledStep, sampled: np.ndarray, logprobs: np.ndarray | None = None
+    ) -> list[Output]:
         """Applies a step's sampled tokens (one per row with `plan.sample` set)."""
         outputs: list[Output] = []
         tokens = sampled.tolist()
+        lps = logprobs.tolist() if logprobs is not None else [float("nan")] * len(tokens)
         if len(tokens) != int(step.plan.sample.sum()):
             raise ValueError(
                 f"step {step.plan.step_id}: {len(tokens)} tokens for "
@@ -247,7 +251,7 @@ class Scheduler:
             token = tokens[k - 1]
             req.append(token)
             reason = req.finish_reason(token, self.cfg.eos_token_ids)
-            outputs.append(Output(req, token, reason))
+            outputs.append(Output(req, token, reason, lps[k - 1]))
             if reason is not None:
                 self._finish(req, reason)
         return outputs

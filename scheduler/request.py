@@ -65,10 +65,10 @@ class Request:
     def finish_reason(self, token: int, eos_ids: frozenset[int]) -> FinishReason | None:
         """Checked after `token` was appended."""
         p = self.params
+        if self.num_generated >= p.max_new_tokens:  # first, as in TGI: an EOS here is `length`
+            return FinishReason.LENGTH
         if not p.ignore_eos and token in eos_ids:
             return FinishReason.EOS
         if token in p.stop_token_ids:
             return FinishReason.STOP_SEQUENCE
-        if self.num_generated >= p.max_new_tokens:
-            return FinishReason.LENGTH
         return None

@@ -153,10 +153,10 @@ class Engine:
         self._ctx.term()
         self.endpoints.remove()
 
-    def client(self, frontend_id: int = 0) -> Any:
+    def client(self) -> Any:
         from tgi_mp.frontend.engine_client import EngineClient
 
-        return EngineClient(self.endpoints.root, frontend_id)
+        return EngineClient(self.endpoints.root)
 
     def __enter__(self) -> Engine:
         return self

@@ -21,7 +21,18 @@ def test_greedy_rows_take_the_argmax() -> None:
     logits = torch.randn(5, 100, generator=torch.Generator().manual_seed(0))
     t, k, p = _columns(5, temperature=0.0)
     seeds, idx = torch.arange(5), torch.zeros(5, dtype=torch.int64)
-    assert torch.equal(sample(logits, t, k, p, seeds, idx), logits.argmax(-1))
+    tokens, logprobs = sample(logits, t, k, p, seeds, idx)
+    assert torch.equal(tokens, logits.argmax(-1))
+    want = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+    assert torch.allclose(logprobs, want)
+
+
+def test_logprob_is_after_temperature() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2))
+    t, k, p = _columns(3, temperature=0.5, top_k=5)
+    tokens, logprobs = sample(logits, t, k, p, torch.arange(3), torch.zeros(3, dtype=torch.int64))
+    want = (logits / 0.5).log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+    assert torch.allclose(logprobs, want)
 
 
 def test_uniforms_are_a_pure_function_of_seed_and_index() -> None:
@@ -40,9 +51,9 @@ def test_seeded_row_is_independent_of_its_batch() -> None:
     t, k, p = _columns(4, temperature=0.9)
     seeds = torch.tensor([11, 12, 13, 14])
     idx = torch.tensor([5, 0, 9, 2])
-    batch = sample(logits, t, k, p, seeds, idx)
+    batch, _ = sample(logits, t, k, p, seeds, idx)
     for i in range(4):
-        one = sample(logits[i : i + 1], t[:1], k[:1], p[:1], seeds[i : i + 1], idx[i : i + 1])
+        one, _ = sample(logits[i : i + 1], t[:1], k[:1], p[:1], seeds[i : i + 1], idx[i : i + 1])
         assert int(one) == int(batch[i])
 
 
@@ -54,7 +65,7 @@ def test_frequencies_match_softmax_chi_square() -> None:
     chunk = 500
     for start in range(0, n, chunk):
         t, k, p = _columns(chunk, temperature=temperature)
-        draws = sample(
+        draws, _ = sample(
             logits.expand(chunk, -1),
             t,
             k,

@@ -58,7 +58,9 @@ SAMPLES: list[msgspec.Struct] = [
     m.AddRequest(4, ints(3), m.SamplingParams()),
     m.AbortRequest([1, 2, 3]),
     m.GetStats(),
-    m.TokenBatch(ints(4, np.int64), ints(4), [(1, 2), (3, 4)], [(1, 17)]),
+    m.TokenBatch(
+        ints(4, np.int64), ints(4), np.linspace(-3, 0, 4, dtype=np.float32), [(1, 2)], [(1, 17)]
+    ),
     m.Error(-1, "engine went away", "engine"),
     m.SchedulerStats(1, 2, 3, 4, 5, 6, 7, 8, 0.25, 0.5, 0.75, 1.0),
     step_plan(4, 9),
@@ -66,6 +68,7 @@ SAMPLES: list[msgspec.Struct] = [
     m.Shutdown("bye"),
     m.ExecutorReady(1, 1000, 16, "torch", "float32"),
     m.StepResult(9, ints(200), 0.125),
+    m.StepResult(9, ints(200), 0.125, np.zeros(200, dtype=np.float32)),
     m.ExecutorFailed(2, "CUDA error: out of memory"),
     m.EngineDead("executor 1 died (SIGKILL)"),
     m.SchedulerReady(1000, 16, 16000, "flash-attn", "bfloat16"),

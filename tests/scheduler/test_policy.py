@@ -43,12 +43,12 @@ def reference(
         tok = fn(np.array(history, dtype=np.int32))
         history.append(tok)
         out.append(tok)
+        if len(out) >= params.max_new_tokens:
+            return out, FinishReason.LENGTH
         if not params.ignore_eos and tok in eos:
             return out, FinishReason.EOS
         if tok in params.stop_token_ids:
             return out, FinishReason.STOP_SEQUENCE
-        if len(out) >= params.max_new_tokens:
-            return out, FinishReason.LENGTH
 
 
 class FakeExecutor:
