@@ -99,6 +99,10 @@ class Engine:
 
     # ------------------------------------------------------------ supervision
 
+    def supervise(self, name: str, proc: subprocess.Popen) -> None:
+        """Adds a process (e.g. the HTTP frontend) whose death also stops the engine."""
+        self.procs = {**self.procs, name: proc}  # a new dict: the watcher may be iterating
+
     def _first_dead(self) -> str | None:
         for name, proc in self.procs.items():
             code = proc.poll()

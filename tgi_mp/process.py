@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -11,13 +12,32 @@ import sys
 _PR_SET_PDEATHSIG = 1
 
 
+class _JsonFormatter(logging.Formatter):
+    def __init__(self, process_name: str) -> None:
+        super().__init__()
+        self.process_name = process_name
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "timestamp": self.formatTime(record),
+                "level": record.levelname,
+                "process": self.process_name,
+                "pid": record.process,
+                "message": record.getMessage(),
+            }
+        )
+
+
 def setup_logging(name: str) -> logging.Logger:
-    level = os.environ.get("LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=level,
-        format=f"%(asctime)s %(levelname)s {name}[%(process)d] %(message)s",
-        stream=sys.stderr,
-    )
+    """LOG_LEVEL sets the level; LOG_FORMAT=json (set by --json-output) gives JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("LOG_FORMAT") == "json":
+        handler.setFormatter(_JsonFormatter(name))
+    else:
+        fmt = f"%(asctime)s %(levelname)s {name}[%(process)d] %(message)s"
+        handler.setFormatter(logging.Formatter(fmt))
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper(), handlers=[handler])
     return logging.getLogger(f"tgi_mp.{name}")
 
 

@@ -1,0 +1,409 @@
+"""The TGI-native HTTP API as an ASGI app (served by granian, one per worker).
+
+Each worker owns a tokenizer and an `EngineClient`; it validates, tokenizes,
+detokenizes and matches stop strings, and only token ids cross to the
+scheduler. A client that goes away mid-stream cancels its handler, which
+aborts the request in the scheduler and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import msgspec
+from tokenizers import Tokenizer
+
+from tgi_mp.frontend import metrics
+from tgi_mp.frontend.detokenizer import IncrementalDetokenizer, StopMatcher
+from tgi_mp.frontend.engine_client import EngineClient, EngineError, RequestError
+from tgi_mp.frontend.http import (
+    SSE_HEADERS,
+    HTTPError,
+    Receive,
+    Scope,
+    Send,
+    decode_json,
+    header,
+    read_body,
+    respond,
+    sse_event,
+)
+from tgi_mp.frontend.protocol import (
+    Details,
+    FrontendConfig,
+    GenerateRequest,
+    GenerateResponse,
+    Info,
+    StreamDetails,
+    StreamResponse,
+    Token,
+    TokenizeItem,
+)
+from tgi_mp.frontend.validation import ValidationError, ValidRequest, validate
+from tgi_mp.ipc.messages import FinishReason
+
+CONFIG_ENV = "TGI_MP_FRONTEND_CONFIG"
+log = logging.getLogger("tgi_mp.frontend")
+
+FINISH_NAMES = {
+    FinishReason.LENGTH: "length",
+    FinishReason.EOS: "eos_token",
+    FinishReason.STOP_SEQUENCE: "stop_sequence",
+}
+_json = msgspec.json.Encoder()
+_AUTH_PATHS = {"/", "/generate", "/generate_stream", "/tokenize"}
+
+
+@dataclass
+class Generation:
+    """What one request produced, as TGI reports it."""
+
+    tokens: list[Token] = field(default_factory=list)
+    finish_reason: str = ""
+    text: str = ""
+    queue_time: float = 0.0  # until the first token
+
+
+class App:
+    def __init__(self, cfg: FrontendConfig | None = None) -> None:
+        self._cfg = cfg
+        self._client: EngineClient | None = None
+        self.in_flight = 0
+
+    @property
+    def cfg(self) -> FrontendConfig:
+        if self._cfg is None:
+            with open(os.environ[CONFIG_ENV], "rb") as f:
+                self._cfg = msgspec.msgpack.decode(f.read(), type=FrontendConfig)
+        return self._cfg
+
+    def _start(self) -> None:
+        if self._client is None:
+            cfg = self.cfg
+            self.tokenizer = Tokenizer.from_file(os.path.join(cfg.tokenizer_dir, "tokenizer.json"))
+            self.special_ids = set(self.tokenizer.get_added_tokens_decoder())
+            self._client = EngineClient(cfg.ipc_root)
+
+    # ------------------------------------------------------------ ASGI entry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        self._start()
+        cors = self._cors_headers(scope)
+        try:
+            await self._route(scope, receive, send, cors)
+        except HTTPError as e:
+            await respond(send, e.status, e.body, e.content_type, cors)
+        except Exception as e:  # a bug: answer it, log it, keep serving everyone else
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            err = HTTPError.json(500, f"Internal error: {type(e).__name__}", "internal")
+            with contextlib.suppress(Exception):  # unless the response had already started
+                await respond(send, 500, err.body, err.content_type, cors)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                self._start()
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                if self._client is not None:
+                    self._client.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _cors_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        allowed = self.cfg.cors_allow_origin
+        origin = header(scope, b"origin")
+        if not allowed:
+            value = "*"
+        elif origin in allowed:
+            value = origin
+        else:
+            return []
+        return [(b"access-control-allow-origin", value.encode()), (b"vary", b"origin")]
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send, cors: list) -> None:
+        method, path = scope["method"], scope["path"]
+        if method == "OPTIONS":  # CORS preflight
+            extra = [
+                (b"access-control-allow-methods", b"GET, POST"),
+                (b"access-control-allow-headers", b"content-type"),
+            ]
+            await respond(send, 200, b"", None, cors + extra)
+            return
+        if method == "POST" and path in _AUTH_PATHS and not self._authorized(scope):
+            raise HTTPError(401)
+        if method == "GET":
+            if path in ("/health", "/ping", "/"):
+                await self._health(send, cors)
+            elif path == "/info":
+                await respond(send, 200, _json.encode(await self._info()), headers=cors)
+            elif path == "/metrics":
+                await respond(send, 200, await self._metrics(), metrics.CONTENT_TYPE, cors)
+            else:
+                raise HTTPError(404)
+            return
+        if method != "POST":
+            raise HTTPError(405)
+        if path not in ("/generate", "/generate_stream", "/", "/tokenize"):
+            raise HTTPError(404)
+        body = await read_body(scope, receive, self.cfg.payload_limit)
+        if path == "/":  # TGI's compat route also takes a one-element array
+            with contextlib.suppress(msgspec.DecodeError):
+                items = msgspec.json.decode(body, type=list[msgspec.Raw])
+                if len(items) == 1:
+                    body = bytes(items[0])
+        req = decode_json(scope, body, GenerateRequest)
+        if path == "/tokenize":
+            await self._tokenize(req, send, cors)
+        elif path == "/generate_stream" or (path == "/" and req.stream):
+            await self._generate_stream(req, receive, send, cors)
+        else:
+            await self._generate(req, send, cors, wrap=path == "/")
+
+    def _authorized(self, scope: Scope) -> bool:
+        key = self.cfg.api_key
+        if not key:
+            return True
+        given = header(scope, b"authorization") or ""
+        return given.lower() == f"bearer {key}".lower()
+
+    # ------------------------------------------------------------ simple routes
+
+    async def _health(self, send: Send, cors: list) -> None:
+        if self._client is None or self._client.dead:
+            body = _json.encode({"error": "unhealthy", "error_type": "healthcheck"})
+            await respond(send, 503, body, headers=cors)
+        else:
+            await respond(send, 200, b"", None, cors)
+
+    async def _info(self) -> Info:
+        c = self.cfg
+        return Info(
+            model_id=c.model_id,
+            model_sha=None,
+            model_pipeline_tag=None,
+            max_concurrent_requests=c.max_concurrent_requests,
+            max_best_of=c.max_best_of,
+            max_stop_sequences=c.max_stop_sequences,
+            max_input_tokens=c.max_input_tokens,
+            max_total_tokens=c.max_total_tokens,
+            validation_workers=1,
+            max_client_batch_size=c.max_client_batch_size,
+            router="tgi-mp",
+            version=c.version,
+            sha=None,
+            docker_label=None,
+            max_batch_total_tokens=c.max_batch_total_tokens,
+            dtype=c.dtype,
+            attention_backend=c.attention_backend,
+        )
+
+    async def _metrics(self) -> bytes:
+        stats = None
+        if self._client is not None and not self._client.dead:
+            with contextlib.suppress(EngineError, TimeoutError):
+                stats = await asyncio.wait_for(self._client.stats(), 5)
+        return metrics.render(stats)
+
+    async def _tokenize(self, req: GenerateRequest, send: Send, cors: list) -> None:
+        enc = self.tokenizer.encode(req.inputs, add_special_tokens=True)
+        raw = req.inputs.encode()
+        items = []
+        for tok_id, (start, stop) in zip(enc.ids, enc.offsets, strict=True):
+            # offsets are in characters; TGI reports byte offsets
+            b0, b1 = len(req.inputs[:start].encode()), len(req.inputs[:stop].encode())
+            items.append(TokenizeItem(tok_id, raw[b0:b1].decode(errors="replace"), b0, b1))
+        await respond(send, 200, _json.encode(items), headers=cors)
+
+    # ------------------------------------------------------------ generation
+
+    def _admit(self, req: GenerateRequest) -> ValidRequest:
+        """Concurrency permit first, then validation, as in TGI."""
+        if self.in_flight >= self.cfg.max_concurrent_requests:
+            metrics.failure("overloaded")
+            raise HTTPError.json(429, "Model is overloaded", "overloaded")
+        try:
+            return validate(req, self.cfg, self.tokenizer)
+        except ValidationError as e:
+            metrics.failure("validation")
+            raise HTTPError.json(422, f"Input validation error: {e}", "validation") from e
+
+    async def _tokens(self, v: ValidRequest, gen: Generation) -> AsyncIterator[Token]:
+        """Runs one request, filling `gen`; leaving early aborts it in the scheduler."""
+        assert self._client is not None
+        detok = IncrementalDetokenizer(self.tokenizer, v.prompt_ids)
+        stops = StopMatcher(v.stop)
+        start = time.perf_counter()
+        self.in_flight += 1
+        try:
+            async with contextlib.aclosing(self._client.generate(v.prompt_ids, v.params)) as outs:
+                async for out in outs:
+                    if not gen.tokens:
+                        gen.queue_time = time.perf_counter() - start
+                    reason = out.finish_reason
+                    if out.token_id >= 0:
+                        text = detok.add(out.token_id)
+                        if reason is None and stops.feed(text) is not None:
+                            reason = FinishReason.STOP_SEQUENCE  # leaving the loop aborts it
+                        if reason is not None:  # so token texts add up to generated_text
+                            text += detok.flush()
+                        special = out.token_id in self.special_ids
+                        gen.tokens.append(Token(out.token_id, text, out.logprob, special))
+                    if reason is not None:
+                        gen.finish_reason = FINISH_NAMES.get(reason, "length")
+                        gen.text = detok.generated_text()
+                    if out.token_id >= 0:
+                        yield gen.tokens[-1]
+                    if reason is not None:
+                        return
+        finally:
+            self.in_flight -= 1
+
+    def _full_text(self, req: GenerateRequest, v: ValidRequest, text: str) -> str:
+        return req.inputs + text if v.return_full_text else text
+
+    async def _generate(self, req: GenerateRequest, send: Send, cors: list, wrap: bool) -> None:
+        t0 = time.perf_counter()
+        v = self._admit(req)
+        t_valid = time.perf_counter()
+        gen = Generation()
+        try:
+            async for _ in self._tokens(v, gen):
+                pass
+        except RequestError as e:
+            metrics.failure("validation")
+            raise HTTPError.json(422, f"Input validation error: {e}", "validation") from e
+        except EngineError as e:
+            metrics.failure("generation")
+            raise HTTPError.json(424, f"Request failed during generation: {e}", "generation") from e
+        if not gen.finish_reason:
+            metrics.failure("incomplete_generation")
+            raise HTTPError.json(500, "Incomplete generation", "incomplete_generation")
+        details = None
+        if v.details:
+            details = Details(gen.finish_reason, len(gen.tokens), v.seed, [], gen.tokens)
+        resp = GenerateResponse(self._full_text(req, v, gen.text), details)
+        total = time.perf_counter() - t0
+        inference = total - (t_valid - t0) - gen.queue_time
+        n = max(len(gen.tokens), 1)
+
+        def ms(seconds: float) -> bytes:
+            return str(int(seconds * 1000)).encode()
+
+        headers = [
+            *cors,
+            (b"x-compute-type", os.environ.get("COMPUTE_TYPE", "cpu").encode()),
+            (b"x-compute-time", f"{total:.6f}".encode()),
+            (b"x-compute-characters", str(len(req.inputs)).encode()),
+            (b"x-total-time", ms(total)),
+            (b"x-validation-time", ms(t_valid - t0)),
+            (b"x-queue-time", ms(gen.queue_time)),
+            (b"x-inference-time", ms(inference)),
+            (b"x-time-per-token", ms(inference / n)),
+            (b"x-prompt-tokens", str(len(v.prompt_ids)).encode()),
+            (b"x-generated-tokens", str(len(gen.tokens)).encode()),
+        ]
+        metrics.success(total, len(v.prompt_ids), len(gen.tokens))
+        body = _json.encode([resp] if wrap else resp)
+        await respond(send, 200, body, headers=headers)
+
+    async def _generate_stream(
+        self, req: GenerateRequest, receive: Receive, send: Send, cors: list
+    ) -> None:
+        headers = (
+            SSE_HEADERS
+            + cors
+            + [
+                (b"x-compute-type", os.environ.get("COMPUTE_TYPE", "cpu").encode()),
+                (b"x-compute-characters", str(len(req.inputs)).encode()),
+            ]
+        )
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+
+        async def event(payload: object) -> None:
+            await send(
+                {"type": "http.response.body", "body": sse_event(payload), "more_body": True}
+            )
+
+        async def stream() -> None:
+            t0 = time.perf_counter()
+            p = req.parameters
+            if p is not None and p.best_of not in (None, 1):
+                raise HTTPError.json(
+                    422,
+                    "Input validation error: `best_of` != 1 is not supported when streaming tokens",
+                    "validation",
+                )
+            if p is not None and p.decoder_input_details:
+                raise HTTPError.json(
+                    422,
+                    "Input validation error: `decoder_input_details` == true is not "
+                    "supported when streaming tokens",
+                    "validation",
+                )
+            v = self._admit(req)
+            gen = Generation()
+            try:
+                async for tok in self._tokens(v, gen):
+                    final = gen.finish_reason != ""
+                    details = None
+                    if final and v.details:
+                        details = StreamDetails(
+                            gen.finish_reason, len(gen.tokens), v.seed, len(v.prompt_ids)
+                        )
+                    text = self._full_text(req, v, gen.text) if final else None
+                    await event(StreamResponse(len(gen.tokens), tok, text, details))
+            except RequestError as e:
+                raise HTTPError.json(422, f"Input validation error: {e}", "validation") from e
+            except EngineError as e:
+                metrics.failure("generation")
+                raise HTTPError.json(
+                    424, f"Request failed during generation: {e}", "generation"
+                ) from e
+            if not gen.finish_reason:
+                raise HTTPError.json(
+                    500, "Incomplete generation stream", "incomplete_generation_stream"
+                )
+            metrics.success(time.perf_counter() - t0, len(v.prompt_ids), len(gen.tokens))
+
+        async def watch_disconnect() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        task = asyncio.ensure_future(stream())
+        watcher = asyncio.ensure_future(watch_disconnect())
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():  # the client left: cancelling aborts the request
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return
+            try:
+                task.result()
+            except HTTPError as e:  # streams report errors as an event, status stays 200
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": b"data: " + e.body + b"\n\n",
+                        "more_body": True,
+                    }
+                )
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            watcher.cancel()
+
+
+app = App()

@@ -1,0 +1,102 @@
+"""Just enough ASGI: read a bounded body, answer JSON / text, stream SSE.
+
+TGI's transport rules live here: body-size limit (413), content type (415),
+JSON syntax (400) and JSON types (422) answered as plain text, as axum does.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import msgspec
+
+Scope = dict[str, Any]
+Receive = Any
+Send = Any
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+_json = msgspec.json.Encoder()
+
+
+@functools.cache
+def _decoder(type_: Any) -> msgspec.json.Decoder:
+    return msgspec.json.Decoder(type_)
+
+
+class HTTPError(Exception):
+    """An answer short of the handler's normal one."""
+
+    def __init__(self, status: int, body: bytes = b"", content_type: bytes = b"text/plain") -> None:
+        super().__init__(status, body)
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+
+    @classmethod
+    def json(cls, status: int, error: str, error_type: str) -> HTTPError:
+        body = _json.encode({"error": error, "error_type": error_type})
+        return cls(status, body, b"application/json")
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    length = header(scope, b"content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise HTTPError(413, b"Failed to buffer the request body: length limit exceeded")
+    chunks, size = [], 0
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise HTTPError(400, b"client disconnected")
+        chunk = msg.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise HTTPError(413, b"Failed to buffer the request body: length limit exceeded")
+        chunks.append(chunk)
+        if not msg.get("more_body", False):
+            return b"".join(chunks)
+
+
+def decode_json(scope: Scope, body: bytes, type_: Any) -> Any:
+    ctype = header(scope, b"content-type") or ""
+    if "application/json" not in ctype.lower():
+        raise HTTPError(415, b"Expected request with `Content-Type: application/json`")
+    try:
+        return _decoder(type_).decode(body)
+    except msgspec.ValidationError as e:
+        raise HTTPError(
+            422, f"Failed to deserialize the JSON body into the target type: {e}".encode()
+        ) from e
+    except msgspec.DecodeError as e:
+        raise HTTPError(400, f"Failed to parse the request body as JSON: {e}".encode()) from e
+
+
+async def respond(
+    send: Send,
+    status: int,
+    body: bytes = b"",
+    content_type: bytes | None = b"application/json",
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    hdrs = list(headers or [])
+    if content_type is not None and body:
+        hdrs.append((b"content-type", content_type))
+    hdrs.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": body})
+
+
+def sse_event(payload: Any) -> bytes:
+    return b"data: " + _json.encode(payload) + b"\n\n"

@@ -1,0 +1,140 @@
+"""TGI's HTTP request and response bodies, as msgspec types (wire order kept).
+
+These are the HTTP schemas only; what crosses to the scheduler is in
+`tgi_mp.ipc.messages`. Unknown request keys are ignored, as TGI does.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+UInt = Annotated[int, msgspec.Meta(ge=0)]
+UInt32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+UInt64 = Annotated[int, msgspec.Meta(ge=0)]  # msgspec ints stop at 2**64 - 1 anyway
+
+
+class GenerateParameters(msgspec.Struct, kw_only=True):
+    best_of: UInt | None = None
+    temperature: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)] | None = None
+    top_p: float | None = None
+    typical_p: float | None = None
+    do_sample: bool = False
+    max_new_tokens: UInt32 | None = None
+    return_full_text: bool | None = None
+    stop: list[str] = msgspec.field(default_factory=list)
+    truncate: UInt | None = None
+    watermark: bool = False
+    details: bool = False
+    decoder_input_details: bool = False
+    seed: UInt64 | None = None
+    top_n_tokens: UInt32 | None = None
+    grammar: dict[str, Any] | None = None
+    adapter_id: str | None = None
+
+
+class GenerateRequest(msgspec.Struct, kw_only=True):
+    inputs: str
+    # Absent `parameters` means sampling on (TGI's default); `{}` means greedy.
+    parameters: GenerateParameters | None = None
+    stream: bool = False  # only read by `POST /`
+
+
+class Token(msgspec.Struct):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class PrefillToken(msgspec.Struct):
+    id: int
+    text: str
+    logprob: float | None
+
+
+class Details(msgspec.Struct):
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None
+    prefill: list[PrefillToken]
+    tokens: list[Token]
+
+
+class GenerateResponse(msgspec.Struct, omit_defaults=True):
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamDetails(msgspec.Struct):
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None
+    input_length: int
+
+
+class StreamResponse(msgspec.Struct):
+    index: int
+    token: Token
+    generated_text: str | None
+    details: StreamDetails | None
+
+
+class ErrorResponse(msgspec.Struct):
+    error: str
+    error_type: str
+
+
+class TokenizeItem(msgspec.Struct):
+    id: int
+    text: str
+    start: int
+    stop: int
+
+
+class Info(msgspec.Struct):
+    model_id: str
+    model_sha: str | None
+    model_pipeline_tag: str | None
+    max_concurrent_requests: int
+    max_best_of: int
+    max_stop_sequences: int
+    max_input_tokens: int
+    max_total_tokens: int
+    validation_workers: int
+    max_client_batch_size: int
+    router: str
+    version: str
+    sha: str | None
+    docker_label: str | None
+    # tgi-mp's additions (TGI comments these out): what the engine really has.
+    max_batch_total_tokens: int
+    dtype: str
+    attention_backend: str
+
+
+class FrontendConfig(msgspec.Struct, frozen=True):
+    """What every HTTP worker needs; written by `tgi-mp serve`, read by each worker."""
+
+    ipc_root: str
+    tokenizer_dir: str
+    model_id: str
+    eos_token_ids: list[int]
+    max_concurrent_requests: int = 128
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_input_tokens: int = 4095
+    max_total_tokens: int = 4096
+    max_client_batch_size: int = 4
+    payload_limit: int = 2_000_000
+    api_key: str | None = None
+    cors_allow_origin: list[str] = []
+    max_batch_total_tokens: int = 0
+    dtype: str = "float32"
+    attention_backend: str = "torch"
+    version: str = "0.1.0"

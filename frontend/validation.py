@@ -1,0 +1,149 @@
+"""TGI's request validation: its checks, in its order, with its messages word for word."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer
+
+from tgi_mp.frontend.protocol import FrontendConfig, GenerateParameters, GenerateRequest
+from tgi_mp.ipc.messages import SamplingParams
+
+
+class ValidationError(ValueError):
+    """422, `{"error": "Input validation error: <msg>", "error_type": "validation"}`."""
+
+
+@dataclass
+class ValidRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop: list[str]
+    seed: int | None  # reported in details: the seed used when sampling, else None
+    details: bool
+    return_full_text: bool
+
+
+# Parameters TGI accepts that this engine does not apply yet: refused clearly
+# rather than silently ignored.
+def _unsupported(p: GenerateParameters) -> str | None:
+    if p.repetition_penalty not in (None, 1.0):
+        return "repetition_penalty"
+    if p.frequency_penalty not in (None, 0.0):
+        return "frequency_penalty"
+    if p.typical_p is not None:
+        return "typical_p"
+    if p.watermark:
+        return "watermark"
+    if p.top_n_tokens:
+        return "top_n_tokens"
+    if p.best_of not in (None, 0, 1):
+        return "best_of"
+    if p.decoder_input_details:
+        return "decoder_input_details"
+    if p.adapter_id:
+        return "adapter_id"
+    return None
+
+
+def _to_int64(seed: int) -> int:
+    """A u64 seed as the int64 with the same bits (the engine's seed column)."""
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def validate_best_of(p: GenerateParameters, cfg: FrontendConfig) -> None:
+    n = p.best_of
+    if n is not None and n > 1:
+        if cfg.max_best_of == 1:
+            raise ValidationError("`best_of` != 1 is not allowed for this endpoint")
+        if n > cfg.max_best_of:
+            raise ValidationError(f"`best_of` must be > 0 and <= {cfg.max_best_of}. Given: {n}")
+
+
+def validate(req: GenerateRequest, cfg: FrontendConfig, tokenizer: Tokenizer) -> ValidRequest:
+    p = req.parameters if req.parameters is not None else GenerateParameters(do_sample=True)
+    validate_best_of(p, cfg)
+    # TGI samples when asked to, or when any warper is set (the shard's rule).
+    warpers = (
+        (p.temperature is not None and p.temperature != 1.0)
+        or bool(p.top_k)
+        or (p.top_p is not None and p.top_p < 1.0)
+        or p.typical_p is not None
+    )
+    best_of = p.best_of or 1
+    if best_of > 1 and not (p.do_sample or warpers):
+        raise ValidationError("you must use sampling when `best_of` is > 1")
+    if p.temperature is not None and p.temperature <= 0:
+        raise ValidationError("`temperature` must be strictly positive")
+    if p.repetition_penalty is not None and p.repetition_penalty <= 0:
+        raise ValidationError("`repetition_penalty` must be strictly positive")
+    if p.frequency_penalty is not None and not -2.0 <= p.frequency_penalty <= 2.0:
+        raise ValidationError("`frequency_penalty` must be >= -2.0 and <= 2.0")
+    if p.top_p is not None and not 0.0 < p.top_p < 1.0:
+        raise ValidationError("`top_p` must be > 0.0 and < 1.0")
+    if p.typical_p is not None and not 0.0 < p.typical_p < 1.0:
+        raise ValidationError("`typical_p` must be > 0.0 and < 1.0")
+    if p.top_k is not None and p.top_k <= 0:
+        raise ValidationError("`top_k` must be strictly positive")
+    if p.max_new_tokens == 0:
+        raise ValidationError("`max_new_tokens` must be strictly positive")
+    if len(p.stop) > cfg.max_stop_sequences:
+        raise ValidationError(
+            f"`stop` supports up to {cfg.max_stop_sequences} stop sequences. Given: {len(p.stop)}"
+        )
+    if best_of > 1 and p.seed is not None:
+        raise ValidationError("`seed` must not be set when `best_of` > 1")
+    if (p.top_n_tokens or 0) > cfg.max_top_n_tokens:
+        raise ValidationError(
+            f"`top_n_tokens` must be >= 0 and <= {cfg.max_top_n_tokens}. Given: {p.top_n_tokens}"
+        )
+    if req.inputs == "":
+        raise ValidationError("`inputs` cannot be empty")
+    if p.truncate is not None and not 0 < p.truncate <= cfg.max_input_tokens:
+        raise ValidationError(
+            "`truncate` must be strictly positive and less than "
+            f"{cfg.max_input_tokens}. Given: {p.truncate}"
+        )
+    try:
+        ids = tokenizer.encode(req.inputs, add_special_tokens=True).ids
+    except Exception as e:  # the tokenizers library raises plain Exceptions
+        raise ValidationError(f"tokenizer error {e}") from e
+    if p.truncate is not None:
+        ids = ids[-p.truncate :]
+    n_in = len(ids)
+    max_new = p.max_new_tokens
+    if max_new is None:
+        max_new = max(cfg.max_total_tokens - n_in, 0)
+    if n_in + max_new > cfg.max_total_tokens:
+        raise ValidationError(
+            f"`inputs` tokens + `max_new_tokens` must be <= {cfg.max_total_tokens}. "
+            f"Given: {n_in} `inputs` tokens and {max_new} `max_new_tokens`"
+        )
+    if n_in > cfg.max_input_tokens:
+        raise ValidationError(
+            f"`inputs` must have less than {cfg.max_input_tokens} tokens. Given: {n_in}"
+        )
+    if p.grammar is not None:
+        raise ValidationError("grammar is not supported")
+    if (name := _unsupported(p)) is not None:
+        raise ValidationError(f"`{name}` is not supported by this server yet")
+
+    sampling = p.do_sample or warpers
+    seed = (p.seed if p.seed is not None else random.getrandbits(64)) if sampling else None
+    params = SamplingParams(
+        max_new_tokens=max_new,
+        temperature=p.temperature if p.temperature is not None else 1.0,
+        top_k=p.top_k or 0,
+        top_p=p.top_p if p.top_p is not None else 1.0,
+        do_sample=sampling,
+        seed=_to_int64(seed) if seed is not None else None,
+    )
+    return ValidRequest(
+        prompt_ids=ids,
+        params=params,
+        stop=p.stop,
+        seed=seed,
+        details=p.details,
+        return_full_text=bool(p.return_full_text),
+    )
