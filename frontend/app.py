@@ -215,7 +215,7 @@ class App:
         if self._client is not None and not self._client.dead:
             with contextlib.suppress(EngineError, TimeoutError):
                 stats = await asyncio.wait_for(self._client.stats(), 5)
-        return metrics.render(stats)
+        return metrics.render(stats, self.in_flight)
 
     async def _tokenize(self, req: GenerateRequest, send: Send, cors: list) -> None:
         enc = self.tokenizer.encode(req.inputs, add_special_tokens=True)

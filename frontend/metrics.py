@@ -48,6 +48,9 @@ _queue = Gauge("tgi_queue_size", "Requests waiting in the scheduler", registry=r
 _batch = Gauge("tgi_batch_current_size", "Requests running in the scheduler", registry=registry)
 _blocks_free = Gauge("tgi_mp_kv_blocks_free", "Free KV cache blocks", registry=registry)
 _blocks_total = Gauge("tgi_mp_kv_blocks_total", "KV cache blocks", registry=registry)
+_in_flight = Gauge(
+    "tgi_mp_http_in_flight", "Generation requests this HTTP worker is serving", registry=registry
+)
 _preemptions = Gauge("tgi_mp_preemptions", "Requests preempted since start", registry=registry)
 
 
@@ -64,7 +67,8 @@ def failure(err: str) -> None:
     _failure.labels(err).inc()
 
 
-def render(stats: SchedulerStats | None) -> bytes:
+def render(stats: SchedulerStats | None, in_flight: int) -> bytes:
+    _in_flight.set(in_flight)
     if stats is not None:
         _queue.set(stats.waiting)
         _batch.set(stats.running)

@@ -277,9 +277,14 @@ def _run(engine: Engine, o: dict) -> int:
 
 def _drain(engine: Engine, frontend: subprocess.Popen, timeout: float) -> None:
     """Granian finishes in-flight requests on SIGTERM; then the engine stops."""
+    engine.stop_watching()
     frontend.send_signal(signal.SIGTERM)
     try:
         frontend.wait(timeout)
     except subprocess.TimeoutExpired:
         frontend.kill()
     engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -51,6 +51,7 @@ class Engine:
         self._ctx = zmq.Context()
         self._ch = SupervisorChannels(self._ctx, endpoints)
         self._stopping = threading.Event()
+        self._closed = False
         self._watcher: threading.Thread | None = None
 
     # ------------------------------------------------------------ start
@@ -146,12 +147,17 @@ class Engine:
                 proc.kill()
                 proc.wait()
 
-    def shutdown(self) -> None:
-        if self._stopping.is_set():
-            return
+    def stop_watching(self) -> None:
+        """From now on a child's exit is expected (an orderly shutdown), not a failure."""
         self._stopping.set()
         if self._watcher is not None and self._watcher is not threading.current_thread():
             self._watcher.join()
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.stop_watching()
         self._terminate()
         self._ch.close()
         self._ctx.term()
