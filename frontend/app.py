@@ -34,6 +34,7 @@ from tgi_mp.frontend.http import (
     respond,
     sse_event,
 )
+from tgi_mp.frontend.openapi import DOCS_HTML, openapi_document
 from tgi_mp.frontend.protocol import (
     Details,
     FrontendConfig,
@@ -151,6 +152,10 @@ class App:
                 await respond(send, 200, _json.encode(await self._info()), headers=cors)
             elif path == "/metrics":
                 await respond(send, 200, await self._metrics(), metrics.CONTENT_TYPE, cors)
+            elif path == "/api-doc/openapi.json":
+                await respond(send, 200, openapi_document(self.cfg.version), headers=cors)
+            elif path == "/docs":
+                await respond(send, 200, DOCS_HTML, b"text/html; charset=utf-8", cors)
             else:
                 raise HTTPError(404)
             return

@@ -81,11 +81,11 @@ async def run_engine(engine: Engine, prompts: list[list[int]], concurrency: int,
 
 
 @torch.inference_mode()
-def run_baseline(prompts: list[list[int]], new: int) -> float:
+def run_baseline(prompts: list[list[int]], new: int, dtype: str) -> float:
     from transformers import AutoModelForCausalLM
 
     path, gguf = model_paths()
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=getattr(torch, dtype))
     model.eval()
     model.generate(torch.tensor([prompts[0]]), max_new_tokens=4, do_sample=False)  # warm-up
     tokens, t0 = 0, time.perf_counter()
@@ -110,11 +110,20 @@ def main() -> None:
         help="requests for the one-at-a-time transformers baseline (a rate; fewer is fine)",
     )
     ap.add_argument("--max-batch-prefill-tokens", type=int, default=4096)
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="for the engine and the baseline alike",
+    )
     args = ap.parse_args()
 
     prompts = make_prompts(args.requests, args.prompt_tokens)
     levels = [int(c) for c in args.concurrency.split(",")]
-    print(f"model: bundled SmolLM2-135M-Instruct (float32, CPU, {torch.get_num_threads()} threads)")
+    print(
+        f"model: bundled SmolLM2-135M-Instruct ({args.dtype}, CPU, "
+        f"{torch.get_num_threads()} threads)"
+    )
     print(
         f"{args.requests} requests x ({args.prompt_tokens} prompt + {args.new_tokens} new tokens)\n"
     )
@@ -123,6 +132,7 @@ def main() -> None:
     results = {}
     with Engine.start(
         None,
+        dtype=args.dtype,
         max_batch_total_tokens=capacity,
         max_batch_prefill_tokens=args.max_batch_prefill_tokens,
     ) as engine:
@@ -134,7 +144,7 @@ def main() -> None:
                 f"  engine c={c}: {r['tok_s']:.1f} tok/s ({r['tokens']} tokens, {r['wall']:.1f}s)",
                 flush=True,
             )
-    base = run_baseline(prompts[: args.baseline_requests], args.new_tokens)
+    base = run_baseline(prompts[: args.baseline_requests], args.new_tokens, args.dtype)
     print(f"  baseline: {base:.1f} tok/s\n")
 
     head = (

@@ -81,3 +81,16 @@ def test_cors(tmp_path, tokenizer_dir) -> None:
     )
     assert status == 200 and headers["access-control-allow-methods"] == "GET, POST"
     assert headers["access-control-allow-headers"] == "content-type"
+
+
+def test_openapi_document(tmp_path, tokenizer_dir) -> None:
+    app = make_app(tmp_path, tokenizer_dir)
+    status, _, body = call(app, "GET", "/api-doc/openapi.json")
+    doc = msgspec.json.decode(body)
+    assert status == 200 and doc["openapi"].startswith("3.")
+    assert {"/generate", "/generate_stream", "/", "/tokenize", "/info", "/health"} <= set(
+        doc["paths"]
+    )
+    params = doc["components"]["schemas"]["GenerateParameters"]["properties"]
+    assert {"max_new_tokens", "temperature", "top_p", "stop", "details", "seed"} <= set(params)
+    assert call(app, "GET", "/docs")[1]["content-type"].startswith("text/html")

@@ -1,0 +1,117 @@
+"""The OpenAPI 3 document of the TGI-native API, generated from the msgspec types."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import msgspec
+
+from tgi_mp.frontend.protocol import (
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    Info,
+    StreamResponse,
+    TokenizeItem,
+)
+
+_TYPES = [GenerateRequest, GenerateResponse, StreamResponse, ErrorResponse, Info, TokenizeItem]
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _generation(ok: dict[str, Any], summary: str) -> dict[str, Any]:
+    error = _ref("ErrorResponse")
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref("GenerateRequest")}},
+            },
+            "responses": {
+                "200": ok,
+                "422": _json(error, "Input validation error"),
+                "424": _json(error, "Generation error"),
+                "429": _json(error, "Model is overloaded"),
+            },
+        }
+    }
+
+
+@functools.cache
+def openapi_document(version: str) -> bytes:
+    _, components = msgspec.json.schema_components(_TYPES, "#/components/schemas/{name}")
+    sse = {
+        "description": "Server-sent events, one per token",
+        "content": {"text/event-stream": {"schema": _ref("StreamResponse")}},
+    }
+    doc = {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "tgi-mp",
+            "version": version,
+            "description": "Text Generation Inference's API, served by tgi-mp",
+        },
+        "paths": {
+            "/generate": _generation(
+                _json(_ref("GenerateResponse"), "Generated text"), "Generate tokens"
+            ),
+            "/generate_stream": _generation(sse, "Generate a stream of tokens"),
+            "/": _generation(
+                _json(
+                    {"type": "array", "items": _ref("GenerateResponse")},
+                    "Generated text (or events when `stream` is true)",
+                ),
+                "Generate tokens (compatibility route)",
+            ),
+            "/tokenize": _generation(
+                _json({"type": "array", "items": _ref("TokenizeItem")}, "Tokens"), "Tokenize inputs"
+            ),
+            "/info": {
+                "get": {
+                    "summary": "Model and limits",
+                    "responses": {"200": _json(_ref("Info"), "Info")},
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "Health",
+                    "responses": {
+                        "200": {"description": "Healthy"},
+                        "503": _json(_ref("ErrorResponse"), "Unhealthy"),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+        },
+        "components": {"schemas": components},
+    }
+    return msgspec.json.encode(doc)
+
+
+# Swagger UI loads from a CDN in the user's browser; the server itself fetches nothing.
+DOCS_HTML = b"""<!doctype html>
+<html><head><meta charset="utf-8"><title>tgi-mp API</title>
+<link rel="stylesheet" href="https://unpkg.com/swagger-ui-dist@5/swagger-ui.css"></head>
+<body><div id="ui"></div>
+<script src="https://unpkg.com/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/api-doc/openapi.json", dom_id: "#ui"});</script>
+</body></html>"""

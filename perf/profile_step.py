@@ -1,0 +1,72 @@
+"""One executor decode step in isolation: time per step, and where it goes.
+
+    python perf/profile_step.py --batch 32 --context 200 --dtype float32
+    python perf/profile_step.py --batch 32 --dtype bfloat16 --profile
+
+Runs the bundled model's forward + logits + argmax for `--batch` decode rows
+over a paged KV cache of `--context` tokens each (no processes, no IPC).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from tgi_mp.executor.weights import load_model
+from tgi_mp.kernels.attention import AttentionMetadata, allocate_kv_cache
+from tgi_mp.model_source import load_model_config, resolve_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--context", type=int, default=200)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--profile", action="store_true", help="print torch profiler's top ops")
+    args = ap.parse_args()
+
+    src = resolve_model(None)
+    cfg = load_model_config(src)
+    dtype = getattr(torch, args.dtype)
+    model = load_model(src, cfg, dtype, "cpu")
+    bs, b = 16, args.batch
+    nb = -(-(args.context + 1) // bs)
+    kv = allocate_kv_cache(cfg.num_layers, b * nb, bs, cfg.num_kv_heads, cfg.head_dim, dtype, "cpu")
+    tables = np.arange(b * nb, dtype=np.int32).reshape(b, nb)
+    query = np.ones(b, np.int32)
+    context = np.full(b, args.context, np.int32)
+    ids = torch.randint(0, cfg.vocab_size, (b,))
+
+    @torch.inference_mode()
+    def step() -> None:
+        meta = AttentionMetadata.build(query, context, tables, bs, "cpu")
+        model.compute_logits(model(ids, meta.positions, kv, meta)).argmax(-1)
+
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    weight_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
+    print(
+        f"batch {b}, context {args.context}, {args.dtype}, {torch.get_num_threads()} threads: "
+        f"step median {np.median(times) * 1e3:.1f} ms (min {min(times) * 1e3:.1f}); "
+        f"weights {weight_mb:.0f} MB -> {b / np.median(times):.0f} tok/s"
+    )
+    if args.profile:
+        from torch.profiler import profile
+
+        with profile() as prof:
+            for _ in range(3):
+                step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+if __name__ == "__main__":
+    main()

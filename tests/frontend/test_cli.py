@@ -1,0 +1,77 @@
+"""`tgi-mp serve` flag checks happen before anything loads, with TGI's messages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tgi_mp.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--max-input-tokens", "10", "--max-total-tokens", "10"],
+            "`max_input_tokens` must be < `max_total_tokens`",
+        ),
+        (
+            ["--max-batch-total-tokens", "100", "--max-batch-prefill-tokens", "200"],
+            "`max_batch_prefill_tokens` must be <= `max_batch_total_tokens`",
+        ),
+        (
+            [
+                "--max-batch-total-tokens",
+                "100",
+                "--max-total-tokens",
+                "200",
+                "--max-batch-prefill-tokens",
+                "50",
+            ],
+            "`max_total_tokens` must be <= `max_batch_total_tokens`",
+        ),
+    ],
+)
+def test_invalid_flag_combinations_fail_at_once(args: list[str], message: str) -> None:
+    r = serve(*args)
+    assert r.returncode != 0 and message in r.stderr
+
+
+def test_env_var_form_is_read() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "tgi_mp.cli", "serve"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MAX_INPUT_TOKENS": "10", "MAX_TOTAL_TOKENS": "10"},
+    )
+    assert r.returncode != 0 and "`max_input_tokens` must be < `max_total_tokens`" in r.stderr
+
+
+def test_help_explains_flags() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "tgi_mp.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    for flag in ("--model-id", "--max-total-tokens", "--frontend-workers", "MAX_TOTAL_TOKENS"):
+        assert flag in r.stdout
+
+
+def test_frontend_and_scheduler_never_import_torch() -> None:
+    code = (
+        "import sys, tgi_mp.frontend.app, tgi_mp.frontend.main, tgi_mp.scheduler.main; "
+        "sys.exit('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
