@@ -14,14 +14,13 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import msgspec
 from tokenizers import Tokenizer
 
 from tgi_mp.frontend import metrics
-from tgi_mp.frontend.detokenizer import IncrementalDetokenizer, StopMatcher
 from tgi_mp.frontend.engine_client import EngineClient, EngineError, RequestError
+from tgi_mp.frontend.generation import Generation, run
 from tgi_mp.frontend.http import (
     SSE_HEADERS,
     HTTPError,
@@ -47,28 +46,12 @@ from tgi_mp.frontend.protocol import (
     TokenizeItem,
 )
 from tgi_mp.frontend.validation import ValidationError, ValidRequest, validate
-from tgi_mp.ipc.messages import FinishReason
 
 CONFIG_ENV = "TGI_MP_FRONTEND_CONFIG"
 log = logging.getLogger("tgi_mp.frontend")
 
-FINISH_NAMES = {
-    FinishReason.LENGTH: "length",
-    FinishReason.EOS: "eos_token",
-    FinishReason.STOP_SEQUENCE: "stop_sequence",
-}
 _json = msgspec.json.Encoder()
 _AUTH_PATHS = {"/", "/generate", "/generate_stream", "/tokenize"}
-
-
-@dataclass
-class Generation:
-    """What one request produced, as TGI reports it."""
-
-    tokens: list[Token] = field(default_factory=list)
-    finish_reason: str = ""
-    text: str = ""
-    queue_time: float = 0.0  # until the first token
 
 
 class App:
@@ -246,33 +229,12 @@ class App:
             raise HTTPError.json(422, f"Input validation error: {e}", "validation") from e
 
     async def _tokens(self, v: ValidRequest, gen: Generation) -> AsyncIterator[Token]:
-        """Runs one request, filling `gen`; leaving early aborts it in the scheduler."""
+        """Runs one request, holding a concurrency permit while it does."""
         assert self._client is not None
-        detok = IncrementalDetokenizer(self.tokenizer, v.prompt_ids)
-        stops = StopMatcher(v.stop)
-        start = time.perf_counter()
         self.in_flight += 1
         try:
-            async with contextlib.aclosing(self._client.generate(v.prompt_ids, v.params)) as outs:
-                async for out in outs:
-                    if not gen.tokens:
-                        gen.queue_time = time.perf_counter() - start
-                    reason = out.finish_reason
-                    if out.token_id >= 0:
-                        text = detok.add(out.token_id)
-                        if reason is None and stops.feed(text) is not None:
-                            reason = FinishReason.STOP_SEQUENCE  # leaving the loop aborts it
-                        if reason is not None:  # so token texts add up to generated_text
-                            text += detok.flush()
-                        special = out.token_id in self.special_ids
-                        gen.tokens.append(Token(out.token_id, text, out.logprob, special))
-                    if reason is not None:
-                        gen.finish_reason = FINISH_NAMES.get(reason, "length")
-                        gen.text = detok.generated_text()
-                    if out.token_id >= 0:
-                        yield gen.tokens[-1]
-                    if reason is not None:
-                        return
+            async for tok in run(self._client, self.tokenizer, self.special_ids, v, gen):
+                yield tok
         finally:
             self.in_flight -= 1
 

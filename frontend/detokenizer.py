@@ -44,8 +44,19 @@ class IncrementalDetokenizer:
         return text[len(before) :]
 
     def generated_text(self) -> str:
-        """The whole generation, special tokens skipped (TGI's `generated_text`)."""
-        return self.tokenizer.decode(self.ids[self.num_context :], skip_special_tokens=True)
+        """The whole generation, special tokens skipped (TGI's `generated_text`).
+
+        Decoded after the prompt's last tokens, like the pieces, so it keeps a
+        SentencePiece leading space (the pieces add up to it, and
+        `inputs + generated_text` reads right with `return_full_text`).
+        """
+        decode = self.tokenizer.decode
+        context = decode(self.ids[: self.num_context], skip_special_tokens=True)
+        full = decode(self.ids, skip_special_tokens=True)
+        if full.startswith(context):
+            return full[len(context) :]
+        # The prompt ended mid-character: fall back to the generation alone.
+        return decode(self.ids[self.num_context :], skip_special_tokens=True)
 
 
 class StopMatcher:

@@ -48,7 +48,9 @@ def _generation(ok: dict[str, Any], summary: str) -> dict[str, Any]:
 
 @functools.cache
 def openapi_document(version: str) -> bytes:
-    _, components = msgspec.json.schema_components(_TYPES, "#/components/schemas/{name}")
+    _, components = msgspec.json.schema_components(
+        _TYPES, ref_template="#/components/schemas/{name}"
+    )
     sse = {
         "description": "Server-sent events, one per token",
         "content": {"text/event-stream": {"schema": _ref("StreamResponse")}},
