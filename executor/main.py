@@ -33,10 +33,19 @@ def run(cfg: EngineConfig, rank: int) -> int:
                 log.info("shutting down: %s", plan.reason)
                 return 0
             t0 = time.perf_counter()
-            tokens, logprobs = runner.step(plan)
+            out = runner.step(plan)
             if rank == 0:
                 elapsed = time.perf_counter() - t0
-                ch.results.send(StepResult(plan.step_id, tokens, elapsed, logprobs))
+                ch.results.send(
+                    StepResult(
+                        plan.step_id,
+                        out.tokens,
+                        elapsed,
+                        out.logprobs,
+                        out.top_ids,
+                        out.top_logprobs,
+                    )
+                )
     except SystemExit:
         raise
     except BaseException as e:  # report, then die loudly: the supervisor takes it from there

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from tgi_mp.config import EngineConfig
-from tgi_mp.executor.sampler import sample
+from tgi_mp.executor.sampler import SamplingTensors, sample
 from tgi_mp.executor.weights import load_model
 from tgi_mp.ipc.messages import StepPlan
 from tgi_mp.kernels.attention import AttentionMetadata, allocate_kv_cache
 
 log = logging.getLogger("tgi_mp.executor")
+
+
+@dataclass
+class StepOutput:
+    tokens: np.ndarray  # int32 [sampled rows]
+    logprobs: np.ndarray  # float32 [sampled rows]
+    top_ids: np.ndarray | None = None  # int32 [sampled rows, max top_n]
+    top_logprobs: np.ndarray | None = None
 
 
 def kv_bytes_per_block(cfg: EngineConfig) -> int:
@@ -76,8 +85,8 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def step(self, plan: StepPlan) -> tuple[np.ndarray, np.ndarray]:
-        """Sampled token ids (int32) and their logprobs (float32), one per sampled row."""
+    def step(self, plan: StepPlan) -> StepOutput:
+        """Sampled token ids and logprobs (and top-n alternatives), one per sampled row."""
         counts = plan.block_counts
         tables = np.zeros((len(counts), int(counts.max())), dtype=np.int32)
         tables[np.arange(tables.shape[1])[None, :] < counts[:, None]] = plan.block_tables
@@ -89,15 +98,21 @@ class ModelRunner:
 
         rows = np.flatnonzero(plan.sample)
         if len(rows) == 0:
-            return np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32)
+            return StepOutput(np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32))
         last_token = (np.cumsum(plan.query_lens) - 1)[rows]
         logits = self.model.compute_logits(hidden[_tensor(last_token, torch.int64, self.device)])
-        tokens, logprobs = sample(
-            logits,
-            _tensor(plan.temperature[rows], torch.float32, self.device),
-            _tensor(plan.top_k[rows], torch.int64, self.device),
-            _tensor(plan.top_p[rows], torch.float32, self.device),
-            _tensor(plan.seeds[rows], torch.int64, self.device),
-            _tensor(plan.sample_index[rows], torch.int64, self.device),
+        columns = SamplingTensors(
+            temperature=_tensor(plan.temperature[rows], torch.float32, self.device),
+            top_k=_tensor(plan.top_k[rows], torch.int64, self.device),
+            top_p=_tensor(plan.top_p[rows], torch.float32, self.device),
+            typical_p=_tensor(plan.typical_p[rows], torch.float32, self.device),
+            min_p=_tensor(plan.min_p[rows], torch.float32, self.device),
+            seeds=_tensor(plan.seeds[rows], torch.int64, self.device),
+            sample_index=_tensor(plan.sample_index[rows], torch.int64, self.device),
         )
-        return tokens.to(torch.int32).cpu().numpy(), logprobs.cpu().numpy()
+        tokens, logprobs, top_ids, top_lps = sample(logits, columns, int(plan.top_n.max()))
+        out = StepOutput(tokens.to(torch.int32).cpu().numpy(), logprobs.cpu().numpy())
+        if top_ids is not None:
+            out.top_ids = top_ids.to(torch.int32).cpu().numpy()
+            out.top_logprobs = top_lps.cpu().numpy()
+        return out

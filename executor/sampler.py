@@ -9,6 +9,8 @@ generator objects and no Python loop over requests.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 _U64 = 1 << 64
@@ -63,35 +65,70 @@ def apply_top_k_top_p(
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
-def sample(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    seeds: torch.Tensor,
-    sample_index: torch.Tensor,
-) -> torch.Tensor:
-    """(int64 token ids [B], their float32 logprobs [B]); temperature 0 rows are greedy.
+def apply_typical_p(logits: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling (Meister et al. 2022; HF's TypicalLogitsWarper): keep the
+    tokens whose surprise is closest to the entropy, up to `typical_p` of the mass."""
+    logp = logits.log_softmax(dim=-1)
+    probs = logp.exp()
+    entropy = -(probs * logp.nan_to_num(neginf=0.0)).sum(dim=-1, keepdim=True)
+    distance = (-logp - entropy).abs()
+    sorted_distance, order = distance.sort(dim=-1)
+    mass = probs.gather(-1, order).cumsum(dim=-1)
+    # The cut: the first sorted position where the mass reaches typical_p (kept).
+    last = (mass < typical_p[:, None]).sum(dim=-1, keepdim=True).clamp(max=logits.shape[-1] - 1)
+    drop_sorted = sorted_distance > sorted_distance.gather(-1, last)
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
 
-    The logprob is of the distribution after temperature and before top-k /
-    top-p, as TGI reports it.
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens less likely than `min_p` times the most likely one."""
+    logp = logits.log_softmax(dim=-1)
+    floor = logp.max(dim=-1, keepdim=True).values + torch.log(min_p[:, None])
+    return logits.masked_fill(logp < floor, float("-inf"))
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling columns of one step, as tensors on the device."""
+
+    temperature: torch.Tensor  # float32; 0 = greedy
+    top_k: torch.Tensor  # int64; 0 = off
+    top_p: torch.Tensor  # float32; 1 = off
+    typical_p: torch.Tensor  # float32; 1 = off
+    min_p: torch.Tensor  # float32; 0 = off
+    seeds: torch.Tensor  # int64
+    sample_index: torch.Tensor  # int64: tokens generated before, keys the random stream
+
+
+def sample(
+    logits: torch.Tensor, t: SamplingTensors, top_n: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Token ids [B] and their logprobs [B]; with `top_n`, the n most likely ids and
+    logprobs [B, n] too. Rows with temperature 0 are greedy.
+
+    Logprobs are of the distribution after temperature and before top-k / top-p /
+    typical-p / min-p, as TGI reports them.
     """
     tokens = logits.argmax(dim=-1)
-    rows = (temperature > 0).nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return tokens, _logprobs(logits, tokens)
-    scaled = logits[rows] / temperature[rows, None]
-    logits = logits.clone()
-    logits[rows] = scaled
-    k, p = top_k[rows], top_p[rows]
-    if bool((k > 0).any()) or bool((p < 1).any()):
-        scaled = apply_top_k_top_p(scaled, k, p)
-    # Gumbel-max: argmax(logits/T + Gumbel noise) is a draw from softmax(logits/T).
-    u = hash_uniform(seeds[rows], sample_index[rows], logits.shape[-1])
-    gumbel = -torch.log(-torch.log(u))
-    tokens[rows] = (scaled.double() + gumbel).argmax(dim=-1)
-    return tokens, _logprobs(logits, tokens)
-
-
-def _logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return logits.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1).float()
+    rows = (t.temperature > 0).nonzero().squeeze(1)
+    if rows.numel():
+        scaled = logits[rows] / t.temperature[rows, None]
+        logits = logits.clone()
+        logits[rows] = scaled
+        k, p, typ, mp = t.top_k[rows], t.top_p[rows], t.typical_p[rows], t.min_p[rows]
+        if bool((k > 0).any()) or bool((p < 1).any()):
+            scaled = apply_top_k_top_p(scaled, k, p)
+        if bool((typ < 1).any()):
+            scaled = apply_typical_p(scaled, typ)
+        if bool((mp > 0).any()):
+            scaled = apply_min_p(scaled, mp)
+        # Gumbel-max: argmax(logits/T + Gumbel noise) is a draw from softmax(logits/T).
+        u = hash_uniform(t.seeds[rows], t.sample_index[rows], logits.shape[-1])
+        tokens[rows] = (scaled.double() - torch.log(-torch.log(u))).argmax(dim=-1)
+    logp = logits.log_softmax(dim=-1)
+    chosen = logp.gather(1, tokens[:, None]).squeeze(1).float()
+    if top_n <= 0:
+        return tokens, chosen, None, None
+    top = logp.topk(top_n, dim=-1)
+    return tokens, chosen, top.indices, top.values.float()

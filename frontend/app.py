@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import msgspec
 from tokenizers import Tokenizer
@@ -158,7 +158,7 @@ class App:
         elif path == "/generate_stream" or (path == "/" and req.stream):
             await self._generate_stream(req, receive, send, cors)
         else:
-            await self._generate(req, send, cors, wrap=path == "/")
+            await self._generate(req, receive, send, cors, wrap=path == "/")
 
     def _authorized(self, scope: Scope) -> bool:
         key = self.cfg.api_key
@@ -241,14 +241,21 @@ class App:
     def _full_text(self, req: GenerateRequest, v: ValidRequest, text: str) -> str:
         return req.inputs + text if v.return_full_text else text
 
-    async def _generate(self, req: GenerateRequest, send: Send, cors: list, wrap: bool) -> None:
+    async def _generate(
+        self, req: GenerateRequest, receive: Receive, send: Send, cors: list, wrap: bool
+    ) -> None:
         t0 = time.perf_counter()
         v = self._admit(req)
         t_valid = time.perf_counter()
         gen = Generation()
-        try:
+
+        async def consume() -> None:
             async for _ in self._tokens(v, gen):
                 pass
+
+        try:
+            if not await until_disconnect(receive, consume()):
+                return  # the client left: its request was aborted, nobody to answer
         except RequestError as e:
             metrics.failure("validation")
             raise HTTPError.json(422, f"Input validation error: {e}", "validation") from e
@@ -260,7 +267,9 @@ class App:
             raise HTTPError.json(500, "Incomplete generation", "incomplete_generation")
         details = None
         if v.details:
-            details = Details(gen.finish_reason, len(gen.tokens), v.seed, [], gen.tokens)
+            details = Details(
+                gen.finish_reason, len(gen.tokens), v.seed, [], gen.tokens, gen.top_tokens
+            )
         resp = GenerateResponse(self._full_text(req, v, gen.text), details)
         total = time.perf_counter() - t0
         inference = total - (t_valid - t0) - gen.queue_time
@@ -331,7 +340,16 @@ class App:
                             gen.finish_reason, len(gen.tokens), v.seed, len(v.prompt_ids)
                         )
                     text = self._full_text(req, v, gen.text) if final else None
-                    await event(StreamResponse(len(gen.tokens), tok, text, details))
+                    top = gen.top_tokens[-1] if gen.top_tokens else []
+                    await event(
+                        StreamResponse(
+                            index=len(gen.tokens),
+                            token=tok,
+                            top_tokens=top,
+                            generated_text=text,
+                            details=details,
+                        )
+                    )
             except RequestError as e:
                 raise HTTPError.json(422, f"Input validation error: {e}", "validation") from e
             except EngineError as e:
@@ -345,32 +363,35 @@ class App:
                 )
             metrics.success(time.perf_counter() - t0, len(v.prompt_ids), len(gen.tokens))
 
-        async def watch_disconnect() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        task = asyncio.ensure_future(stream())
-        watcher = asyncio.ensure_future(watch_disconnect())
         try:
-            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not task.done():  # the client left: cancelling aborts the request
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                return
-            try:
-                task.result()
-            except HTTPError as e:  # streams report errors as an event, status stays 200
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": b"data: " + e.body + b"\n\n",
-                        "more_body": True,
-                    }
-                )
-            await send({"type": "http.response.body", "body": b""})
-        finally:
-            watcher.cancel()
+            if await until_disconnect(receive, stream()):
+                await send({"type": "http.response.body", "body": b""})
+        except HTTPError as e:  # streams report errors as an event, status stays 200
+            body = b"data: " + e.body + b"\n\n"
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def until_disconnect(receive: Receive, work: Awaitable[None]) -> bool:
+    """Runs `work` unless the client disconnects first, which cancels it (and so aborts
+    its request in the scheduler). True when `work` completed; its errors propagate."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return False
+        task.result()
+        return True
+    finally:
+        watcher.cancel()
 
 
 app = App()

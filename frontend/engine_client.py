@@ -38,6 +38,9 @@ class TokenOutput:
     token_id: int  # -1 when the request ended without a new token
     finish_reason: m.FinishReason | None = None
     logprob: float = float("nan")
+    # The step's most likely (id, logprob) pairs, when the batch asked for any;
+    # a request takes the first `top_n_tokens` of them.
+    top: list[tuple[int, float]] | None = None
 
 
 class EngineClient:
@@ -113,12 +116,17 @@ class EngineClient:
             rows = zip(
                 msg.req_ids.tolist(), msg.token_ids.tolist(), msg.logprobs.tolist(), strict=True
             )
-            for req_id, token, logprob in rows:
+            top_ids = msg.top_ids.tolist() if msg.top_ids is not None else None
+            top_lps = msg.top_logprobs.tolist() if msg.top_logprobs is not None else None
+            for i, (req_id, token, logprob) in enumerate(rows):
                 q = queues.get(req_id)
                 if q is not None:
                     reason = finished.pop(req_id, None)
                     finish = None if reason is None else m.FinishReason(reason)
-                    q.put_nowait(TokenOutput(token, finish, logprob))
+                    out = TokenOutput(token, finish, logprob)
+                    if top_ids is not None:
+                        out.top = list(zip(top_ids[i], top_lps[i], strict=True))
+                    q.put_nowait(out)
             for req_id, reason in finished.items():  # ended without a token this step
                 if (q := queues.get(req_id)) is not None:
                     q.put_nowait(TokenOutput(-1, m.FinishReason(reason)))

@@ -27,6 +27,7 @@ class Generation:
     """What one request produced, filled in as its tokens arrive."""
 
     tokens: list[Token] = field(default_factory=list)
+    top_tokens: list[list[Token]] = field(default_factory=list)  # per token, with top_n_tokens
     finish_reason: str = ""  # set with the last token
     text: str = ""  # generated_text, set with the last token
     queue_time: float = 0.0  # until the first token
@@ -57,6 +58,18 @@ async def run(
                     text += detok.flush()
                 special = out.token_id in special_ids
                 gen.tokens.append(Token(out.token_id, text, out.logprob, special))
+                if v.params.top_n_tokens and out.top is not None:
+                    gen.top_tokens.append(
+                        [
+                            Token(
+                                i,
+                                tokenizer.decode([i], skip_special_tokens=False),
+                                lp,
+                                i in special_ids,
+                            )
+                            for i, lp in out.top[: v.params.top_n_tokens]
+                        ]
+                    )
             if reason is not None:
                 gen.finish_reason = FINISH_NAMES.get(reason, "length")
                 gen.text = detok.generated_text()

@@ -57,12 +57,13 @@ class PrefillToken(msgspec.Struct):
     logprob: float | None
 
 
-class Details(msgspec.Struct):
+class Details(msgspec.Struct, omit_defaults=True):
     finish_reason: str
     generated_tokens: int
     seed: int | None
     prefill: list[PrefillToken]
     tokens: list[Token]
+    top_tokens: list[list[Token]] = []  # only when top_n_tokens > 0
 
 
 class GenerateResponse(msgspec.Struct, omit_defaults=True):
@@ -77,9 +78,10 @@ class StreamDetails(msgspec.Struct):
     input_length: int
 
 
-class StreamResponse(msgspec.Struct):
+class StreamResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
     index: int
     token: Token
+    top_tokens: list[Token] = []  # only when top_n_tokens > 0
     generated_text: str | None
     details: StreamDetails | None
 

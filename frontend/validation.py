@@ -32,12 +32,8 @@ def _unsupported(p: GenerateParameters) -> str | None:
         return "repetition_penalty"
     if p.frequency_penalty not in (None, 0.0):
         return "frequency_penalty"
-    if p.typical_p is not None:
-        return "typical_p"
     if p.watermark:
         return "watermark"
-    if p.top_n_tokens:
-        return "top_n_tokens"
     if p.best_of not in (None, 0, 1):
         return "best_of"
     if p.decoder_input_details:
@@ -69,7 +65,7 @@ def validate(req: GenerateRequest, cfg: FrontendConfig, tokenizer: Tokenizer) ->
         (p.temperature is not None and p.temperature != 1.0)
         or bool(p.top_k)
         or (p.top_p is not None and p.top_p < 1.0)
-        or p.typical_p is not None
+        or (p.typical_p is not None and p.typical_p < 1.0)
     )
     best_of = p.best_of or 1
     if best_of > 1 and not (p.do_sample or warpers):
@@ -138,6 +134,8 @@ def validate(req: GenerateRequest, cfg: FrontendConfig, tokenizer: Tokenizer) ->
         top_p=p.top_p if p.top_p is not None else 1.0,
         do_sample=sampling,
         seed=_to_int64(seed) if seed is not None else None,
+        typical_p=p.typical_p if p.typical_p is not None else 1.0,
+        top_n_tokens=p.top_n_tokens or 0,
     )
     return ValidRequest(
         prompt_ids=ids,

@@ -44,6 +44,9 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True, gc=False):
     seed: int | None = None
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    typical_p: float = 1.0  # 1.0 = off
+    min_p: float = 0.0  # 0.0 = off
+    top_n_tokens: int = 0  # alternatives reported per generated token
 
 
 # ---------------------------------------------------------------- frontend -> scheduler
@@ -83,6 +86,9 @@ class TokenBatch(msgspec.Struct, tag=True, array_like=True, gc=False):
     logprobs: np.ndarray  # float32
     finished: list[tuple[int, int]] = []
     num_cached_tokens: list[tuple[int, int]] = []  # (req_id, prompt tokens served from cache)
+    # Rows aligned with token_ids, [n, max top_n], when any request asked for alternatives.
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
 
 
 class Error(msgspec.Struct, tag=True, array_like=True, gc=False):
@@ -141,6 +147,9 @@ class StepPlan(msgspec.Struct, tag=True, array_like=True, gc=False):
     top_p: np.ndarray  # float32 [B]
     seeds: np.ndarray  # int64 [B]
     sample_index: np.ndarray  # int32 [B]
+    typical_p: np.ndarray  # float32 [B]
+    min_p: np.ndarray  # float32 [B]
+    top_n: np.ndarray  # int32 [B]: alternatives to report for the sampled token
 
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True, gc=False):
@@ -168,6 +177,9 @@ class StepResult(msgspec.Struct, tag=True, array_like=True, gc=False):
     token_ids: np.ndarray  # int32
     forward_time: float  # seconds spent in input prep + forward + sampling
     logprobs: np.ndarray | None = None  # float32, of each sampled token
+    # With any top_n in the plan: [sampled rows, max top_n] ids and logprobs.
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
 
 
 class ExecutorFailed(msgspec.Struct, tag=True, array_like=True, gc=False):

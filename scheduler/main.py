@@ -81,7 +81,7 @@ class SchedulerProcess:
             t1 = time.perf_counter()
             result = self._wait_for_result(step.plan.step_id)
             t2 = time.perf_counter()
-            self._emit(self.core.update(step, result.token_ids, result.logprobs))
+            self._emit(self.core.update(step, result.token_ids, result.logprobs), result)
             t3 = time.perf_counter()
             self.times["schedule"] += (t1 - t0) + (t3 - t2)
             self.times["step"] += t2 - t1
@@ -118,7 +118,7 @@ class SchedulerProcess:
             elif isinstance(msg, m.GetStats):
                 self.ch.frontend.send(self._stats(), frontend)
 
-    def _emit(self, outputs: list[Output]) -> None:
+    def _emit(self, outputs: list[Output], result: m.StepResult | None = None) -> None:
         """One TokenBatch per frontend that has news this step."""
         if not outputs:
             return
@@ -127,11 +127,17 @@ class SchedulerProcess:
             by_frontend[out.req.frontend].append(out)
         for frontend, outs in by_frontend.items():
             with_token = [o for o in outs if o.token >= 0]
+            top_ids = top_logprobs = None
+            if result is not None and result.top_ids is not None:
+                rows = [o.row for o in with_token]
+                top_ids, top_logprobs = result.top_ids[rows], result.top_logprobs[rows]
             batch = m.TokenBatch(
                 req_ids=np.array([o.req.req_id for o in with_token], dtype=np.int64),
                 token_ids=np.array([o.token for o in with_token], dtype=np.int32),
                 logprobs=np.array([o.logprob for o in with_token], dtype=np.float32),
                 finished=[(o.req.req_id, int(o.finish)) for o in outs if o.finish is not None],
+                top_ids=top_ids,
+                top_logprobs=top_logprobs,
             )
             self.ch.frontend.send(batch, frontend)
 

@@ -50,6 +50,7 @@ class Output:
     token: int
     finish: FinishReason | None
     logprob: float = float("nan")
+    row: int = -1  # index of this token in the step's sampled arrays
 
 
 @dataclass
@@ -214,6 +215,9 @@ class Scheduler:
             top_p=np.array([p.top_p for p in params], dtype=np.float32),
             seeds=np.array([r.seed for r in reqs], dtype=np.int64),
             sample_index=np.fromiter((r.num_generated for r in reqs), np.int32, len(reqs)),
+            typical_p=np.array([p.typical_p for p in params], dtype=np.float32),
+            min_p=np.array([p.min_p for p in params], dtype=np.float32),
+            top_n=np.array([p.top_n_tokens for p in params], dtype=np.int32),
         )
 
     # ------------------------------------------------------------ results in
@@ -251,7 +255,7 @@ class Scheduler:
             token = tokens[k - 1]
             req.append(token)
             reason = req.finish_reason(token, self.cfg.eos_token_ids)
-            outputs.append(Output(req, token, reason, lps[k - 1]))
+            outputs.append(Output(req, token, reason, lps[k - 1], k - 1))
             if reason is not None:
                 self._finish(req, reason)
         return outputs

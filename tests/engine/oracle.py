@@ -78,15 +78,29 @@ def prompts() -> list[list[int]]:
     return out
 
 
-@torch.inference_mode()
-def reference_greedy(prompts: list[list[int]]) -> list[tuple[list[int], list[float]]]:
-    """transformers' greedy tokens and, per position, the margin between its two best logits."""
+@functools.cache
+def hf_model():
+    """transformers' model of the bundled GGUF, float32 (loaded once per process)."""
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(os.cpu_count() or 1)
     path, gguf = model_paths()
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=torch.float32)
-    model.eval()
+    return model.eval()
+
+
+@torch.inference_mode()
+def reference_logprobs(prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """log_softmax of transformers' logits at each generated position: [len(generated), V]."""
+    ids = torch.tensor([prompt + generated])
+    logits = hf_model()(ids).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(generated)]
+    return logits.double().log_softmax(-1)
+
+
+@torch.inference_mode()
+def reference_greedy(prompts: list[list[int]]) -> list[tuple[list[int], list[float]]]:
+    """transformers' greedy tokens and, per position, the margin between its two best logits."""
+    model = hf_model()
     results = []
     for prompt in prompts:
         out = model(torch.tensor([prompt]), use_cache=True)

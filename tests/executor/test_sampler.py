@@ -6,31 +6,55 @@ import math
 
 import torch
 
-from tgi_mp.executor.sampler import apply_top_k_top_p, hash_uniform, sample
+from tgi_mp.executor.sampler import (
+    SamplingTensors,
+    apply_min_p,
+    apply_top_k_top_p,
+    apply_typical_p,
+    hash_uniform,
+    sample,
+)
 
 
-def _columns(b: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-    return (
-        torch.full((b,), temperature),
-        torch.full((b,), top_k, dtype=torch.int64),
-        torch.full((b,), top_p),
+def _columns(
+    b: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seeds: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
+    typical_p: float = 1.0,
+    min_p: float = 0.0,
+) -> SamplingTensors:
+    return SamplingTensors(
+        temperature=torch.full((b,), temperature),
+        top_k=torch.full((b,), top_k, dtype=torch.int64),
+        top_p=torch.full((b,), top_p),
+        typical_p=torch.full((b,), typical_p),
+        min_p=torch.full((b,), min_p),
+        seeds=seeds if seeds is not None else torch.arange(b),
+        sample_index=index if index is not None else torch.zeros(b, dtype=torch.int64),
     )
+
+
+def _rows(t: SamplingTensors, i: int) -> SamplingTensors:
+    return SamplingTensors(**{k: v[i : i + 1] for k, v in vars(t).items()})
 
 
 def test_greedy_rows_take_the_argmax() -> None:
     logits = torch.randn(5, 100, generator=torch.Generator().manual_seed(0))
-    t, k, p = _columns(5, temperature=0.0)
-    seeds, idx = torch.arange(5), torch.zeros(5, dtype=torch.int64)
-    tokens, logprobs = sample(logits, t, k, p, seeds, idx)
+    tokens, logprobs, top_ids, top_lps = sample(logits, _columns(5, temperature=0.0), top_n=3)
     assert torch.equal(tokens, logits.argmax(-1))
-    want = logits.log_softmax(-1).gather(1, tokens[:, None])[:, 0]
-    assert torch.allclose(logprobs, want)
+    logp = logits.log_softmax(-1)
+    assert torch.allclose(logprobs, logp.gather(1, tokens[:, None])[:, 0])
+    assert torch.equal(top_ids[:, 0], tokens)
+    assert torch.allclose(top_lps, logp.topk(3).values)
+    assert sample(logits, _columns(5, temperature=0.0))[2] is None
 
 
 def test_logprob_is_after_temperature() -> None:
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2))
-    t, k, p = _columns(3, temperature=0.5, top_k=5)
-    tokens, logprobs = sample(logits, t, k, p, torch.arange(3), torch.zeros(3, dtype=torch.int64))
+    tokens, logprobs, _, _ = sample(logits, _columns(3, temperature=0.5, top_k=5))
     want = (logits / 0.5).log_softmax(-1).gather(1, tokens[:, None])[:, 0]
     assert torch.allclose(logprobs, want)
 
@@ -48,13 +72,17 @@ def test_uniforms_are_a_pure_function_of_seed_and_index() -> None:
 def test_seeded_row_is_independent_of_its_batch() -> None:
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(4, 300, generator=gen)
-    t, k, p = _columns(4, temperature=0.9)
-    seeds = torch.tensor([11, 12, 13, 14])
-    idx = torch.tensor([5, 0, 9, 2])
-    batch, _ = sample(logits, t, k, p, seeds, idx)
+    t = _columns(
+        4,
+        temperature=0.9,
+        top_p=0.95,
+        typical_p=0.9,
+        seeds=torch.tensor([11, 12, 13, 14]),
+        index=torch.tensor([5, 0, 9, 2]),
+    )
+    batch = sample(logits, t)[0]
     for i in range(4):
-        one, _ = sample(logits[i : i + 1], t[:1], k[:1], p[:1], seeds[i : i + 1], idx[i : i + 1])
-        assert int(one) == int(batch[i])
+        assert int(sample(logits[i : i + 1], _rows(t, i))[0]) == int(batch[i])
 
 
 def test_frequencies_match_softmax_chi_square() -> None:
@@ -64,15 +92,13 @@ def test_frequencies_match_softmax_chi_square() -> None:
     counts = torch.zeros(8, dtype=torch.float64)
     chunk = 500
     for start in range(0, n, chunk):
-        t, k, p = _columns(chunk, temperature=temperature)
-        draws, _ = sample(
-            logits.expand(chunk, -1),
-            t,
-            k,
-            p,
-            torch.full((chunk,), 1234),
-            torch.arange(start, start + chunk),
+        t = _columns(
+            chunk,
+            temperature=temperature,
+            seeds=torch.full((chunk,), 1234),
+            index=torch.arange(start, start + chunk),
         )
+        draws = sample(logits.expand(chunk, -1), t)[0]
         counts += torch.bincount(draws, minlength=8).double()
     expected = want * n
     chi2 = float(((counts - expected) ** 2 / expected).sum())
@@ -107,3 +133,39 @@ def test_top_k_top_p_masks_match_reference() -> None:
         assert got == want, i
         kept = masked[i][masked[i] > float("-inf")]
         assert torch.equal(kept, logits[i][torch.tensor(want)])
+
+
+def _reference_typical(row: list[float], mass: float) -> list[bool]:
+    """HF's TypicalLogitsWarper, spelled out: sort by |surprise - entropy|, keep up to and
+    including the token where the cumulative probability reaches `mass`."""
+    z = sum(math.exp(x) for x in row)
+    probs = [math.exp(x) / z for x in row]
+    entropy = -sum(p * math.log(p) for p in probs)
+    order = sorted(range(len(row)), key=lambda i: abs(-math.log(probs[i]) - entropy))
+    keep, total = set(), 0.0
+    for i in order:
+        keep.add(i)
+        total += probs[i]
+        if total >= mass:
+            break
+    return [i in keep for i in range(len(row))]
+
+
+def test_typical_p_matches_reference() -> None:
+    logits = torch.randn(5, 30, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    masses = torch.tensor([0.2, 0.5, 0.9, 0.95, 0.999], dtype=torch.float64)
+    masked = apply_typical_p(logits, masses)
+    for i in range(5):
+        want = _reference_typical(logits[i].tolist(), float(masses[i]))
+        assert (masked[i] > float("-inf")).tolist() == want, i
+
+
+def test_min_p_matches_reference() -> None:
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(5))
+    min_p = torch.tensor([0.0, 0.05, 0.3, 1.0])
+    masked = apply_min_p(logits, min_p)
+    probs = logits.softmax(-1)
+    for i in range(4):
+        want = [float(q) >= float(min_p[i]) * float(probs[i].max()) for q in probs[i]]
+        assert (masked[i] > float("-inf")).tolist() == want, i
+    assert int((masked[3] > float("-inf")).sum()) == 1  # min_p 1: only the best survives

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from text_generation import AsyncClient, Client
 
-from tests.engine.oracle import TEXT, reference_greedy, tokenizer
+from tests.engine.oracle import TEXT, reference_greedy, reference_logprobs, tokenizer
 from tests.frontend.server import Server
 
 MAX_CONCURRENT = 64
@@ -159,9 +159,112 @@ def test_sampling_is_seeded(server) -> None:
     }
     a, b = post(server, "/generate", body).json(), post(server, "/generate", body).json()
     assert a == b and a["details"]["seed"] == 42
-    # No `parameters` at all means sampling on, with a random seed reported back.
-    r = post(server, "/generate", {"inputs": "Storms could trap them"})
+    # No `parameters` at all means sampling on, and max_new_tokens defaults to what is
+    # left of max_total_tokens (2048): a 2040-token prompt leaves 8, bounding the test.
+    r = post(server, "/", {"inputs": words(2040)})
     assert r.status_code == 200
+    assert int(r.headers["x-generated-tokens"]) <= 8
+
+
+def test_logprobs_and_top_tokens_match_transformers(server) -> None:
+    text = TEXT[200:500]
+    r = post(
+        server,
+        "/generate",
+        {"inputs": text, "parameters": {"max_new_tokens": 10, "details": True, "top_n_tokens": 3}},
+    ).json()["details"]
+    prompt = tokenizer()(text)["input_ids"]
+    ref = reference_logprobs(prompt, [t["id"] for t in r["tokens"]])
+    assert len(r["top_tokens"]) == len(r["tokens"]) == 10
+    for i, (tok, top) in enumerate(zip(r["tokens"], r["top_tokens"], strict=True)):
+        assert abs(tok["logprob"] - float(ref[i, tok["id"]])) < 1e-4
+        want = ref[i].topk(3)
+        assert [t["id"] for t in top] == want.indices.tolist()
+        for t, lp in zip(top, want.values.tolist(), strict=True):
+            assert abs(t["logprob"] - lp) < 1e-4
+            assert t["text"] == tokenizer().decode([t["id"]])
+    # Streams carry the alternatives of each token; without top_n_tokens the key is absent.
+    events = sse_events(
+        post(
+            server,
+            "/generate_stream",
+            {"inputs": text, "parameters": {"max_new_tokens": 3, "top_n_tokens": 2}},
+        ).text
+    )
+    assert all(len(e["top_tokens"]) == 2 for e in events)
+    plain = sse_events(
+        post(server, "/generate_stream", {"inputs": text, "parameters": {"max_new_tokens": 3}}).text
+    )
+    assert all("top_tokens" not in e for e in plain)
+    assert (
+        "top_tokens"
+        not in post(
+            server,
+            "/generate",
+            {"inputs": text, "parameters": {"max_new_tokens": 2, "details": True}},
+        ).json()["details"]
+    )
+
+
+def same_generation(a: dict, b: dict) -> bool:
+    """Same text and tokens; logprobs equal up to float rounding of batched matmuls."""
+    ta, tb = a["details"]["tokens"], b["details"]["tokens"]
+    return (
+        a["generated_text"] == b["generated_text"]
+        and [t["id"] for t in ta] == [t["id"] for t in tb]
+        and all(abs(x["logprob"] - y["logprob"]) < 1e-4 for x, y in zip(ta, tb, strict=True))
+        and a["details"]["finish_reason"] == b["details"]["finish_reason"]
+    )
+
+
+SEEDED = {
+    "inputs": TEXT[:300],
+    "parameters": {
+        "max_new_tokens": 16,
+        "do_sample": True,
+        "temperature": 0.8,
+        "top_p": 0.9,
+        "typical_p": 0.95,
+        "seed": 1234,
+        "details": True,
+    },
+}
+
+
+def test_seeded_request_is_reproducible_alone_and_among_others(server) -> None:
+    alone = post(server, "/generate", SEEDED).json()
+    assert alone["details"]["seed"] == 1234
+
+    async def crowd() -> dict:
+        async with httpx.AsyncClient(timeout=300) as http:
+            others = [
+                http.post(
+                    server.url + "/generate",
+                    json={
+                        "inputs": TEXT[i * 40 : i * 40 + 200],
+                        "parameters": {"max_new_tokens": 20, "do_sample": i % 2 == 0},
+                    },
+                )
+                for i in range(16)
+            ]
+            results = await asyncio.gather(
+                *others[:8], http.post(server.url + "/generate", json=SEEDED), *others[8:]
+            )
+        assert all(r.status_code == 200 for r in results)
+        return results[8].json()
+
+    assert same_generation(asyncio.run(crowd()), alone)
+    unseeded = post(
+        server, "/generate", {**SEEDED, "parameters": {**SEEDED["parameters"], "seed": None}}
+    ).json()
+    assert unseeded["details"]["seed"] is not None
+
+
+def test_seeded_request_is_reproducible_when_chunked(server) -> None:
+    want = post(server, "/generate", SEEDED).json()
+    assert len(tokenizer()(SEEDED["inputs"])["input_ids"]) > 40
+    with Server("--max-batch-prefill-tokens", "16", "--max-batch-total-tokens", "4096") as small:
+        assert same_generation(post(small, "/generate", SEEDED).json(), want)
 
 
 # ---------------------------------------------------------------- simple routes
@@ -202,11 +305,13 @@ VALIDATION = [
     (_p(frequency_penalty=3), "`frequency_penalty` must be >= -2.0 and <= 2.0"),
     (_p(top_p=1.0), "`top_p` must be > 0.0 and < 1.0"),
     (_p(typical_p=0), "`typical_p` must be > 0.0 and < 1.0"),
+    (_p(typical_p=1.0), "`typical_p` must be > 0.0 and < 1.0"),
     (_p(top_k=0), "`top_k` must be strictly positive"),
     (_p(max_new_tokens=0), "`max_new_tokens` must be strictly positive"),
     (_p(stop=["a", "b", "c", "d", "e"]), "`stop` supports up to 4 stop sequences. Given: 5"),
     (_p(best_of=2, do_sample=True, seed=1), "`seed` must not be set when `best_of` > 1"),
     (_p(top_n_tokens=6), "`top_n_tokens` must be >= 0 and <= 5. Given: 6"),
+    (_p(top_n_tokens=5, max_new_tokens=2), None),
     ({"inputs": ""}, "`inputs` cannot be empty"),
     (_p(truncate=0), "`truncate` must be strictly positive and less than 2047. Given: 0"),
     (
@@ -399,4 +504,25 @@ def test_dropped_streams_free_their_blocks(server) -> None:
     assert len(completed) == 25 and all(n >= 1 for n in completed)
     g = _wait_until_idle(server)
     assert g["tgi_queue_size"] == 0 and g["tgi_batch_current_size"] == 0
+    assert g["tgi_mp_kv_blocks_free"] == g["tgi_mp_kv_blocks_total"], g
+
+
+def test_abandoned_generate_requests_are_aborted(server) -> None:
+    long = {"inputs": TEXT[:600], "parameters": {"max_new_tokens": 1000}}
+
+    async def main() -> list[bool]:
+        async with httpx.AsyncClient(timeout=3) as http:  # give up long before the end
+
+            async def one() -> bool:
+                try:
+                    await http.post(server.url + "/generate", json=long)
+                except httpx.ReadTimeout:
+                    return True
+                return False
+
+            return await asyncio.gather(*(one() for _ in range(4)))
+
+    assert all(asyncio.run(main()))
+    g = _wait_until_idle(server, timeout=30)
+    assert g["tgi_batch_current_size"] == 0 and g["tgi_queue_size"] == 0
     assert g["tgi_mp_kv_blocks_free"] == g["tgi_mp_kv_blocks_total"], g

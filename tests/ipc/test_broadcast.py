@@ -46,6 +46,9 @@ def random_plan(rng: np.random.Generator, step_id: int) -> m.StepPlan:
         top_p=rng.random(b, dtype=np.float32),
         seeds=ints(b, np.int64),
         sample_index=ints(b),
+        typical_p=rng.random(b, dtype=np.float32),
+        min_p=rng.random(b, dtype=np.float32),
+        top_n=ints(b),
     )
 
 

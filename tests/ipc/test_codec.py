@@ -45,6 +45,9 @@ def step_plan(b: int, tokens: int, step_id: int = 7) -> m.StepPlan:
         top_p=rng.random(b, dtype=np.float32),
         seeds=ints(b, np.int64),
         sample_index=ints(b),
+        typical_p=rng.random(b, dtype=np.float32),
+        min_p=rng.random(b, dtype=np.float32),
+        top_n=ints(b),
     )
 
 
@@ -69,6 +72,23 @@ SAMPLES: list[msgspec.Struct] = [
     m.ExecutorReady(1, 1000, 16, "torch", "float32"),
     m.StepResult(9, ints(200), 0.125),
     m.StepResult(9, ints(200), 0.125, np.zeros(200, dtype=np.float32)),
+    m.StepResult(
+        9,
+        ints(3),
+        0.1,
+        np.zeros(3, dtype=np.float32),
+        ints(15).reshape(3, 5),
+        np.ones((3, 5), dtype=np.float32),
+    ),
+    m.TokenBatch(
+        ints(2, np.int64),
+        ints(2),
+        np.zeros(2, dtype=np.float32),
+        [],
+        [],
+        ints(6).reshape(2, 3),
+        np.ones((2, 3), dtype=np.float32),
+    ),
     m.ExecutorFailed(2, "CUDA error: out of memory"),
     m.EngineDead("executor 1 died (SIGKILL)"),
     m.SchedulerReady(1000, 16, 16000, "flash-attn", "bfloat16"),
