@@ -40,29 +40,64 @@ def _splitmix64(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 31)
 
 
-def hash_uniform(seeds: torch.Tensor, index: torch.Tensor, vocab: int) -> torch.Tensor:
-    """float64 uniforms in (0, 1), shape [B, vocab], a pure function of the inputs."""
+def hash_uniform(
+    seeds: torch.Tensor, index: torch.Tensor, cols: int | torch.Tensor
+) -> torch.Tensor:
+    """float64 uniforms in (0, 1), a pure function of (seed, index, vocabulary id).
+
+    `cols` is the vocabulary size (all ids) or the ids themselves, [n] or [B, n]:
+    the value for a given id is the same whichever ids are asked for.
+    """
     row = _splitmix64(seeds * _GOLDEN + index.to(torch.int64) * _STREAM)
-    cols = torch.arange(vocab, dtype=torch.int64, device=seeds.device)
-    bits = _splitmix64(row[:, None] + cols[None, :] * _GOLDEN)
+    if isinstance(cols, int):
+        cols = torch.arange(cols, dtype=torch.int64, device=seeds.device)
+    cols = cols.to(torch.int64)
+    bits = _splitmix64(row[:, None] + (cols if cols.dim() == 2 else cols[None, :]) * _GOLDEN)
     return (_shr(bits, 11).to(torch.float64) + 0.5) * (1.0 / (1 << 53))
+
+
+_TOP_P_WINDOW = 1024  # top-p-only rows look at this many best tokens before a full sort
+
+
+def top_candidates(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens top-k (0 = off) and top-p (1 = off) may keep, per row: (logits sorted
+    descending, -inf where dropped; their ids), [B, n].
+
+    A full sort of a large vocabulary costs ~50x a top-k, so only a window of the
+    best tokens is sorted: `max(top_k)` of them, or `_TOP_P_WINDOW` for rows with
+    top-p alone, falling back to every token when the window holds less than a
+    row's top-p mass.
+    """
+    vocab = logits.shape[-1]
+    max_k = int(top_k.max())
+    n = max_k if bool((top_k > 0).all()) else max(max_k, _TOP_P_WINDOW)
+    for width in (min(n, vocab), vocab):
+        vals, ids = logits.topk(width, dim=-1)
+        rank = torch.arange(width, device=logits.device)[None, :]
+        has_k = top_k[:, None] > 0
+        drop = has_k & (rank >= top_k[:, None])
+        # Top-p renormalises over the top-k survivors (HF's order), else the vocabulary.
+        kept = vals.masked_fill(drop, float("-inf")).logsumexp(-1, keepdim=True)
+        norm = torch.where(has_k, kept, logits.logsumexp(-1, keepdim=True))
+        probs = (vals - norm).exp().masked_fill(drop, 0.0)
+        short = (~has_k[:, 0]) & (probs.sum(-1) < top_p)
+        if width == vocab or not bool(short.any()):
+            break
+    # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
+    # before it already does. The first token is always kept.
+    drop |= probs.cumsum(dim=-1) - probs >= top_p[:, None]
+    drop[:, 0] = False
+    return vals.masked_fill(drop, float("-inf")), ids
 
 
 def apply_top_k_top_p(
     logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 ) -> torch.Tensor:
-    """Masks to -inf what top-k (0 = off) and top-p (1 = off) exclude, per row."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, logits.shape[-1])[:, None]
-    drop = rank >= k
-    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    # Keep the smallest prefix whose mass reaches top_p: drop a token when the
-    # mass before it already does. The first token is always kept.
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= top_p[:, None]
-    drop[:, 0] = False
-    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    """`logits` with what top-k / top-p exclude set to -inf (full width)."""
+    vals, ids = top_candidates(logits, top_k, top_p)
+    return torch.full_like(logits, float("-inf")).scatter(-1, ids, vals)
 
 
 def apply_typical_p(logits: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
@@ -116,19 +151,41 @@ def sample(
         scaled = logits[rows] / t.temperature[rows, None]
         logits = logits.clone()
         logits[rows] = scaled
-        k, p, typ, mp = t.top_k[rows], t.top_p[rows], t.typical_p[rows], t.min_p[rows]
-        if bool((k > 0).any()) or bool((p < 1).any()):
-            scaled = apply_top_k_top_p(scaled, k, p)
-        if bool((typ < 1).any()):
-            scaled = apply_typical_p(scaled, typ)
-        if bool((mp > 0).any()):
-            scaled = apply_min_p(scaled, mp)
-        # Gumbel-max: argmax(logits/T + Gumbel noise) is a draw from softmax(logits/T).
-        u = hash_uniform(t.seeds[rows], t.sample_index[rows], logits.shape[-1])
-        tokens[rows] = (scaled.double() - torch.log(-torch.log(u))).argmax(dim=-1)
+        tokens[rows] = _draw(scaled, _subset(t, rows))
     logp = logits.log_softmax(dim=-1)
     chosen = logp.gather(1, tokens[:, None]).squeeze(1).float()
     if top_n <= 0:
         return tokens, chosen, None, None
     top = logp.topk(top_n, dim=-1)
     return tokens, chosen, top.indices, top.values.float()
+
+
+def _subset(t: SamplingTensors, rows: torch.Tensor) -> SamplingTensors:
+    return SamplingTensors(**{name: col[rows] for name, col in vars(t).items()})
+
+
+def _draw(scaled: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """One token per row from softmax(scaled) after the row's truncations.
+
+    Gumbel-max: argmax(logits + Gumbel noise) is a draw from softmax(logits). Rows
+    that truncate (top-k / top-p) and rows that do not are drawn as two groups,
+    so only the first pays for finding its candidates.
+    """
+    if bool((t.typical_p < 1).any()):
+        scaled = apply_typical_p(scaled, t.typical_p)
+    if bool((t.min_p > 0).any()):
+        scaled = apply_min_p(scaled, t.min_p)
+    out = torch.empty(scaled.shape[0], dtype=torch.int64, device=scaled.device)
+    truncated = (t.top_k > 0) | (t.top_p < 1)
+    for group in (truncated.nonzero().squeeze(1), (~truncated).nonzero().squeeze(1)):
+        if group.numel() == 0:
+            continue
+        g = _subset(t, group)
+        if bool(truncated[group[0]]):
+            vals, ids = top_candidates(scaled[group], g.top_k, g.top_p)
+        else:
+            vals, ids = scaled[group], None
+        u = hash_uniform(g.seeds, g.sample_index, ids if ids is not None else scaled.shape[-1])
+        choice = (vals.double() - torch.log(-torch.log(u))).argmax(dim=-1)
+        out[group] = choice if ids is None else ids.gather(1, choice[:, None]).squeeze(1)
+    return out

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from tgi_mp.executor.sampler import SamplingTensors, sample
 from tgi_mp.executor.weights import load_model
 from tgi_mp.kernels.attention import AttentionMetadata, allocate_kv_cache
 from tgi_mp.model_source import load_model_config, resolve_model
@@ -27,6 +28,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--profile", action="store_true", help="print torch profiler's top ops")
+    ap.add_argument(
+        "--sample",
+        action="store_true",
+        help="also time the sampler: temperature 0.8, top_k 50, top_p 0.9, seeded",
+    )
     args = ap.parse_args()
 
     src = resolve_model(None)
@@ -41,10 +47,24 @@ def main() -> None:
     context = np.full(b, args.context, np.int32)
     ids = torch.randint(0, cfg.vocab_size, (b,))
 
+    columns = SamplingTensors(
+        temperature=torch.full((b,), 0.8 if args.sample else 0.0),
+        top_k=torch.full((b,), 50),
+        top_p=torch.full((b,), 0.9),
+        typical_p=torch.ones(b),
+        min_p=torch.zeros(b),
+        seeds=torch.arange(b),
+        sample_index=torch.zeros(b, dtype=torch.int64),
+    )
+    sampler_times: list[float] = []
+
     @torch.inference_mode()
     def step() -> None:
         meta = AttentionMetadata.build(query, context, tables, bs, "cpu")
-        model.compute_logits(model(ids, meta.positions, kv, meta)).argmax(-1)
+        logits = model.compute_logits(model(ids, meta.positions, kv, meta))
+        t = time.perf_counter()
+        sample(logits, columns)
+        sampler_times.append(time.perf_counter() - t)
 
     for _ in range(3):
         step()
@@ -58,6 +78,11 @@ def main() -> None:
         f"batch {b}, context {args.context}, {args.dtype}, {torch.get_num_threads()} threads: "
         f"step median {np.median(times) * 1e3:.1f} ms (min {min(times) * 1e3:.1f}); "
         f"weights {weight_mb:.0f} MB -> {b / np.median(times):.0f} tok/s"
+    )
+    sampler = np.median(sampler_times[-args.steps :])
+    kind = "top-k/top-p sampling" if args.sample else "greedy"
+    print(
+        f"sampler ({kind}): {sampler * 1e3:.2f} ms = {sampler / np.median(times):.1%} of the step"
     )
     if args.profile:
         from torch.profiler import profile

@@ -169,3 +169,38 @@ def test_min_p_matches_reference() -> None:
         want = [float(q) >= float(min_p[i]) * float(probs[i].max()) for q in probs[i]]
         assert (masked[i] > float("-inf")).tolist() == want, i
     assert int((masked[3] > float("-inf")).sum()) == 1  # min_p 1: only the best survives
+
+
+def test_top_p_window_and_its_fallback_match_reference() -> None:
+    # 5000 tokens: wider than the 1024-token window. Peaked rows reach top_p inside the
+    # window; the flat row does not, and must fall back to the whole vocabulary.
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(3, 5000, generator=gen, dtype=torch.float64)
+    logits[0] *= 6.0  # peaked
+    logits[1] *= 3.0
+    logits[2] *= 0.01  # nearly flat: top_p 0.9 needs ~4500 tokens
+    top_k = torch.tensor([0, 2000, 0])
+    top_p = torch.tensor([0.9, 0.8, 0.9], dtype=torch.float64)
+    masked = apply_top_k_top_p(logits, top_k, top_p)
+    for i in range(3):
+        want = _reference_mask(logits[i].tolist(), int(top_k[i]), float(top_p[i]))
+        assert (masked[i] > float("-inf")).tolist() == want, i
+    assert int((masked[2] > float("-inf")).sum()) > 1024  # the fallback really ran
+
+
+def test_truncated_and_plain_rows_in_one_batch() -> None:
+    logits = torch.randn(4, 3000, generator=torch.Generator().manual_seed(7))
+    t = SamplingTensors(
+        temperature=torch.tensor([0.7, 1.0, 0.0, 1.3]),
+        top_k=torch.tensor([20, 0, 0, 0]),
+        top_p=torch.tensor([1.0, 1.0, 1.0, 0.5]),
+        typical_p=torch.ones(4),
+        min_p=torch.zeros(4),
+        seeds=torch.tensor([1, 2, 3, 4]),
+        sample_index=torch.tensor([0, 5, 0, 9]),
+    )
+    batch = sample(logits, t)[0]
+    for i in range(4):
+        assert int(sample(logits[i : i + 1], _rows(t, i))[0]) == int(batch[i])
+    assert int(batch[2]) == int(logits[2].argmax())  # greedy row
+    assert int(batch[0]) in logits[0].topk(20).indices.tolist()
