@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import zmq
 
+from tests.ipc.plans import random_plan
 from tgi_mp.ipc import messages as m
 from tgi_mp.ipc.channels import Endpoints, SchedulerChannels
 from tgi_mp.ipc.codec import INLINE_LIMIT
@@ -26,36 +27,16 @@ NUM_PEERS = 3
 NUM_PLANS = 50
 
 
-def random_plan(rng: np.random.Generator, step_id: int) -> m.StepPlan:
+def plan_for(rng: np.random.Generator, step_id: int) -> m.StepPlan:
     b = int(rng.choice([1, 7, 200]))  # 200 rows: most columns become frames
     tokens = int(rng.choice([1, 50, 3000, 70_000]))  # 70k int32: a frame of 280 kB
-
-    def ints(n: int, dtype: type = np.int32) -> np.ndarray:
-        return rng.integers(0, 2**31 - 1, n).astype(dtype)
-
-    return m.StepPlan(
-        step_id=step_id,
-        query_lens=ints(b),
-        context_lens=ints(b),
-        input_ids=ints(tokens),
-        block_counts=ints(b),
-        block_tables=ints(4 * b),
-        sample=rng.random(b) < 0.5,
-        temperature=rng.random(b, dtype=np.float32),
-        top_k=ints(b),
-        top_p=rng.random(b, dtype=np.float32),
-        seeds=ints(b, np.int64),
-        sample_index=ints(b),
-        typical_p=rng.random(b, dtype=np.float32),
-        min_p=rng.random(b, dtype=np.float32),
-        top_n=ints(b),
-    )
+    return random_plan(rng, b, tokens, step_id)
 
 
 @pytest.mark.timeout(60)
 def test_broadcast_reaches_every_executor_in_order() -> None:
     rng = np.random.default_rng(0)
-    plans = [random_plan(rng, i + 1) for i in range(NUM_PLANS)]
+    plans = [plan_for(rng, i + 1) for i in range(NUM_PLANS)]
     assert any(p.input_ids.nbytes >= INLINE_LIMIT for p in plans)  # some frames...
     assert any(p.input_ids.nbytes < INLINE_LIMIT for p in plans)  # ...and some inline
     want = [peer.checksum(p) for p in plans]

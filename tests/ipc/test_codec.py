@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import zmq
 
+from tests.ipc.plans import random_plan
 from tgi_mp.ipc import messages as m
 from tgi_mp.ipc.channels import Channel
 from tgi_mp.ipc.codec import INLINE_LIMIT, Decoder, Encoder
@@ -31,24 +32,8 @@ def ints(n: int, dtype: Any = np.int32) -> np.ndarray:
     return rng.integers(-(2**30), 2**30, n).astype(dtype)
 
 
-def step_plan(b: int, tokens: int, step_id: int = 7) -> m.StepPlan:
-    return m.StepPlan(
-        step_id=step_id,
-        query_lens=ints(b),
-        context_lens=ints(b),
-        input_ids=ints(tokens),
-        block_counts=ints(b),
-        block_tables=ints(3 * b),
-        sample=rng.random(b) < 0.5,
-        temperature=rng.random(b, dtype=np.float32),
-        top_k=ints(b),
-        top_p=rng.random(b, dtype=np.float32),
-        seeds=ints(b, np.int64),
-        sample_index=ints(b),
-        typical_p=rng.random(b, dtype=np.float32),
-        min_p=rng.random(b, dtype=np.float32),
-        top_n=ints(b),
-    )
+def step_plan(b: int, tokens: int) -> m.StepPlan:
+    return random_plan(rng, b, tokens)
 
 
 SAMPLES: list[msgspec.Struct] = [

@@ -1,0 +1,30 @@
+"""A random but well-formed-in-shape `StepPlan`, for codec and transport tests."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tgi_mp.ipc import messages as m
+
+
+def random_plan(rng: np.random.Generator, b: int, tokens: int, step_id: int = 7) -> m.StepPlan:
+    def ints(n: int, dtype: type = np.int32) -> np.ndarray:
+        return rng.integers(0, 2**31 - 1, n).astype(dtype)
+
+    return m.StepPlan(
+        step_id=step_id,
+        query_lens=ints(b),
+        context_lens=ints(b),
+        input_ids=ints(tokens),
+        block_counts=ints(b),
+        block_tables=ints(3 * b),
+        sample=rng.random(b) < 0.5,
+        temperature=rng.random(b, dtype=np.float32),
+        top_k=ints(b),
+        top_p=rng.random(b, dtype=np.float32),
+        seeds=ints(b, np.int64),
+        sample_index=ints(b),
+        typical_p=rng.random(b, dtype=np.float32),
+        min_p=rng.random(b, dtype=np.float32),
+        top_n=ints(b),
+    )
