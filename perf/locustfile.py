@@ -1,5 +1,8 @@
 """Load test for locust: users calling /generate and /generate_stream.
 
+Locust times a streamed request until its headers arrive; use
+`perf/bench_serving.py` for time-to-first-token and inter-token latency.
+
     locust -f perf/locustfile.py --host http://127.0.0.1:3000 --headless \
         -u 16 -r 4 --run-time 60s --csv perf/out/locust --html perf/out/locust.html
 """
