@@ -46,6 +46,7 @@ from tgi_mp.frontend.protocol import (
     TokenizeItem,
 )
 from tgi_mp.frontend.validation import ValidationError, ValidRequest, validate
+from tgi_mp.process import bind_to_parent
 
 CONFIG_ENV = "TGI_MP_FRONTEND_CONFIG"
 log = logging.getLogger("tgi_mp.frontend")
@@ -98,6 +99,9 @@ class App:
         while True:
             msg = await receive()
             if msg["type"] == "lifespan.startup":
+                # A granian worker: die with granian's main process, which dies with
+                # tgi-mp serve (both bound the same way), so no worker is ever orphaned.
+                bind_to_parent(os.getppid())
                 self._start()
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":

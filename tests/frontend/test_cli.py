@@ -75,3 +75,28 @@ def test_frontend_and_scheduler_never_import_torch() -> None:
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_no_process_outlives_a_killed_server() -> None:
+    import signal
+    import time
+
+    import psutil
+
+    from tests.frontend.server import Server
+
+    server = Server("--max-batch-total-tokens", "8192")
+    try:
+        family = psutil.Process(server.proc.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in family)
+        for part in ("executor.main", "scheduler.main", "frontend.main"):
+            assert part in names
+        assert len(family) >= 4, "executor, scheduler, granian and a granian worker"
+        server.proc.send_signal(signal.SIGKILL)  # no chance to clean up
+        server.proc.wait()
+        deadline = time.monotonic() + 10
+        while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family):
+            assert time.monotonic() < deadline, [p.pid for p in family if p.is_running()]
+            time.sleep(0.1)
+    finally:
+        server.stop()
