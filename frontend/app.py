@@ -99,8 +99,7 @@ class App:
         while True:
             msg = await receive()
             if msg["type"] == "lifespan.startup":
-                # A granian worker: die with granian's main process, which dies with
-                # tgi-mp serve (both bound the same way), so no worker is ever orphaned.
+                # A granian worker dies with granian, which dies with tgi-mp serve.
                 bind_to_parent(os.getppid())
                 self._start()
                 await send({"type": "lifespan.startup.complete"})
