@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from tgi_mp.config import EngineConfig
+from tgi_mp.executor.penalties import PenaltyHistory, apply_penalties
 from tgi_mp.executor.sampler import SamplingTensors, sample
 from tgi_mp.executor.weights import load_model
 from tgi_mp.ipc.messages import StepPlan
@@ -61,6 +62,7 @@ class ModelRunner:
                 log.info("loading weights: %d/%d tensors", done, total)
 
         self.model = load_model(cfg.model, cfg.model_config, self.dtype, self.device, progress)
+        self.penalties = PenaltyHistory(cfg.model_config.vocab_size, self.device)
         self.num_blocks = num_kv_blocks(cfg)
         mc = cfg.model_config
         self.kv_caches = allocate_kv_cache(
@@ -84,6 +86,25 @@ class ModelRunner:
             self.num_blocks * cfg.block_size,
         )
 
+    def _penalise(
+        self, logits: torch.Tensor, plan: StepPlan, rows: np.ndarray, history_rows: torch.Tensor
+    ) -> None:
+        """Applies penalties in place to the sampled rows that use them."""
+        table_rows = history_rows[_tensor(rows, torch.int64, self.device)]
+        sel = (table_rows >= 0).nonzero().squeeze(1)
+        if sel.numel() == 0:
+            return
+        picked = rows[sel.cpu().numpy()]
+        t = table_rows[sel]
+        logits[sel] = apply_penalties(
+            logits[sel],
+            self.penalties.seen[t],
+            self.penalties.counts[t],
+            _tensor(plan.repetition_penalty[picked], torch.float32, self.device),
+            _tensor(plan.frequency_penalty[picked], torch.float32, self.device),
+            _tensor(plan.presence_penalty[picked], torch.float32, self.device),
+        )
+
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepOutput:
         """Sampled token ids and logprobs (and top-n alternatives), one per sampled row."""
@@ -95,12 +116,15 @@ class ModelRunner:
         )
         input_ids = _tensor(plan.input_ids, torch.int64, self.device)
         hidden = self.model(input_ids, meta.positions, self.kv_caches, meta)
+        history_rows = self.penalties.update(plan)  # every step: chunks feed the history too
 
         rows = np.flatnonzero(plan.sample)
         if len(rows) == 0:
             return StepOutput(np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32))
         last_token = (np.cumsum(plan.query_lens) - 1)[rows]
         logits = self.model.compute_logits(hidden[_tensor(last_token, torch.int64, self.device)])
+        if history_rows is not None:
+            self._penalise(logits, plan, rows, history_rows)
         columns = SamplingTensors(
             temperature=_tensor(plan.temperature[rows], torch.float32, self.device),
             top_k=_tensor(plan.top_k[rows], torch.int64, self.device),

@@ -28,10 +28,6 @@ class ValidRequest:
 # Parameters TGI accepts that this engine does not apply yet: refused clearly
 # rather than silently ignored.
 def _unsupported(p: GenerateParameters) -> str | None:
-    if p.repetition_penalty not in (None, 1.0):
-        return "repetition_penalty"
-    if p.frequency_penalty not in (None, 0.0):
-        return "frequency_penalty"
     if p.watermark:
         return "watermark"
     if p.best_of not in (None, 0, 1):
@@ -136,6 +132,8 @@ def validate(req: GenerateRequest, cfg: FrontendConfig, tokenizer: Tokenizer) ->
         seed=_to_int64(seed) if seed is not None else None,
         typical_p=p.typical_p if p.typical_p is not None else 1.0,
         top_n_tokens=p.top_n_tokens or 0,
+        repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
+        frequency_penalty=p.frequency_penalty or 0.0,
     )
     return ValidRequest(
         prompt_ids=ids,

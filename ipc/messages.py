@@ -47,6 +47,9 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True, gc=False):
     typical_p: float = 1.0  # 1.0 = off
     min_p: float = 0.0  # 0.0 = off
     top_n_tokens: int = 0  # alternatives reported per generated token
+    repetition_penalty: float = 1.0  # HF semantics, over prompt + generated tokens; 1.0 = off
+    frequency_penalty: float = 0.0  # OpenAI semantics, over generated tokens; 0.0 = off
+    presence_penalty: float = 0.0  # OpenAI semantics, over generated tokens; 0.0 = off
 
 
 # ---------------------------------------------------------------- frontend -> scheduler
@@ -150,6 +153,15 @@ class StepPlan(msgspec.Struct, tag=True, array_like=True, gc=False):
     typical_p: np.ndarray  # float32 [B]
     min_p: np.ndarray  # float32 [B]
     top_n: np.ndarray  # int32 [B]: alternatives to report for the sampled token
+    # Penalties need each sequence's token history, which executors keep per
+    # `seq_ids` (unique in the scheduler) from the tokens they compute; a sequence
+    # starting at context 0 starts a fresh history. `released` ends histories.
+    seq_ids: np.ndarray  # int64 [B]
+    prompt_lens: np.ndarray  # int32 [B]: tokens at positions >= this are generated
+    repetition_penalty: np.ndarray  # float32 [B]
+    frequency_penalty: np.ndarray  # float32 [B]
+    presence_penalty: np.ndarray  # float32 [B]
+    released: np.ndarray  # int64: seq ids that finished since the last plan
 
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True, gc=False):

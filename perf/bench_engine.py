@@ -39,9 +39,20 @@ def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) * 1000 if xs else float("nan")
 
 
-async def run_engine(engine: Engine, prompts: list[list[int]], concurrency: int, new: int) -> dict:
+SAMPLING = {
+    "do_sample": True,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 0.9,
+    "repetition_penalty": 1.1,
+}
+
+
+async def run_engine(
+    engine: Engine, prompts: list[list[int]], concurrency: int, new: int, sampling: bool = False
+) -> dict:
     client = engine.client()
-    params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=new, ignore_eos=True, **(SAMPLING if sampling else {}))
     sem = asyncio.Semaphore(concurrency)
     ttft: list[float] = []
     itl: list[float] = []
@@ -116,6 +127,11 @@ def main() -> None:
         choices=["float32", "bfloat16"],
         help="for the engine and the baseline alike",
     )
+    ap.add_argument(
+        "--sampling",
+        action="store_true",
+        help=f"sample ({SAMPLING}, seeded) instead of greedy decoding",
+    )
     args = ap.parse_args()
 
     prompts = make_prompts(args.requests, args.prompt_tokens)
@@ -138,14 +154,16 @@ def main() -> None:
     ) as engine:
         asyncio.run(run_engine(engine, prompts[:2], 2, 4))  # warm-up
         for c in levels:
-            results[c] = asyncio.run(run_engine(engine, prompts, c, args.new_tokens))
+            results[c] = asyncio.run(run_engine(engine, prompts, c, args.new_tokens, args.sampling))
             r = results[c]
             print(
                 f"  engine c={c}: {r['tok_s']:.1f} tok/s ({r['tokens']} tokens, {r['wall']:.1f}s)",
                 flush=True,
             )
-    base = run_baseline(prompts[: args.baseline_requests], args.new_tokens, args.dtype)
-    print(f"  baseline: {base:.1f} tok/s\n")
+    base = float("nan")
+    if args.baseline_requests:
+        base = run_baseline(prompts[: args.baseline_requests], args.new_tokens, args.dtype)
+        print(f"  baseline: {base:.1f} tok/s\n")
 
     head = (
         "| concurrency | engine tok/s | x baseline | TTFT p50 / p99 ms | ITL p50 / p99 ms "

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from tgi_mp.executor.penalties import apply_penalties
 from tgi_mp.executor.sampler import SamplingTensors, sample
 from tgi_mp.executor.weights import load_model
 from tgi_mp.kernels.attention import AttentionMetadata, allocate_kv_cache
@@ -31,7 +32,8 @@ def main() -> None:
     ap.add_argument(
         "--sample",
         action="store_true",
-        help="also time the sampler: temperature 0.8, top_k 50, top_p 0.9, seeded",
+        help="sample with temperature 0.8, top_k 50, top_p 0.9 and repetition_penalty 1.1 "
+        "(over a 200-token history), seeded",
     )
     args = ap.parse_args()
 
@@ -57,12 +59,18 @@ def main() -> None:
         sample_index=torch.zeros(b, dtype=torch.int64),
     )
     sampler_times: list[float] = []
+    history = torch.zeros(b, cfg.vocab_size, dtype=torch.bool)
+    history[:, torch.randint(0, cfg.vocab_size, (args.context,))] = True
+    counts = history.to(torch.int32)
+    repetition, zero = torch.full((b,), 1.1), torch.zeros(b)
 
     @torch.inference_mode()
     def step() -> None:
         meta = AttentionMetadata.build(query, context, tables, bs, "cpu")
         logits = model.compute_logits(model(ids, meta.positions, kv, meta))
         t = time.perf_counter()
+        if args.sample:  # the executor applies penalties just before sampling
+            logits = apply_penalties(logits, history, counts, repetition, zero, zero)
         sample(logits, columns)
         sampler_times.append(time.perf_counter() - t)
 
@@ -80,7 +88,7 @@ def main() -> None:
         f"weights {weight_mb:.0f} MB -> {b / np.median(times):.0f} tok/s"
     )
     sampler = np.median(sampler_times[-args.steps :])
-    kind = "top-k/top-p sampling" if args.sample else "greedy"
+    kind = "repetition penalty + top-k/top-p sampling" if args.sample else "greedy"
     print(
         f"sampler ({kind}): {sampler * 1e3:.2f} ms = {sampler / np.median(times):.1%} of the step"
     )

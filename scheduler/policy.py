@@ -69,6 +69,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[tuple[bytes, int], Request] = {}
         self._aborts: list[Request] = []
+        self._released: list[int] = []  # seq ids finished since the last plan
+        self._seq_ids = 0
         self._step_id = 0
         self.stats = Stats()
 
@@ -97,7 +99,8 @@ class Scheduler:
                 f"{total} exceeds the KV cache capacity of {self.capacity_tokens} tokens"
             )
         seed = p.seed if p.seed is not None else random.getrandbits(63)
-        req = Request(msg.req_id, frontend, msg.prompt, p, seed)
+        self._seq_ids += 1
+        req = Request(msg.req_id, frontend, msg.prompt, p, seed, self._seq_ids)
         self.requests[key] = req
         self.waiting.append(req)
         return req
@@ -218,7 +221,17 @@ class Scheduler:
             typical_p=np.array([p.typical_p for p in params], dtype=np.float32),
             min_p=np.array([p.min_p for p in params], dtype=np.float32),
             top_n=np.array([p.top_n_tokens for p in params], dtype=np.int32),
+            seq_ids=np.fromiter((r.seq_id for r in reqs), np.int64, len(reqs)),
+            prompt_lens=np.fromiter((r.num_prompt for r in reqs), np.int32, len(reqs)),
+            repetition_penalty=np.array([p.repetition_penalty for p in params], np.float32),
+            frequency_penalty=np.array([p.frequency_penalty for p in params], np.float32),
+            presence_penalty=np.array([p.presence_penalty for p in params], np.float32),
+            released=self._take_released(),
         )
+
+    def _take_released(self) -> np.ndarray:
+        released, self._released = self._released, []
+        return np.array(released, dtype=np.int64)
 
     # ------------------------------------------------------------ results in
 
@@ -268,6 +281,7 @@ class Scheduler:
         self.pool.release(req.block_ids)
         req.block_ids = []
         req.status = Status.FINISHED
+        self._released.append(req.seq_id)
         del self.requests[(req.frontend, req.req_id)]
         return Output(req, -1, reason)
 

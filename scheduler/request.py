@@ -34,14 +34,17 @@ class Request:
         "params",
         "req_id",
         "seed",
+        "seq_id",
         "status",
         "tokens",
     )
 
     def __init__(
-        self, req_id: int, frontend: bytes, prompt: np.ndarray, params: SamplingParams, seed: int
+        self, req_id: int, frontend: bytes, prompt: np.ndarray, params: SamplingParams, seed: int,
+        seq_id: int = 0,
     ) -> None:
         self.req_id = req_id
+        self.seq_id = seq_id  # unique within the scheduler (req_id is only per frontend)
         self.frontend = frontend
         self.params = params
         self.seed = seed

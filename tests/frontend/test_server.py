@@ -12,7 +12,14 @@ import httpx
 import pytest
 from text_generation import AsyncClient, Client
 
-from tests.engine.oracle import TEXT, reference_greedy, reference_logprobs, tokenizer
+from tests.engine.oracle import (
+    NEAR_TIE,
+    TEXT,
+    hf_model,
+    reference_greedy,
+    reference_logprobs,
+    tokenizer,
+)
 from tests.frontend.server import Server
 
 MAX_CONCURRENT = 64
@@ -206,6 +213,41 @@ def test_logprobs_and_top_tokens_match_transformers(server) -> None:
     )
 
 
+def test_repetition_penalty_matches_transformers(server) -> None:
+    import torch
+
+    text = "List the colors: red, green, blue, red, green, blue, red,"
+    prompt = tokenizer()(text)["input_ids"]
+    with torch.inference_mode():
+        ref = hf_model().generate(
+            torch.tensor([prompt]),
+            max_new_tokens=16,
+            do_sample=False,
+            repetition_penalty=1.3,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
+    want = ref.sequences[0, len(prompt) :].tolist()
+    margins = [float(sc[0].topk(2).values.diff().abs()) for sc in ref.scores]
+    r = post(
+        server,
+        "/generate",
+        {
+            "inputs": text,
+            "parameters": {"max_new_tokens": 16, "repetition_penalty": 1.3, "details": True},
+        },
+    ).json()
+    got = [t["id"] for t in r["details"]["tokens"]]
+    plain = post(
+        server, "/generate", {"inputs": text, "parameters": {"max_new_tokens": 16, "details": True}}
+    ).json()
+    assert [t["id"] for t in plain["details"]["tokens"]] != got, "the penalty changes the text"
+    for j, (g, w) in enumerate(zip(got, want, strict=False)):
+        if g != w:
+            assert margins[j] < NEAR_TIE, (j, got, want)
+            break
+
+
 def same_generation(a: dict, b: dict) -> bool:
     """Same text and tokens; logprobs equal up to float rounding of batched matmuls."""
     ta, tb = a["details"]["tokens"], b["details"]["tokens"]
@@ -226,6 +268,8 @@ SEEDED = {
         "top_p": 0.9,
         "typical_p": 0.95,
         "seed": 1234,
+        "repetition_penalty": 1.2,
+        "frequency_penalty": 0.5,
         "details": True,
     },
 }

@@ -27,4 +27,10 @@ def random_plan(rng: np.random.Generator, b: int, tokens: int, step_id: int = 7)
         typical_p=rng.random(b, dtype=np.float32),
         min_p=rng.random(b, dtype=np.float32),
         top_n=ints(b),
+        seq_ids=ints(b, np.int64),
+        prompt_lens=ints(b),
+        repetition_penalty=rng.random(b, dtype=np.float32),
+        frequency_penalty=rng.random(b, dtype=np.float32),
+        presence_penalty=rng.random(b, dtype=np.float32),
+        released=ints(b, np.int64),
     )

@@ -1,0 +1,95 @@
+"""Token histories for repetition / frequency / presence penalties.
+
+Only sequences that use a penalty get a row in two pooled tables: `seen`
+(prompt and generated tokens, for the repetition penalty) and `counts`
+(generated tokens only, for frequency and presence). Rows are filled from the
+tokens each plan computes, so they follow preemption and chunking for free: a
+sequence computed from context 0 starts a fresh row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tgi_mp.ipc.messages import StepPlan
+
+
+class PenaltyHistory:
+    def __init__(self, vocab: int, device: torch.device) -> None:
+        self.vocab = vocab
+        self.device = device
+        self.rows: dict[int, int] = {}  # seq id -> row
+        self.free: list[int] = []
+        self.seen = torch.zeros(0, vocab, dtype=torch.bool, device=device)
+        self.counts = torch.zeros(0, vocab, dtype=torch.int32, device=device)
+
+    def _row(self, seq_id: int) -> int:
+        row = self.rows.get(seq_id)
+        if row is None:
+            if not self.free:  # grow by doubling
+                n = self.seen.shape[0]
+                grow = max(n, 8)
+                self.seen = torch.cat([self.seen, self.seen.new_zeros(grow, self.vocab)])
+                self.counts = torch.cat([self.counts, self.counts.new_zeros(grow, self.vocab)])
+                self.free = list(range(n + grow - 1, n - 1, -1))
+            row = self.rows[seq_id] = self.free.pop()
+        return row
+
+    def update(self, plan: StepPlan) -> torch.Tensor | None:
+        """Records this step's input tokens; returns each plan row's table row (-1: none),
+        or None when no sequence in the step uses a penalty."""
+        for seq_id in plan.released.tolist():
+            if (row := self.rows.pop(seq_id, None)) is not None:
+                self.free.append(row)
+        active = (
+            (plan.repetition_penalty != 1.0)
+            | (plan.frequency_penalty != 0.0)
+            | (plan.presence_penalty != 0.0)
+        )
+        if not active.any():
+            return None
+        rows = np.full(len(active), -1, dtype=np.int64)
+        for i in np.flatnonzero(active).tolist():
+            rows[i] = self._row(int(plan.seq_ids[i]))
+        fresh = rows[active & (plan.context_lens == 0)]
+        if len(fresh):
+            self.seen[fresh] = False
+            self.counts[fresh] = 0
+        # Every computed token of an active row, with its position in its sequence.
+        token_rows = np.repeat(rows, plan.query_lens)
+        starts = np.repeat(plan.context_lens, plan.query_lens)
+        offsets = np.arange(len(token_rows)) - np.repeat(
+            np.cumsum(plan.query_lens) - plan.query_lens, plan.query_lens
+        )
+        positions = starts + offsets
+        keep = token_rows >= 0
+        r = torch.from_numpy(token_rows[keep]).to(self.device)
+        tok = torch.from_numpy(plan.input_ids[keep].astype(np.int64)).to(self.device)
+        self.seen[r, tok] = True
+        generated = torch.from_numpy(
+            positions[keep] >= np.repeat(plan.prompt_lens, plan.query_lens)[keep]
+        ).to(self.device)
+        self.counts.index_put_(
+            (r[generated], tok[generated]),
+            torch.ones(int(generated.sum()), dtype=torch.int32, device=self.device),
+            accumulate=True,
+        )
+        return torch.from_numpy(rows).to(self.device)
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    counts: torch.Tensor,
+    repetition: torch.Tensor,
+    frequency: torch.Tensor,
+    presence: torch.Tensor,
+) -> torch.Tensor:
+    """HF's repetition penalty (seen tokens: positive logits divided, negative multiplied),
+    then OpenAI's frequency and presence penalties over generated-token counts."""
+    rep = repetition[:, None]
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalised, logits)
+    c = counts.to(logits.dtype)
+    return logits - frequency[:, None] * c - presence[:, None] * (c > 0).to(logits.dtype)

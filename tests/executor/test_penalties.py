@@ -1,0 +1,59 @@
+"""Penalty processors and the executor's token histories."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tests.ipc.plans import random_plan
+from tgi_mp.executor.penalties import PenaltyHistory, apply_penalties
+
+
+def test_penalties_match_reference() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 12, generator=gen)
+    seen = torch.rand(3, 12, generator=gen) < 0.4
+    counts = torch.randint(0, 3, (3, 12), generator=gen, dtype=torch.int32)
+    rep, freq, pres = (
+        torch.tensor([1.3, 1.0, 0.8]),
+        torch.tensor([0.5, 0.0, 1.0]),
+        torch.tensor([0.2, 0.0, 0.0]),
+    )
+    out = apply_penalties(logits, seen, counts, rep, freq, pres)
+    for i in range(3):
+        for j in range(12):
+            x = float(logits[i, j])
+            if seen[i, j]:
+                x = x / float(rep[i]) if x > 0 else x * float(rep[i])
+            c = int(counts[i, j])
+            x -= float(freq[i]) * c + float(pres[i]) * (c > 0)
+            assert abs(float(out[i, j]) - x) < 1e-6
+
+
+def plan(seq: int, context: int, tokens: list[int], prompt_len: int, released=()):
+    p = random_plan(np.random.default_rng(0), 1, len(tokens))
+    p.query_lens = np.array([len(tokens)], np.int32)
+    p.context_lens = np.array([context], np.int32)
+    p.input_ids = np.array(tokens, np.int32)
+    p.seq_ids = np.array([seq], np.int64)
+    p.prompt_lens = np.array([prompt_len], np.int32)
+    p.repetition_penalty = np.array([1.2], np.float32)
+    p.frequency_penalty = np.array([0.0], np.float32)
+    p.presence_penalty = np.array([0.0], np.float32)
+    p.released = np.array(released, np.int64)
+    return p
+
+
+def test_history_follows_chunks_restarts_and_release() -> None:
+    h = PenaltyHistory(vocab=20, device=torch.device("cpu"))
+    row = int(h.update(plan(7, 0, [1, 2, 3], prompt_len=5))[0])  # first prompt chunk
+    h.update(plan(7, 3, [4, 5], prompt_len=5))  # rest of the prompt
+    h.update(plan(7, 5, [9], prompt_len=5))  # a generated token fed back
+    h.update(plan(7, 6, [9], prompt_len=5))
+    assert h.seen[row].nonzero().squeeze(1).tolist() == [1, 2, 3, 4, 5, 9]
+    assert h.counts[row, 9] == 2 and int(h.counts[row].sum()) == 2  # prompt tokens don't count
+    h.update(plan(7, 0, [1, 2, 3, 4, 5, 9, 9], prompt_len=5))  # recomputed after preemption
+    assert h.counts[row, 9] == 2 and int(h.seen[row].sum()) == 6
+    h.update(plan(8, 0, [6], prompt_len=1, released=[7]))
+    assert 7 not in h.rows and h.rows[8] == row  # the row was freed and reused, fresh
+    assert h.seen[row].nonzero().squeeze(1).tolist() == [6] and int(h.counts[row].sum()) == 0
