@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import time
@@ -211,10 +212,11 @@ class App:
     async def _tokenize(self, req: GenerateRequest, send: Send, cors: list) -> None:
         enc = self.tokenizer.encode(req.inputs, add_special_tokens=True)
         raw = req.inputs.encode()
+        # Offsets come in characters; TGI reports bytes: one table, built in one pass.
+        byte_at = [0, *itertools.accumulate(len(c.encode()) for c in req.inputs)]
         items = []
         for tok_id, (start, stop) in zip(enc.ids, enc.offsets, strict=True):
-            # offsets are in characters; TGI reports byte offsets
-            b0, b1 = len(req.inputs[:start].encode()), len(req.inputs[:stop].encode())
+            b0, b1 = byte_at[start], byte_at[stop]
             items.append(TokenizeItem(tok_id, raw[b0:b1].decode(errors="replace"), b0, b1))
         await respond(send, 200, _json.encode(items), headers=cors)
 

@@ -10,6 +10,7 @@ which frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import os
 from collections.abc import AsyncIterator
@@ -52,7 +53,10 @@ class EngineClient:
         self._ids = itertools.count(1)
         self._queues: dict[int, asyncio.Queue[TokenOutput | BaseException]] = {}
         self._receiver: asyncio.Task | None = None
-        self._stats_waiter: asyncio.Future[m.SchedulerStats] | None = None
+        # The scheduler answers GetStats in order on this socket: first asked, first served.
+        self._stats_waiters: collections.deque[asyncio.Future[m.SchedulerStats]] = (
+            collections.deque()
+        )
         self.dead: str | None = None
 
     def _ensure_receiver(self) -> None:
@@ -91,9 +95,10 @@ class EngineClient:
 
     async def stats(self) -> m.SchedulerStats:
         self._ensure_receiver()
-        self._stats_waiter = asyncio.get_running_loop().create_future()
+        waiter = asyncio.get_running_loop().create_future()
+        self._stats_waiters.append(waiter)
         await self._ch.scheduler.send(m.GetStats())
-        return await self._stats_waiter
+        return await waiter
 
     async def _receive(self) -> None:
         poller = zmq.asyncio.Poller()
@@ -136,18 +141,19 @@ class EngineClient:
                 self._fail_all(msg.message)
             elif (q := queues.get(msg.req_id)) is not None:
                 q.put_nowait(err(msg.message))
-        elif isinstance(msg, m.SchedulerStats):
-            waiter = self._stats_waiter
-            if waiter is not None and not waiter.done():
+        elif isinstance(msg, m.SchedulerStats) and self._stats_waiters:
+            waiter = self._stats_waiters.popleft()
+            if not waiter.done():  # its caller may have given up (a timeout)
                 waiter.set_result(msg)
 
     def _fail_all(self, message: str) -> None:
         self.dead = message
         for q in self._queues.values():
             q.put_nowait(EngineError(message))
-        waiter = self._stats_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(EngineError(message))
+        while self._stats_waiters:
+            waiter = self._stats_waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(EngineError(message))
 
     def close(self) -> None:
         if self._receiver is not None:

@@ -97,3 +97,15 @@ def test_preemption(cases):
     print(f"[oracle] preemptions: {stats.preemptions}")
     assert stats.preemptions > 0, "the small KV cache must have forced preemption"
     assert stats.blocks_free == stats.blocks_total
+
+
+def test_concurrent_stats_requests_all_answered(default_engine) -> None:
+    async def main() -> list:
+        client = default_engine.client()
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(client.stats() for _ in range(5))), 10)
+        finally:
+            client.close()
+
+    stats = asyncio.run(main())
+    assert len(stats) == 5 and all(s.blocks_total > 0 for s in stats)

@@ -68,6 +68,19 @@ def test_api_key_guards_generation_routes_only(tmp_path, tokenizer_dir) -> None:
     assert call(app, "GET", "/info")[0] == 200  # not guarded
 
 
+def test_tokenize_reports_byte_offsets(tmp_path, tokenizer_dir) -> None:
+    app = make_app(tmp_path, tokenizer_dir)
+    text = "café 🚢 naïve 北京"
+    status, _, body = call(app, "POST", "/tokenize", msgspec.json.encode({"inputs": text}), JSON)
+    items = msgspec.json.decode(body)
+    raw = text.encode()
+    assert status == 200 and items[0]["start"] == 0 and items[-1]["stop"] == len(raw)
+    starts = [it["start"] for it in items]
+    assert starts == sorted(starts)  # in order (pieces of one character share its span)
+    assert all(it["text"] == raw[it["start"] : it["stop"]].decode() for it in items)
+    assert max(it["stop"] for it in items) == len(raw)
+
+
 def test_cors(tmp_path, tokenizer_dir) -> None:
     anyone = make_app(tmp_path, tokenizer_dir)
     assert call(anyone, "GET", "/info")[1]["access-control-allow-origin"] == "*"
