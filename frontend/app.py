@@ -225,13 +225,11 @@ class App:
     def _admit(self, req: GenerateRequest) -> ValidRequest:
         """Concurrency permit first, then validation, as in TGI."""
         if self.in_flight >= self.cfg.max_concurrent_requests:
-            metrics.failure("overloaded")
-            raise HTTPError.json(429, "Model is overloaded", "overloaded")
+            raise failed(429, "Model is overloaded", "overloaded")
         try:
             return validate(req, self.cfg, self.tokenizer)
         except ValidationError as e:
-            metrics.failure("validation")
-            raise HTTPError.json(422, f"Input validation error: {e}", "validation") from e
+            raise failed(422, f"Input validation error: {e}", "validation") from e
 
     async def _tokens(self, v: ValidRequest, gen: Generation) -> AsyncIterator[Token]:
         """Runs one request, holding a concurrency permit while it does."""
@@ -261,15 +259,10 @@ class App:
         try:
             if not await until_disconnect(receive, consume()):
                 return  # the client left: its request was aborted, nobody to answer
-        except RequestError as e:
-            metrics.failure("validation")
-            raise HTTPError.json(422, f"Input validation error: {e}", "validation") from e
-        except EngineError as e:
-            metrics.failure("generation")
-            raise HTTPError.json(424, f"Request failed during generation: {e}", "generation") from e
+        except (RequestError, EngineError) as e:
+            raise engine_failure(e) from e
         if not gen.finish_reason:
-            metrics.failure("incomplete_generation")
-            raise HTTPError.json(500, "Incomplete generation", "incomplete_generation")
+            raise failed(500, "Incomplete generation", "incomplete_generation")
         details = None
         if v.details:
             details = Details(
@@ -322,13 +315,13 @@ class App:
             t0 = time.perf_counter()
             p = req.parameters
             if p is not None and p.best_of not in (None, 1):
-                raise HTTPError.json(
+                raise failed(
                     422,
                     "Input validation error: `best_of` != 1 is not supported when streaming tokens",
                     "validation",
                 )
             if p is not None and p.decoder_input_details:
-                raise HTTPError.json(
+                raise failed(
                     422,
                     "Input validation error: `decoder_input_details` == true is not "
                     "supported when streaming tokens",
@@ -355,17 +348,10 @@ class App:
                             details=details,
                         )
                     )
-            except RequestError as e:
-                raise HTTPError.json(422, f"Input validation error: {e}", "validation") from e
-            except EngineError as e:
-                metrics.failure("generation")
-                raise HTTPError.json(
-                    424, f"Request failed during generation: {e}", "generation"
-                ) from e
+            except (RequestError, EngineError) as e:
+                raise engine_failure(e) from e
             if not gen.finish_reason:
-                raise HTTPError.json(
-                    500, "Incomplete generation stream", "incomplete_generation_stream"
-                )
+                raise failed(500, "Incomplete generation stream", "incomplete_generation_stream")
             metrics.success(time.perf_counter() - t0, len(v.prompt_ids), len(gen.tokens))
 
         try:
@@ -374,6 +360,19 @@ class App:
         except HTTPError as e:  # streams report errors as an event, status stays 200
             body = b"data: " + e.body + b"\n\n"
             await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def failed(status: int, message: str, error_type: str) -> HTTPError:
+    """A TGI error answer, counted in the failure metric by its type."""
+    metrics.failure(error_type)
+    return HTTPError.json(status, message, error_type)
+
+
+def engine_failure(e: Exception) -> HTTPError:
+    """How an engine-side error reaches the client."""
+    if isinstance(e, RequestError):  # refused by the scheduler (e.g. beyond the KV capacity)
+        return failed(422, f"Input validation error: {e}", "validation")
+    return failed(424, f"Request failed during generation: {e}", "generation")
 
 
 async def until_disconnect(receive: Receive, work: Awaitable[None]) -> bool:

@@ -151,6 +151,14 @@ def _attend(
     return out.view(n, kvh, g, lq, d).permute(0, 3, 1, 2, 4).reshape(n, lq, h, d)
 
 
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, n: int, length: int) -> torch.Tensor:
+    """`n` sequences' blocks (`blocks` flattened, the same count each) as `[n, length, KVH, D]`.
+
+    index_select on the flat table: ~6x faster in isolation than advanced indexing.
+    """
+    return cache.index_select(0, blocks).view(n, -1, *cache.shape[2:])[:, :length]
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -160,7 +168,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of the step's tokens (`q` `[T, H, D]`) over their sequences'
     cached K/V (already holding this step's tokens, see `write_kv`). Returns `[T, H, D]`."""
-    _, bs, kvh, d = k_cache.shape
+    bs = k_cache.shape[1]
     if meta.all_decode:
         return _decode(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
@@ -171,8 +179,7 @@ def paged_attention(
         start, end = meta.query_start_host[i], meta.query_start_host[i + 1]
         length = meta.seq_lens_host[i]
         blocks = meta.block_tables[i, : -(-length // bs)].long()
-        k = k_cache.index_select(0, blocks).view(1, -1, kvh, d)[:, :length]
-        v = v_cache.index_select(0, blocks).view(1, -1, kvh, d)[:, :length]
+        k, v = _gather(k_cache, blocks, 1, length), _gather(v_cache, blocks, 1, length)
         pos = meta.positions[None, start:end]
         out[start:end] = _attend(q[None, start:end], k, v, pos, scale)[0]
     return out
@@ -187,11 +194,8 @@ def _decode(
 ) -> torch.Tensor:
     """All one-token rows at once: gather each sequence's blocks into a padded
     `[n, L, KVH, head_dim]` tensor; padding sits at positions > the query's and is masked."""
-    kvh, d = k_cache.shape[2:]
     n, length = meta.decode_blocks.shape[0], meta.decode_max_len
-    # index_select on the flattened table: ~6x faster in isolation than advanced indexing.
     blocks = meta.decode_blocks.view(-1)
-    k = k_cache.index_select(0, blocks).view(n, -1, kvh, d)[:, :length]
-    v = v_cache.index_select(0, blocks).view(n, -1, kvh, d)[:, :length]
+    k, v = _gather(k_cache, blocks, n, length), _gather(v_cache, blocks, n, length)
     q_pos = meta.positions[meta.decode_rows][:, None]
     return _attend(q[:, None], k, v, q_pos, scale)[:, 0]

@@ -40,7 +40,12 @@ class Request:
     )
 
     def __init__(
-        self, req_id: int, frontend: bytes, prompt: np.ndarray, params: SamplingParams, seed: int,
+        self,
+        req_id: int,
+        frontend: bytes,
+        prompt: np.ndarray,
+        params: SamplingParams,
+        seed: int,
         seq_id: int = 0,
     ) -> None:
         self.req_id = req_id
