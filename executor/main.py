@@ -44,6 +44,7 @@ def run(cfg: EngineConfig, rank: int) -> int:
                         out.logprobs,
                         out.top_ids,
                         out.top_logprobs,
+                        out.prompt_logprobs,
                     )
                 )
     except SystemExit:

@@ -12,6 +12,7 @@ import torch
 from tgi_mp.config import EngineConfig
 from tgi_mp.executor.penalties import PenaltyHistory, apply_penalties
 from tgi_mp.executor.sampler import SamplingTensors, sample
+from tgi_mp.executor.watermark import apply_watermark
 from tgi_mp.executor.weights import load_model
 from tgi_mp.ipc.messages import StepPlan
 from tgi_mp.kernels.attention import AttentionMetadata, allocate_kv_cache
@@ -25,6 +26,11 @@ class StepOutput:
     logprobs: np.ndarray  # float32 [sampled rows]
     top_ids: np.ndarray | None = None  # int32 [sampled rows, max top_n]
     top_logprobs: np.ndarray | None = None
+    prompt_logprobs: np.ndarray | None = None  # float32 [sum(plan.prompt_logprobs)]
+
+
+# Prompt positions scored per LM-head call: bounds the [positions, vocab] logits.
+_PROMPT_LOGPROB_CHUNK = 256
 
 
 def kv_bytes_per_block(cfg: EngineConfig) -> int:
@@ -117,14 +123,25 @@ class ModelRunner:
         input_ids = _tensor(plan.input_ids, torch.int64, self.device)
         hidden = self.model(input_ids, meta.positions, self.kv_caches, meta)
         history_rows = self.penalties.update(plan)  # every step: chunks feed the history too
+        prompt_logprobs = (
+            self._prompt_logprobs(hidden, plan) if plan.prompt_logprobs.any() else None
+        )
 
         rows = np.flatnonzero(plan.sample)
         if len(rows) == 0:
-            return StepOutput(np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32))
+            empty = np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32)
+            return StepOutput(*empty, prompt_logprobs=prompt_logprobs)
         last_token = (np.cumsum(plan.query_lens) - 1)[rows]
         logits = self.model.compute_logits(hidden[_tensor(last_token, torch.int64, self.device)])
         if history_rows is not None:
             self._penalise(logits, plan, rows, history_rows)
+        marked = np.flatnonzero(plan.watermark[rows])
+        if len(marked):
+            sel = _tensor(marked, torch.int64, self.device)
+            prev = _tensor(plan.input_ids[last_token[marked]], torch.int64, self.device)
+            logits[sel] = apply_watermark(
+                logits[sel], prev, self.cfg.watermark_gamma, self.cfg.watermark_delta
+            )
         columns = SamplingTensors(
             temperature=_tensor(plan.temperature[rows], torch.float32, self.device),
             top_k=_tensor(plan.top_k[rows], torch.int64, self.device),
@@ -136,7 +153,24 @@ class ModelRunner:
         )
         tokens, logprobs, top_ids, top_lps = sample(logits, columns, int(plan.top_n.max()))
         out = StepOutput(tokens.to(torch.int32).cpu().numpy(), logprobs.cpu().numpy())
+        out.prompt_logprobs = prompt_logprobs
         if top_ids is not None:
             out.top_ids = top_ids.to(torch.int32).cpu().numpy()
             out.top_logprobs = top_lps.cpu().numpy()
         return out
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, plan: StepPlan) -> np.ndarray:
+        """Logprob of each next prompt token, from the raw logits (no temperature or
+        penalty, as TGI's prefill details), for the rows that asked."""
+        starts = np.cumsum(plan.query_lens) - plan.query_lens
+        counts = plan.prompt_logprobs
+        positions = np.concatenate(
+            [np.arange(s, s + c) for s, c in zip(starts, counts, strict=True) if c]
+        )
+        targets = _tensor(plan.prompt_targets, torch.int64, self.device)
+        out = torch.empty(len(positions), dtype=torch.float32, device=self.device)
+        for i in range(0, len(positions), _PROMPT_LOGPROB_CHUNK):
+            pos = _tensor(positions[i : i + _PROMPT_LOGPROB_CHUNK], torch.int64, self.device)
+            logp = self.model.compute_logits(hidden[pos]).float().log_softmax(dim=-1)
+            out[i : i + len(pos)] = logp.gather(1, targets[i : i + len(pos), None]).squeeze(1)
+        return out.cpu().numpy()

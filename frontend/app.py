@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 
 from tgi_mp.frontend import metrics
 from tgi_mp.frontend.engine_client import EngineClient, EngineError, RequestError
-from tgi_mp.frontend.generation import Generation, run
+from tgi_mp.frontend.generation import Generation, run, run_all
 from tgi_mp.frontend.http import (
     SSE_HEADERS,
     HTTPError,
@@ -36,6 +36,7 @@ from tgi_mp.frontend.http import (
 )
 from tgi_mp.frontend.openapi import DOCS_HTML, openapi_document
 from tgi_mp.frontend.protocol import (
+    BestOfSequence,
     Details,
     FrontendConfig,
     GenerateRequest,
@@ -46,7 +47,7 @@ from tgi_mp.frontend.protocol import (
     Token,
     TokenizeItem,
 )
-from tgi_mp.frontend.validation import ValidationError, ValidRequest, validate
+from tgi_mp.frontend.validation import ValidationError, ValidRequest, validate, with_fresh_seed
 from tgi_mp.process import bind_to_parent
 
 CONFIG_ENV = "TGI_MP_FRONTEND_CONFIG"
@@ -227,9 +228,12 @@ class App:
         if self.in_flight >= self.cfg.max_concurrent_requests:
             raise failed(429, "Model is overloaded", "overloaded")
         try:
-            return validate(req, self.cfg, self.tokenizer)
+            v = validate(req, self.cfg, self.tokenizer)
         except ValidationError as e:
             raise failed(422, f"Input validation error: {e}", "validation") from e
+        if self.in_flight + v.best_of > self.cfg.max_concurrent_requests:  # a permit each
+            raise failed(429, "Model is overloaded", "overloaded")
+        return v
 
     async def _tokens(self, v: ValidRequest, gen: Generation) -> AsyncIterator[Token]:
         """Runs one request, holding a concurrency permit while it does."""
@@ -250,23 +254,47 @@ class App:
         t0 = time.perf_counter()
         v = self._admit(req)
         t_valid = time.perf_counter()
-        gen = Generation()
+        # best_of > 1: that many sampled sequences (own seeds, own permits), best mean logprob wins.
+        runs = [v, *(with_fresh_seed(v) for _ in range(v.best_of - 1))]
+        gens = [Generation() for _ in runs]
 
-        async def consume() -> None:
-            async for _ in self._tokens(v, gen):
+        async def consume(one: ValidRequest, gen: Generation) -> None:
+            async for _ in self._tokens(one, gen):
                 pass
 
+        work = run_all([consume(r, g) for r, g in zip(runs, gens, strict=True)])
         try:
-            if not await until_disconnect(receive, consume()):
-                return  # the client left: its request was aborted, nobody to answer
+            if not await until_disconnect(receive, work):
+                return  # the client left: its requests were aborted, nobody to answer
         except (RequestError, EngineError) as e:
             raise engine_failure(e) from e
-        if not gen.finish_reason:
+        if not all(g.finish_reason for g in gens):
             raise failed(500, "Incomplete generation", "incomplete_generation")
+        best = max(range(len(gens)), key=lambda i: gens[i].mean_logprob())
+        v, gen = runs[best], gens[best]
         details = None
         if v.details:
+            others = [
+                BestOfSequence(
+                    self._full_text(req, r, g.text),
+                    g.finish_reason,
+                    len(g.tokens),
+                    r.seed,
+                    g.prefill,
+                    g.tokens,
+                    g.top_tokens,
+                )
+                for i, (r, g) in enumerate(zip(runs, gens, strict=True))
+                if i != best
+            ]
             details = Details(
-                gen.finish_reason, len(gen.tokens), v.seed, [], gen.tokens, gen.top_tokens
+                gen.finish_reason,
+                len(gen.tokens),
+                v.seed,
+                gen.prefill,
+                gen.tokens,
+                others,
+                gen.top_tokens,
             )
         resp = GenerateResponse(self._full_text(req, v, gen.text), details)
         total = time.perf_counter() - t0

@@ -42,6 +42,8 @@ class TokenOutput:
     # The step's most likely (id, logprob) pairs, when the batch asked for any;
     # a request takes the first `top_n_tokens` of them.
     top: list[tuple[int, float]] | None = None
+    # With a request's first token, when it asked: logprob of each prompt token (0: NaN).
+    prompt_logprobs: list[float] | None = None
 
 
 class EngineClient:
@@ -123,6 +125,7 @@ class EngineClient:
             )
             top_ids = msg.top_ids.tolist() if msg.top_ids is not None else None
             top_lps = msg.top_logprobs.tolist() if msg.top_logprobs is not None else None
+            prompt_lps = {req_id: lps.tolist() for req_id, lps in msg.prompt_logprobs}
             for i, (req_id, token, logprob) in enumerate(rows):
                 q = queues.get(req_id)
                 if q is not None:
@@ -131,6 +134,8 @@ class EngineClient:
                     out = TokenOutput(token, finish, logprob)
                     if top_ids is not None:
                         out.top = list(zip(top_ids[i], top_lps[i], strict=True))
+                    if prompt_lps:
+                        out.prompt_logprobs = prompt_lps.get(req_id)
                     q.put_nowait(out)
             for req_id, reason in finished.items():  # ended without a token this step
                 if (q := queues.get(req_id)) is not None:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
 
 from tgi_mp.frontend.detokenizer import IncrementalDetokenizer, StopMatcher
 from tgi_mp.frontend.engine_client import EngineClient
-from tgi_mp.frontend.protocol import Token
+from tgi_mp.frontend.protocol import PrefillToken, Token
 from tgi_mp.frontend.validation import ValidRequest
 from tgi_mp.ipc.messages import FinishReason
 
@@ -28,9 +29,15 @@ class Generation:
 
     tokens: list[Token] = field(default_factory=list)
     top_tokens: list[list[Token]] = field(default_factory=list)  # per token, with top_n_tokens
+    prefill: list[PrefillToken] = field(default_factory=list)  # with prefill logprobs
     finish_reason: str = ""  # set with the last token
     text: str = ""  # generated_text, set with the last token
     queue_time: float = 0.0  # until the first token
+
+    def mean_logprob(self) -> float:
+        """What ranks `best_of` sequences (NaN logprobs, if any, count as -inf)."""
+        lps = [t.logprob if t.logprob == t.logprob else float("-inf") for t in self.tokens]
+        return sum(lps) / len(lps) if lps else float("-inf")
 
 
 async def run(
@@ -50,6 +57,8 @@ async def run(
             if not gen.tokens:
                 gen.queue_time = time.perf_counter() - start
             reason = out.finish_reason
+            if out.prompt_logprobs is not None:
+                gen.prefill = prefill_tokens(tokenizer, v.prompt_ids, out.prompt_logprobs)
             if out.token_id >= 0:
                 text = detok.add(out.token_id)
                 if reason is None and stops.feed(text) is not None:
@@ -77,3 +86,30 @@ async def run(
                 yield gen.tokens[-1]
             if reason is not None:
                 return
+
+
+def prefill_tokens(
+    tokenizer: Tokenizer, ids: list[int], logprobs: list[float]
+) -> list[PrefillToken]:
+    """TGI's `details.prefill`: each prompt token decoded alone, with its logprob (the
+    first has none: null)."""
+    texts = tokenizer.decode_batch([[i] for i in ids], skip_special_tokens=False)
+    return [
+        PrefillToken(i, text, None if k == 0 or lp != lp else lp)
+        for k, (i, text, lp) in enumerate(zip(ids, texts, logprobs, strict=True))
+    ]
+
+
+async def run_all(coros: list[Coroutine[object, object, None]]) -> None:
+    """Runs requests side by side; the first error cancels (so aborts) the others and
+    propagates as itself, and so does a cancellation from outside."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                raise task.exception()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -57,12 +57,23 @@ class PrefillToken(msgspec.Struct):
     logprob: float | None
 
 
+class BestOfSequence(msgspec.Struct, omit_defaults=True):
+    generated_text: str
+    finish_reason: str
+    generated_tokens: int
+    seed: int | None
+    prefill: list[PrefillToken]
+    tokens: list[Token]
+    top_tokens: list[list[Token]] = []
+
+
 class Details(msgspec.Struct, omit_defaults=True):
     finish_reason: str
     generated_tokens: int
     seed: int | None
     prefill: list[PrefillToken]
     tokens: list[Token]
+    best_of_sequences: list[BestOfSequence] = []  # only when best_of > 1
     top_tokens: list[list[Token]] = []  # only when top_n_tokens > 0
 
 
@@ -133,6 +144,7 @@ class FrontendConfig(msgspec.Struct, frozen=True):
     max_input_tokens: int = 4095
     max_total_tokens: int = 4096
     max_client_batch_size: int = 4
+    enable_prefill_logprobs: bool = False
     payload_limit: int = 2_000_000
     api_key: str | None = None
     cors_allow_origin: list[str] = []

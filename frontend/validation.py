@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
+import msgspec
 from tokenizers import Tokenizer
 
 from tgi_mp.frontend.protocol import FrontendConfig, GenerateParameters, GenerateRequest
@@ -23,17 +25,13 @@ class ValidRequest:
     seed: int | None  # reported in details: the seed used when sampling, else None
     details: bool
     return_full_text: bool
+    best_of: int = 1
+    decoder_input_details: bool = False
 
 
 # Parameters TGI accepts that this engine does not apply yet: refused clearly
 # rather than silently ignored.
 def _unsupported(p: GenerateParameters) -> str | None:
-    if p.watermark:
-        return "watermark"
-    if p.best_of not in (None, 0, 1):
-        return "best_of"
-    if p.decoder_input_details:
-        return "decoder_input_details"
     if p.adapter_id:
         return "adapter_id"
     return None
@@ -134,12 +132,24 @@ def validate(req: GenerateRequest, cfg: FrontendConfig, tokenizer: Tokenizer) ->
         top_n_tokens=p.top_n_tokens or 0,
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
         frequency_penalty=p.frequency_penalty or 0.0,
+        watermark=p.watermark,
+        # TGI computes prefill logprobs only when the launcher allows it; else `prefill` is [].
+        prefill_logprobs=p.decoder_input_details and cfg.enable_prefill_logprobs,
     )
     return ValidRequest(
         prompt_ids=ids,
         params=params,
         stop=p.stop,
         seed=seed,
-        details=p.details,
+        details=p.details or p.decoder_input_details,
         return_full_text=bool(p.return_full_text),
+        best_of=best_of,
+        decoder_input_details=p.decoder_input_details,
     )
+
+
+def with_fresh_seed(v: ValidRequest) -> ValidRequest:
+    """Another sequence of a `best_of` request: same prompt and parameters, its own seed."""
+    seed = random.getrandbits(64)
+    params = msgspec.structs.replace(v.params, seed=_to_int64(seed))
+    return dataclasses.replace(v, params=params, seed=seed)

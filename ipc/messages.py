@@ -50,6 +50,8 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True, gc=False):
     repetition_penalty: float = 1.0  # HF semantics, over prompt + generated tokens; 1.0 = off
     frequency_penalty: float = 0.0  # OpenAI semantics, over generated tokens; 0.0 = off
     presence_penalty: float = 0.0  # OpenAI semantics, over generated tokens; 0.0 = off
+    watermark: bool = False  # green-list bias (Kirchenbauer et al.), gamma/delta from the engine
+    prefill_logprobs: bool = False  # report the logprob of every prompt token after the first
 
 
 # ---------------------------------------------------------------- frontend -> scheduler
@@ -92,6 +94,9 @@ class TokenBatch(msgspec.Struct, tag=True, array_like=True, gc=False):
     # Rows aligned with token_ids, [n, max top_n], when any request asked for alternatives.
     top_ids: np.ndarray | None = None
     top_logprobs: np.ndarray | None = None
+    # (req_id, float32 [prompt length]) with the request's first token, for requests that
+    # asked for prefill logprobs; entry 0 is NaN (the first token has no context).
+    prompt_logprobs: list[tuple[int, np.ndarray]] = []
 
 
 class Error(msgspec.Struct, tag=True, array_like=True, gc=False):
@@ -162,6 +167,11 @@ class StepPlan(msgspec.Struct, tag=True, array_like=True, gc=False):
     frequency_penalty: np.ndarray  # float32 [B]
     presence_penalty: np.ndarray  # float32 [B]
     released: np.ndarray  # int64: seq ids that finished since the last plan
+    watermark: np.ndarray  # bool [B]: bias the sampled row's logits to its green list
+    # Prompt logprobs: row i's first `prompt_logprobs[i]` positions each score the next
+    # prompt token; `prompt_targets` holds those tokens, rows concatenated.
+    prompt_logprobs: np.ndarray  # int32 [B]
+    prompt_targets: np.ndarray  # int32 [sum(prompt_logprobs)]
 
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True, gc=False):
@@ -192,6 +202,7 @@ class StepResult(msgspec.Struct, tag=True, array_like=True, gc=False):
     # With any top_n in the plan: [sampled rows, max top_n] ids and logprobs.
     top_ids: np.ndarray | None = None
     top_logprobs: np.ndarray | None = None
+    prompt_logprobs: np.ndarray | None = None  # float32 [sum(plan.prompt_logprobs)]
 
 
 class ExecutorFailed(msgspec.Struct, tag=True, array_like=True, gc=False):

@@ -81,7 +81,10 @@ class SchedulerProcess:
             t1 = time.perf_counter()
             result = self._wait_for_result(step.plan.step_id)
             t2 = time.perf_counter()
-            self._emit(self.core.update(step, result.token_ids, result.logprobs), result)
+            self._emit(
+                self.core.update(step, result.token_ids, result.logprobs, result.prompt_logprobs),
+                result,
+            )
             t3 = time.perf_counter()
             self.times["schedule"] += (t1 - t0) + (t3 - t2)
             self.times["step"] += t2 - t1
@@ -138,6 +141,11 @@ class SchedulerProcess:
                 finished=[(o.req.req_id, int(o.finish)) for o in outs if o.finish is not None],
                 top_ids=top_ids,
                 top_logprobs=top_logprobs,
+                prompt_logprobs=[
+                    (o.req.req_id, o.prompt_logprobs)
+                    for o in with_token
+                    if o.prompt_logprobs is not None
+                ],
             )
             self.ch.frontend.send(batch, frontend)
 

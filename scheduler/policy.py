@@ -51,6 +51,7 @@ class Output:
     finish: FinishReason | None
     logprob: float = float("nan")
     row: int = -1  # index of this token in the step's sampled arrays
+    prompt_logprobs: np.ndarray | None = None  # with the first token, when asked for
 
 
 @dataclass
@@ -199,6 +200,12 @@ class Scheduler:
             ]
         )
         params = [r.params for r in reqs]
+        scored = [r.prompt_logprobs_wanted(n) for r, n in zip(reqs, num_new, strict=True)]
+        targets = [
+            r.tokens[r.num_computed + 1 : r.num_computed + 1 + k]
+            for r, k in zip(reqs, scored, strict=True)
+            if k
+        ]
         return StepPlan(
             step_id=self._step_id,
             query_lens=query_lens,
@@ -227,6 +234,9 @@ class Scheduler:
             frequency_penalty=np.array([p.frequency_penalty for p in params], np.float32),
             presence_penalty=np.array([p.presence_penalty for p in params], np.float32),
             released=self._take_released(),
+            watermark=np.array([p.watermark for p in params], dtype=bool),
+            prompt_logprobs=np.array(scored, dtype=np.int32),
+            prompt_targets=np.concatenate(targets) if targets else np.empty(0, np.int32),
         )
 
     def _take_released(self) -> np.ndarray:
@@ -236,9 +246,14 @@ class Scheduler:
     # ------------------------------------------------------------ results in
 
     def update(
-        self, step: ScheduledStep, sampled: np.ndarray, logprobs: np.ndarray | None = None
+        self,
+        step: ScheduledStep,
+        sampled: np.ndarray,
+        logprobs: np.ndarray | None = None,
+        prompt_logprobs: np.ndarray | None = None,
     ) -> list[Output]:
-        """Applies a step's sampled tokens (one per row with `plan.sample` set)."""
+        """Applies a step's sampled tokens (one per row with `plan.sample` set), and the
+        prompt logprobs of the rows that asked for them."""
         outputs: list[Output] = []
         tokens = sampled.tolist()
         lps = logprobs.tolist() if logprobs is not None else [float("nan")] * len(tokens)
@@ -248,9 +263,14 @@ class Scheduler:
                 f"{int(step.plan.sample.sum())} sampled rows"
             )
         k = 0
+        scored_at = 0  # offset of the current row's entries in `prompt_logprobs`
         self.stats.steps += 1
-        for req, n, do_sample in zip(
-            step.reqs, step.num_new, step.plan.sample.tolist(), strict=True
+        for req, n, do_sample, scored in zip(
+            step.reqs,
+            step.num_new,
+            step.plan.sample.tolist(),
+            step.plan.prompt_logprobs.tolist(),
+            strict=True,
         ):
             # Decode = the one token sampled last step; a preempted request's recompute
             # of its generated tokens is prefill work.
@@ -260,15 +280,25 @@ class Scheduler:
                 self.stats.prefill_tokens += n
             if do_sample:  # consumed even for a row that ended meanwhile: keeps k aligned
                 k += 1
+            values = None
+            if scored:
+                values = prompt_logprobs[scored_at : scored_at + scored]
+                scored_at += scored
             if req.status != Status.RUNNING:  # preempted is impossible mid-step; aborted is not
                 continue
+            if values is not None:
+                start = req.num_computed + 1
+                req.prompt_logprobs[start : start + scored] = values
             req.num_computed += n
             if not do_sample:
                 continue
             token = tokens[k - 1]
             req.append(token)
             reason = req.finish_reason(token, self.cfg.eos_token_ids)
-            outputs.append(Output(req, token, reason, lps[k - 1], k - 1))
+            out = Output(req, token, reason, lps[k - 1], k - 1)
+            if req.num_generated == 1:
+                out.prompt_logprobs = req.prompt_logprobs
+            outputs.append(out)
             if reason is not None:
                 self._finish(req, reason)
         return outputs

@@ -32,6 +32,7 @@ class Request:
         "num_prompt",
         "num_tokens",
         "params",
+        "prompt_logprobs",
         "req_id",
         "seed",
         "seq_id",
@@ -61,10 +62,22 @@ class Request:
         self.block_ids: list[int] = []
         self.status = Status.WAITING
         self.num_preemptions = 0
+        # Filled as prompt chunks are computed when the request asked for them (position
+        # i: logprob of prompt token i given the tokens before it; 0 stays NaN).
+        self.prompt_logprobs: np.ndarray | None = None
+        if params.prefill_logprobs:
+            self.prompt_logprobs = np.full(self.num_prompt, np.nan, dtype=np.float32)
 
     @property
     def num_generated(self) -> int:
         return self.num_tokens - self.num_prompt
+
+    def prompt_logprobs_wanted(self, n: int) -> int:
+        """How many of the next `n` positions score a prompt token: those whose next token
+        is in the prompt, until the first token is generated (a recompute skips them)."""
+        if self.prompt_logprobs is None or self.num_generated:
+            return 0
+        return max(0, min(n, self.num_prompt - 1 - self.num_computed))
 
     def append(self, token: int) -> None:
         self.tokens[self.num_tokens] = token

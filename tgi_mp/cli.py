@@ -156,6 +156,18 @@ def main() -> None:
     default=90.0,
     help="Seconds to let in-flight requests finish after SIGTERM.",
 )
+@_opt(
+    "--watermark-gamma",
+    type=float,
+    default=0.5,
+    help="Green share of the vocabulary for requests with `watermark: true`.",
+)
+@_opt("--watermark-delta", type=float, default=2.0, help="Logit bias of green tokens.")
+@_opt(
+    "--enable-prefill-logprobs",
+    is_flag=True,
+    help="Compute prompt-token logprobs for `decoder_input_details` (else `prefill` is []).",
+)
 @_opt("--frontend-workers", type=int, default=1, help="HTTP worker processes (granian).")
 def serve(**o: object) -> None:
     """Serve a model over TGI's HTTP API."""
@@ -183,6 +195,8 @@ def serve(**o: object) -> None:
             max_batch_total_tokens=mbt,
             kv_cache_memory=o["kv_cache_memory"],
             max_batch_size=o["max_batch_size"],
+            watermark_gamma=o["watermark_gamma"],
+            watermark_delta=o["watermark_delta"],
         )
     except (EngineStartupError, ValueError, FileNotFoundError) as e:
         log.error("%s", e)
@@ -220,6 +234,7 @@ def _run(engine: Engine, o: dict) -> int:
             max_input_tokens=max_input,
             max_total_tokens=max_total,
             max_client_batch_size=o["max_client_batch_size"],
+            enable_prefill_logprobs=o["enable_prefill_logprobs"],
             payload_limit=o["payload_limit"],
             api_key=o["api_key"],
             cors_allow_origin=list(o["cors_allow_origin"]),

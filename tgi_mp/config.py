@@ -27,6 +27,8 @@ class EngineConfig(msgspec.Struct, frozen=True):
     max_batch_size: int | None = None  # sequences per step; None = up to the token budget
     torch_threads: int | None = None
     startup_timeout: float = 600.0
+    watermark_gamma: float = 0.5  # green share of the vocabulary for `watermark` requests
+    watermark_delta: float = 2.0  # logit bias of green tokens
 
     def __post_init__(self) -> None:
         for name in ("num_shards", "block_size", "max_batch_prefill_tokens", "max_batch_size"):
@@ -39,6 +41,8 @@ class EngineConfig(msgspec.Struct, frozen=True):
                 f"max_batch_size ({self.max_batch_size}) must be <= "
                 f"max_batch_prefill_tokens ({self.max_batch_prefill_tokens})"
             )
+        if not 0.0 < self.watermark_gamma < 1.0:
+            raise ValueError(f"watermark_gamma must be in (0, 1), got {self.watermark_gamma}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 

@@ -213,6 +213,20 @@ def test_logprobs_and_top_tokens_match_transformers(server) -> None:
     )
 
 
+def test_prefill_details_are_empty_without_the_launcher_flag(server) -> None:
+    # As TGI: decoder_input_details brings the details object, and `prefill` is filled
+    # only under --enable-prefill-logprobs (tests/frontend/test_generation_params.py).
+    r = post(
+        server,
+        "/generate",
+        {
+            "inputs": "Hello there",
+            "parameters": {"max_new_tokens": 2, "decoder_input_details": True},
+        },
+    ).json()
+    assert r["details"]["prefill"] == [] and len(r["details"]["tokens"]) == 2
+
+
 def test_repetition_penalty_matches_transformers(server) -> None:
     import torch
 
@@ -375,6 +389,7 @@ VALIDATION = [
     ({"inputs": words(2048)}, "`inputs` must have less than 2047 tokens. Given: 2048"),
     ({"inputs": words(2047), "parameters": {"max_new_tokens": 1}}, None),  # exactly at the limits
     (_p(grammar={"type": "regex", "value": "a+"}), "grammar is not supported"),
+    (_p(adapter_id="my-lora"), "`adapter_id` is not supported by this server yet"),
 ]
 
 

@@ -33,4 +33,7 @@ def random_plan(rng: np.random.Generator, b: int, tokens: int, step_id: int = 7)
         frequency_penalty=rng.random(b, dtype=np.float32),
         presence_penalty=rng.random(b, dtype=np.float32),
         released=ints(b, np.int64),
+        watermark=rng.random(b) < 0.5,
+        prompt_logprobs=ints(b),
+        prompt_targets=ints(2 * b),
     )

@@ -89,6 +89,21 @@ class FakeExecutor:
                 out.append(self.fn(history))
         return np.array(out, dtype=np.int32)
 
+    @staticmethod
+    def score_prompt(plan: StepPlan) -> np.ndarray:
+        """Prompt 'logprobs' that name what they score: target id * 1000 + position."""
+        starts = np.cumsum(plan.query_lens) - plan.query_lens
+        values = []
+        for i, n in enumerate(plan.prompt_logprobs.tolist()):
+            assert n <= plan.query_lens[i]
+            # Within the chunk, position j's target is the input token at j + 1.
+            row_inputs = plan.input_ids[starts[i] : starts[i] + plan.query_lens[i]]
+            targets = plan.prompt_targets[len(values) : len(values) + n]
+            assert (targets[: plan.query_lens[i] - 1] == row_inputs[1 : n + 1]).all()
+            values += [t * 1000.0 + plan.context_lens[i] + j for j, t in enumerate(targets)]
+        assert len(values) == len(plan.prompt_targets)
+        return np.array(values, dtype=np.float32)
+
 
 @dataclass
 class Trace:
@@ -97,6 +112,7 @@ class Trace:
     tokens: dict[tuple[bytes, int], list[int]] = field(default_factory=dict)
     finish: dict[tuple[bytes, int], FinishReason] = field(default_factory=dict)
     plans: list[tuple[StepPlan, list[Request]]] = field(default_factory=list)
+    prompt_logprobs: dict[tuple[bytes, int], np.ndarray] = field(default_factory=dict)
 
     def saw(self, frontend: bytes, req_id: int, token: int, reason: FinishReason | None) -> None:
         key = (frontend, req_id)
@@ -146,8 +162,12 @@ def step_once(s: Scheduler, ex: FakeExecutor, trace: Trace, between: Callable[[]
     trace.plans.append((plan, list(step.reqs)))
     sampled = ex.step(plan)
     between()  # e.g. a client aborts while the step is in flight
-    for out in s.update(step, sampled):
+    for out in s.update(step, sampled, None, ex.score_prompt(plan)):
         trace.saw(out.req.frontend, out.req.req_id, out.token, out.finish)
+        if out.prompt_logprobs is not None:
+            key = (out.req.frontend, out.req.req_id)
+            assert key not in trace.prompt_logprobs, "prompt logprobs sent twice"
+            trace.prompt_logprobs[key] = out.prompt_logprobs.copy()
     check_bookkeeping(s)
     return True
 
@@ -322,6 +342,39 @@ def test_preemption_with_chunked_resume(make) -> None:
     trace = run_all(s, ex)
     assert s.stats.preemptions > 0
     check_outputs(trace, reqs)
+
+
+def test_prompt_logprobs_follow_chunks_and_preemption(make) -> None:
+    rng = np.random.default_rng(6)
+    # Chunks of at most 6 tokens and too few blocks for everyone: prompts are scored
+    # chunk by chunk, a preempted request is recomputed without scoring its prompt again.
+    s, ex = make(num_blocks=10, max_batch_prefill_tokens=6, max_batch_size=4)
+    reqs = [
+        add(
+            s,
+            i,
+            prompt_of(rng, int(rng.integers(2, 15))),
+            max_new_tokens=20,
+            prefill_logprobs=i % 2 == 0,
+        )
+        for i in range(6)
+    ]
+    trace = run_all(s, ex)
+    assert s.stats.preemptions > 0
+    check_outputs(trace, reqs)
+    for r in reqs:
+        key = (r.frontend, r.req_id)
+        if not r.params.prefill_logprobs:
+            assert key not in trace.prompt_logprobs
+            continue
+        prompt = r.tokens[: r.num_prompt]
+        want = [np.nan] + [prompt[p + 1] * 1000.0 + p for p in range(r.num_prompt - 1)]
+        np.testing.assert_array_equal(trace.prompt_logprobs[key], np.array(want, np.float32))
+    # Scoring stops with the first generated token, recompute included.
+    for plan, rs in trace.plans:
+        for i, r in enumerate(rs):
+            if plan.prompt_logprobs[i]:
+                assert plan.context_lens[i] + plan.prompt_logprobs[i] < r.num_prompt
 
 
 # ---------------------------------------------------------------- aborts
