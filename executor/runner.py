@@ -133,6 +133,8 @@ class ModelRunner:
             return StepOutput(*empty, prompt_logprobs=prompt_logprobs)
         last_token = (np.cumsum(plan.query_lens) - 1)[rows]
         logits = self.model.compute_logits(hidden[_tensor(last_token, torch.int64, self.device)])
+        if len(plan.bias_ids):
+            self._bias(logits, plan)
         if history_rows is not None:
             self._penalise(logits, plan, rows, history_rows)
         marked = np.flatnonzero(plan.watermark[rows])
@@ -158,6 +160,18 @@ class ModelRunner:
             out.top_ids = top_ids.to(torch.int32).cpu().numpy()
             out.top_logprobs = top_lps.cpu().numpy()
         return out
+
+    def _bias(self, logits: torch.Tensor, plan: StepPlan) -> None:
+        """Adds each sampled row's logit biases in place, in one scatter."""
+        owner = np.repeat(np.arange(len(plan.bias_counts)), plan.bias_counts)
+        keep = plan.sample[owner]
+        logit_row = (np.cumsum(plan.sample) - 1)[owner[keep]]
+        index = (
+            _tensor(logit_row, torch.int64, self.device),
+            _tensor(plan.bias_ids[keep], torch.int64, self.device),
+        )
+        values = _tensor(plan.bias_values[keep], logits.dtype, self.device)
+        logits.index_put_(index, values, accumulate=True)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, plan: StepPlan) -> np.ndarray:
         """Logprob of each next prompt token, from the raw logits (no temperature or

@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 
 import msgspec
 from tokenizers import Tokenizer
@@ -33,7 +33,9 @@ from tgi_mp.frontend.http import (
     read_body,
     respond,
     sse_event,
+    until_disconnect,
 )
+from tgi_mp.frontend.openai_api import OpenAIRoutes
 from tgi_mp.frontend.openapi import DOCS_HTML, openapi_document
 from tgi_mp.frontend.protocol import (
     BestOfSequence,
@@ -75,6 +77,7 @@ class App:
             cfg = self.cfg
             self.tokenizer = Tokenizer.from_file(os.path.join(cfg.tokenizer_dir, "tokenizer.json"))
             self.special_ids = set(self.tokenizer.get_added_tokens_decoder())
+            self.openai = OpenAIRoutes(self)
             self._client = EngineClient(cfg.ipc_root)
 
     # ------------------------------------------------------------ ASGI entry
@@ -131,7 +134,10 @@ class App:
             ]
             await respond(send, 200, b"", None, cors + extra)
             return
-        if method == "POST" and path in _AUTH_PATHS and not self._authorized(scope):
+        if path.startswith("/v1/"):
+            await self.openai.handle(scope, receive, send, cors)
+            return
+        if method == "POST" and path in _AUTH_PATHS and not self.authorized(scope):
             raise HTTPError(401)
         if method == "GET":
             if path in ("/health", "/ping", "/"):
@@ -165,7 +171,7 @@ class App:
         else:
             await self._generate(req, receive, send, cors, wrap=path == "/")
 
-    def _authorized(self, scope: Scope) -> bool:
+    def authorized(self, scope: Scope) -> bool:
         key = self.cfg.api_key
         if not key:
             return True
@@ -223,19 +229,22 @@ class App:
 
     # ------------------------------------------------------------ generation
 
+    def permit(self, n: int = 1) -> None:
+        """429 unless `n` more requests may run (each sequence holds a permit while it runs)."""
+        if self.in_flight + n > self.cfg.max_concurrent_requests:
+            raise failed(429, "Model is overloaded", "overloaded")
+
     def _admit(self, req: GenerateRequest) -> ValidRequest:
         """Concurrency permit first, then validation, as in TGI."""
-        if self.in_flight >= self.cfg.max_concurrent_requests:
-            raise failed(429, "Model is overloaded", "overloaded")
+        self.permit()
         try:
             v = validate(req, self.cfg, self.tokenizer)
         except ValidationError as e:
             raise failed(422, f"Input validation error: {e}", "validation") from e
-        if self.in_flight + v.best_of > self.cfg.max_concurrent_requests:  # a permit each
-            raise failed(429, "Model is overloaded", "overloaded")
+        self.permit(v.best_of)
         return v
 
-    async def _tokens(self, v: ValidRequest, gen: Generation) -> AsyncIterator[Token]:
+    async def tokens(self, v: ValidRequest, gen: Generation) -> AsyncIterator[Token]:
         """Runs one request, holding a concurrency permit while it does."""
         assert self._client is not None
         self.in_flight += 1
@@ -259,7 +268,7 @@ class App:
         gens = [Generation() for _ in runs]
 
         async def consume(one: ValidRequest, gen: Generation) -> None:
-            async for _ in self._tokens(one, gen):
+            async for _ in self.tokens(one, gen):
                 pass
 
         work = run_all([consume(r, g) for r, g in zip(runs, gens, strict=True)])
@@ -358,7 +367,7 @@ class App:
             v = self._admit(req)
             gen = Generation()
             try:
-                async for tok in self._tokens(v, gen):
+                async for tok in self.tokens(v, gen):
                     final = gen.finish_reason != ""
                     details = None
                     if final and v.details:
@@ -401,29 +410,6 @@ def engine_failure(e: Exception) -> HTTPError:
     if isinstance(e, RequestError):  # refused by the scheduler (e.g. beyond the KV capacity)
         return failed(422, f"Input validation error: {e}", "validation")
     return failed(424, f"Request failed during generation: {e}", "generation")
-
-
-async def until_disconnect(receive: Receive, work: Awaitable[None]) -> bool:
-    """Runs `work` unless the client disconnects first, which cancels it (and so aborts
-    its request in the scheduler). True when `work` completed; its errors propagate."""
-    task = asyncio.ensure_future(work)
-
-    async def watch() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            return False
-        task.result()
-        return True
-    finally:
-        watcher.cancel()
 
 
 app = App()

@@ -78,3 +78,40 @@ class StopMatcher:
         self.text += delta
         window = self.text[start:]
         return next((s for s in self.stops if s in window), None)
+
+
+class StopTrimmer:
+    """Text to show as it grows, without the stop string or what follows it (OpenAI's
+    rule; TGI's native API keeps the stop string).
+
+    A tail that could still become a stop string is held back until it cannot.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        text = self.pending + piece
+        hits = [at for at in (text.find(s) for s in self.stops) if at >= 0]
+        if hits:
+            self.stopped, self.pending = True, ""
+            return text[: min(hits)]
+        hold = max(
+            (
+                k
+                for s in self.stops
+                for k in range(min(len(s) - 1, len(text)), 0, -1)
+                if text.endswith(s[:k])
+            ),
+            default=0,
+        )
+        self.pending = text[len(text) - hold :] if hold else ""
+        return text[: len(text) - hold]
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out

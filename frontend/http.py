@@ -6,7 +6,10 @@ JSON syntax (400) and JSON types (422) answered as plain text, as axum does.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+from collections.abc import Awaitable
 from typing import Any
 
 import msgspec
@@ -100,3 +103,26 @@ async def respond(
 
 def sse_event(payload: Any) -> bytes:
     return b"data: " + _json.encode(payload) + b"\n\n"
+
+
+async def until_disconnect(receive: Receive, work: Awaitable[None]) -> bool:
+    """Runs `work` unless the client disconnects first, which cancels it (and so aborts
+    its request in the scheduler). True when `work` completed; its errors propagate."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return False
+        task.result()
+        return True
+    finally:
+        watcher.cancel()

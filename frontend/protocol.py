@@ -137,6 +137,8 @@ class FrontendConfig(msgspec.Struct, frozen=True):
     tokenizer_dir: str
     model_id: str
     eos_token_ids: list[int]
+    vocab_size: int = 0  # the model's: token ids must be below it
+    served_model_name: str = ""  # the `model` of OpenAI answers; model_id when empty
     max_concurrent_requests: int = 128
     max_best_of: int = 2
     max_stop_sequences: int = 4

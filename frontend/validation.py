@@ -52,8 +52,25 @@ def validate_best_of(p: GenerateParameters, cfg: FrontendConfig) -> None:
 
 
 def validate(req: GenerateRequest, cfg: FrontendConfig, tokenizer: Tokenizer) -> ValidRequest:
+    """TGI's `/generate` validation: its checks in its order."""
     p = req.parameters if req.parameters is not None else GenerateParameters(do_sample=True)
     validate_best_of(p, cfg)
+    sampling = check_parameters(p, cfg)
+    if req.inputs == "":
+        raise ValidationError("`inputs` cannot be empty")
+    if p.truncate is not None and not 0 < p.truncate <= cfg.max_input_tokens:
+        raise ValidationError(
+            "`truncate` must be strictly positive and less than "
+            f"{cfg.max_input_tokens}. Given: {p.truncate}"
+        )
+    ids = encode(tokenizer, req.inputs, add_special_tokens=True)
+    if p.truncate is not None:
+        ids = ids[-p.truncate :]
+    return build(ids, p, cfg, sampling)
+
+
+def check_parameters(p: GenerateParameters, cfg: FrontendConfig) -> bool:
+    """The per-parameter rules, in TGI's order; whether the request samples."""
     # TGI samples when asked to, or when any warper is set (the shard's rule).
     warpers = (
         (p.temperature is not None and p.temperature != 1.0)
@@ -88,19 +105,20 @@ def validate(req: GenerateRequest, cfg: FrontendConfig, tokenizer: Tokenizer) ->
         raise ValidationError(
             f"`top_n_tokens` must be >= 0 and <= {cfg.max_top_n_tokens}. Given: {p.top_n_tokens}"
         )
-    if req.inputs == "":
-        raise ValidationError("`inputs` cannot be empty")
-    if p.truncate is not None and not 0 < p.truncate <= cfg.max_input_tokens:
-        raise ValidationError(
-            "`truncate` must be strictly positive and less than "
-            f"{cfg.max_input_tokens}. Given: {p.truncate}"
-        )
+    return p.do_sample or warpers
+
+
+def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     try:
-        ids = tokenizer.encode(req.inputs, add_special_tokens=True).ids
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
     except Exception as e:  # the tokenizers library raises plain Exceptions
         raise ValidationError(f"tokenizer error {e}") from e
-    if p.truncate is not None:
-        ids = ids[-p.truncate :]
+
+
+def build(
+    ids: list[int], p: GenerateParameters, cfg: FrontendConfig, sampling: bool
+) -> ValidRequest:
+    """The length rules on the prompt's token ids, then the engine's parameters."""
     n_in = len(ids)
     max_new = p.max_new_tokens
     if max_new is None:
@@ -119,7 +137,6 @@ def validate(req: GenerateRequest, cfg: FrontendConfig, tokenizer: Tokenizer) ->
     if (name := _unsupported(p)) is not None:
         raise ValidationError(f"`{name}` is not supported by this server yet")
 
-    sampling = p.do_sample or warpers
     seed = (p.seed if p.seed is not None else random.getrandbits(64)) if sampling else None
     params = SamplingParams(
         max_new_tokens=max_new,
@@ -143,13 +160,14 @@ def validate(req: GenerateRequest, cfg: FrontendConfig, tokenizer: Tokenizer) ->
         seed=seed,
         details=p.details or p.decoder_input_details,
         return_full_text=bool(p.return_full_text),
-        best_of=best_of,
+        best_of=p.best_of or 1,
         decoder_input_details=p.decoder_input_details,
     )
 
 
-def with_fresh_seed(v: ValidRequest) -> ValidRequest:
-    """Another sequence of a `best_of` request: same prompt and parameters, its own seed."""
-    seed = random.getrandbits(64)
+def with_fresh_seed(v: ValidRequest, seed: int | None = None) -> ValidRequest:
+    """Another sequence of the same request (best_of, n): same prompt and parameters, its
+    own seed (random unless given)."""
+    seed = random.getrandbits(64) if seed is None else seed % (1 << 64)
     params = msgspec.structs.replace(v.params, seed=_to_int64(seed))
     return dataclasses.replace(v, params=params, seed=seed)

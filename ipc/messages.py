@@ -52,6 +52,7 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True, gc=False):
     presence_penalty: float = 0.0  # OpenAI semantics, over generated tokens; 0.0 = off
     watermark: bool = False  # green-list bias (Kirchenbauer et al.), gamma/delta from the engine
     prefill_logprobs: bool = False  # report the logprob of every prompt token after the first
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
 
 
 # ---------------------------------------------------------------- frontend -> scheduler
@@ -172,6 +173,11 @@ class StepPlan(msgspec.Struct, tag=True, array_like=True, gc=False):
     # prompt token; `prompt_targets` holds those tokens, rows concatenated.
     prompt_logprobs: np.ndarray  # int32 [B]
     prompt_targets: np.ndarray  # int32 [sum(prompt_logprobs)]
+    # Logit biases, sparse: row i adds `bias_values` to `bias_ids` for its next
+    # `bias_counts[i]` entries (rows concatenated).
+    bias_counts: np.ndarray  # int32 [B]
+    bias_ids: np.ndarray  # int32 [sum(bias_counts)]
+    bias_values: np.ndarray  # float32 [sum(bias_counts)]
 
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True, gc=False):

@@ -59,6 +59,7 @@ class SchedulerProcess:
                 max_batch_prefill_tokens=self.cfg.max_batch_prefill_tokens,
                 max_batch_size=self.cfg.max_batch_size or self.cfg.max_batch_prefill_tokens,
                 eos_token_ids=frozenset(mc.eos_token_ids),
+                vocab_size=mc.vocab_size,
             )
         )
         r0 = ready[0]

@@ -29,6 +29,7 @@ class SchedulerConfig:
     max_batch_prefill_tokens: int = 4096
     max_batch_size: int = 256
     eos_token_ids: frozenset[int] = frozenset()
+    vocab_size: int | None = None  # when known, token ids outside it are refused
 
 
 class RequestRejected(ValueError):
@@ -91,6 +92,15 @@ class Scheduler:
             raise RequestRejected(f"request id {msg.req_id} is already in use")
         if len(msg.prompt) == 0:
             raise RequestRejected("the prompt is empty")
+        vocab = self.cfg.vocab_size
+        if vocab is not None and (msg.prompt.min() < 0 or msg.prompt.max() >= vocab):
+            raise RequestRejected(
+                f"the prompt has token ids outside the vocabulary (0..{vocab - 1})"
+            )
+        if vocab is not None and any(not 0 <= i < vocab for i, _ in p.logit_bias):
+            raise RequestRejected(
+                f"logit_bias names token ids outside the vocabulary (0..{vocab - 1})"
+            )
         if p.max_new_tokens < 1:
             raise RequestRejected("max_new_tokens must be at least 1")
         total = len(msg.prompt) + p.max_new_tokens
@@ -237,6 +247,9 @@ class Scheduler:
             watermark=np.array([p.watermark for p in params], dtype=bool),
             prompt_logprobs=np.array(scored, dtype=np.int32),
             prompt_targets=np.concatenate(targets) if targets else np.empty(0, np.int32),
+            bias_counts=np.array([len(p.logit_bias) for p in params], dtype=np.int32),
+            bias_ids=np.array([i for p in params for i, _ in p.logit_bias], dtype=np.int32),
+            bias_values=np.array([b for p in params for _, b in p.logit_bias], dtype=np.float32),
         )
 
     def _take_released(self) -> np.ndarray:

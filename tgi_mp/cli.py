@@ -168,6 +168,11 @@ def main() -> None:
     is_flag=True,
     help="Compute prompt-token logprobs for `decoder_input_details` (else `prefill` is []).",
 )
+@_opt(
+    "--served-model-name",
+    default=None,
+    help="The model name of the OpenAI API (/v1/models, `model` in answers). Default: model id.",
+)
 @_opt("--frontend-workers", type=int, default=1, help="HTTP worker processes (granian).")
 def serve(**o: object) -> None:
     """Serve a model over TGI's HTTP API."""
@@ -227,6 +232,8 @@ def _run(engine: Engine, o: dict) -> int:
             tokenizer_dir=tokenizer_dir,
             model_id=engine.cfg.model.model_id,
             eos_token_ids=mc.eos_token_ids,
+            vocab_size=mc.vocab_size,
+            served_model_name=o["served_model_name"] or engine.cfg.model.model_id,
             max_concurrent_requests=max(1, o["max_concurrent_requests"] // o["frontend_workers"]),
             max_best_of=o["max_best_of"],
             max_stop_sequences=o["max_stop_sequences"],

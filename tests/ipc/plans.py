@@ -36,4 +36,7 @@ def random_plan(rng: np.random.Generator, b: int, tokens: int, step_id: int = 7)
         watermark=rng.random(b) < 0.5,
         prompt_logprobs=ints(b),
         prompt_targets=ints(2 * b),
+        bias_counts=ints(b),
+        bias_ids=ints(2 * b),
+        bias_values=rng.random(2 * b, dtype=np.float32),
     )
