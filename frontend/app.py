@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import time
+import weakref
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -77,7 +78,10 @@ class App:
             cfg = self.cfg
             self.tokenizer = Tokenizer.from_file(os.path.join(cfg.tokenizer_dir, "tokenizer.json"))
             self.special_ids = set(self.tokenizer.get_added_tokens_decoder())
-            self.openai = OpenAIRoutes(self)
+            # A proxy, not a cycle: an App collected by refcount closes its ZeroMQ context
+            # in order, while a cycle's collector may term the context before its sockets
+            # are closed (and block forever).
+            self.openai = OpenAIRoutes(weakref.proxy(self))
             self._client = EngineClient(cfg.ipc_root)
 
     # ------------------------------------------------------------ ASGI entry

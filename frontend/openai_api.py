@@ -309,9 +309,8 @@ class OpenAIRoutes:
                 raise openai_error(
                     404, f"The model `{name}` does not exist.", "model", "model_not_found"
                 )
-            await respond(
-                send, 200, _json.encode(Model(self.model, "model", self.created, "tgi-mp")), cors
-            )
+            model = Model(self.model, "model", self.created, "tgi-mp")
+            await respond(send, 200, _json.encode(model), headers=cors)
             return
         routes: dict[str, Callable] = {
             "/v1/chat/completions": self._chat,

@@ -7,6 +7,7 @@ caches the result, keyed by the model file's path, size and mtime.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -42,5 +43,8 @@ def export_tokenizer(source: ModelSource, tokenizer_config_path: str | None = No
         shutil.rmtree(copy, ignore_errors=True)
         shutil.copytree(out, copy)
         shutil.copy(tokenizer_config_path, os.path.join(copy, "tokenizer_config.json"))
+        for name in ("chat_template.jinja", "chat_template.json"):  # the override decides
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(copy, name))
         out = copy
     return out

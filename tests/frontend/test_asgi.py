@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -107,3 +108,111 @@ def test_openapi_document(tmp_path, tokenizer_dir) -> None:
     params = doc["components"]["schemas"]["GenerateParameters"]["properties"]
     assert {"max_new_tokens", "temperature", "top_p", "stop", "details", "seed"} <= set(params)
     assert call(app, "GET", "/docs")[1]["content-type"].startswith("text/html")
+
+
+# ---------------------------------------------------------------- OpenAI API errors
+
+OPENAI_ERRORS = [
+    # (path, body, status, param, message start)
+    ("/v1/chat/completions", {"messages": []}, 422, "messages", "`messages` must not be empty"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+        422,
+        "messages",
+        "`messages` has an unknown role 'wizard'",
+    ),
+    ("/v1/chat/completions", {"messages": "hi"}, 422, None, "Failed to deserialize"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": 5}]},
+        422,
+        None,
+        "Failed to deserialize",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "n": 3},
+        422,
+        "n",
+        "`n` must be >= 1 and <= 2. Given: 3",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "n": 0},
+        422,
+        None,
+        "Failed to deserialize",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "temperature": -1},
+        422,
+        "temperature",
+        "`temperature` must be >= 0.0",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+        422,
+        "top_logprobs",
+        "`top_logprobs` requires `logprobs` to be true",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"x": 1}},
+        422,
+        "logit_bias",
+        "`logit_bias` keys must be token ids",
+    ),
+    ("/v1/completions", {"prompt": "a", "suffix": "b"}, 422, "suffix", "`suffix` is not"),
+    ("/v1/completions", {"prompt": []}, 422, "prompt", "`prompt` must not be empty"),
+    (
+        "/v1/completions",
+        {"prompt": ["a", "b", "c", "d", "e"]},
+        422,
+        None,
+        "Number of prompts exceeds the maximum allowed batch size of 4",
+    ),
+    ("/v1/completions", {"prompt": [[1, 99999999]]}, 422, "prompt", "`prompt` token ids"),
+    ("/v1/completions", {"prompt": "a", "best_of": 1, "n": 2}, 422, "best_of", "`best_of` must"),
+    ("/v1/nothing", {}, 404, None, "Unknown route"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param", "message"), OPENAI_ERRORS)
+def test_openai_errors_are_openai_shaped(
+    tmp_path, tokenizer_dir, path, body, status, param, message
+) -> None:
+    app = make_app(tmp_path, tokenizer_dir, vocab_size=49152)
+    got, headers, content = call(app, "POST", path, msgspec.json.encode(body), JSON)
+    err = msgspec.json.decode(content)["error"]
+    assert got == status, content
+    assert headers["content-type"] == "application/json"
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["message"].startswith(message), err
+    assert err["param"] == param
+    assert err["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+
+
+def test_openai_auth_and_missing_template(tmp_path, tokenizer_dir) -> None:
+    app = make_app(tmp_path, tokenizer_dir, api_key="k")
+    chat = msgspec.json.encode({"messages": [{"role": "user", "content": "hi"}]})
+    status, _, content = call(app, "POST", "/v1/chat/completions", chat, JSON)
+    assert status == 401
+    assert msgspec.json.decode(content)["error"]["type"] == "authentication_error"
+    # A tokenizer without a chat template: chat answers a clear 422, completions still work.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "tokenizer.json").write_bytes((Path(tokenizer_dir) / "tokenizer.json").read_bytes())
+    (bare / "tokenizer_config.json").write_text("{}")
+    app = make_app(tmp_path, str(bare))
+    status, _, content = call(app, "POST", "/v1/chat/completions", chat, JSON)
+    err = msgspec.json.decode(content)["error"]
+    assert status == 422 and err["message"].startswith("Template error: this model has no chat")
+    status, _, content = call(app, "GET", "/v1/models")
+    assert status == 200 and msgspec.json.decode(content)["data"][0]["id"] == "m"
+    status, _, content = call(app, "GET", "/v1/models/m")
+    assert status == 200 and msgspec.json.decode(content)["id"] == "m"
+    status, _, content = call(app, "GET", "/v1/models/other")
+    assert status == 404 and msgspec.json.decode(content)["error"]["code"] == "model_not_found"
