@@ -2,11 +2,14 @@
 
     python perf/bench_serving.py                       # starts its own server (bundled model)
     python perf/bench_serving.py --url http://127.0.0.1:3000 --concurrency 1,8
+    python perf/bench_serving.py --api tgi,chat        # both APIs, level by level
 
-Each level sends `--requests` streaming `/generate_stream` requests (prose
-prompts of ~`--prompt-words` words, `--new-tokens` new tokens, greedy) with
-at most `concurrency` in flight, and reports output tokens/s, time to first
-token and inter-token latency percentiles, as a client sees them.
+Each level sends `--requests` streaming requests (prose prompts of
+~`--prompt-words` words, `--new-tokens` new tokens, greedy) with at most
+`concurrency` in flight, and reports output tokens/s, time to first token and
+inter-token latency percentiles, as a client sees them. `--api tgi` drives
+`/generate_stream`; `--api chat` drives `/v1/chat/completions` (the prompt as
+one user message, so the chat template adds a few tokens).
 """
 
 from __future__ import annotations
@@ -26,7 +29,28 @@ from tests.engine.oracle import TEXT
 from tests.frontend.server import Server
 
 
-async def run_level(url: str, prompts: list[str], concurrency: int, new_tokens: int) -> dict:
+def request(api: str, prompt: str, new_tokens: int) -> tuple[str, dict]:
+    if api == "chat":
+        return "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": new_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    return "/generate_stream", {"inputs": prompt, "parameters": {"max_new_tokens": new_tokens}}
+
+
+def is_token(api: str, event: dict) -> bool:
+    """Whether an SSE event carries a generated token (chat: a content delta)."""
+    if api == "chat":
+        return bool(event["choices"]) and bool(event["choices"][0]["delta"].get("content"))
+    return True
+
+
+async def run_level(
+    url: str, prompts: list[str], concurrency: int, new_tokens: int, api: str = "tgi"
+) -> dict:
     sem = asyncio.Semaphore(concurrency)
     ttft: list[float] = []
     itl: list[float] = []
@@ -35,17 +59,20 @@ async def run_level(url: str, prompts: list[str], concurrency: int, new_tokens: 
 
     async def one(http: httpx.AsyncClient, prompt: str) -> None:
         nonlocal tokens, errors
-        body = {"inputs": prompt, "parameters": {"max_new_tokens": new_tokens}}
+        path, body = request(api, prompt, new_tokens)
         async with sem:
             t = time.perf_counter()
             first = True
-            async with http.stream("POST", f"{url}/generate_stream", json=body) as resp:
+            async with http.stream("POST", url + path, json=body) as resp:
                 async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
+                    if not line.startswith("data:") or line == "data: [DONE]":
                         continue
-                    if "error" in json.loads(line[5:]):
+                    event = json.loads(line[5:])
+                    if "error" in event:
                         errors += 1
                         return
+                    if not is_token(api, event):
+                        continue
                     now = time.perf_counter()
                     (ttft if first else itl).append(now - t)
                     t, first = now, False
@@ -74,6 +101,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=0, help="per level; default 2 x concurrency")
     ap.add_argument("--prompt-words", type=int, default=100)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--api", default="tgi", help="tgi, chat, or both: tgi,chat")
     args = ap.parse_args()
 
     words = (TEXT * 3).split()
@@ -88,21 +116,25 @@ def main() -> None:
             f"server: {url}; {args.prompt_words}-word prompts, {args.new_tokens} new tokens, "
             "greedy, streaming\n"
         )
-        print("| concurrency | requests | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |")
-        print("|---|---|---|---|---|")
+        print(
+            "| API | concurrency | requests | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |"
+        )
+        print("|---|---|---|---|---|---|")
         for c in levels:
             n = args.requests or 2 * c
             prompts = [
                 " ".join(words[(i * 13) % 300 : (i * 13) % 300 + args.prompt_words])
                 for i in range(n)
             ]
-            r = asyncio.run(run_level(url, prompts, c, args.new_tokens))
-            err = f" ({r['errors']} errors)" if r["errors"] else ""
-            print(
-                f"| {c} | {n}{err} | {r['tok_s']:.1f} | {r['ttft'][0]:.0f} / {r['ttft'][1]:.0f} "
-                f"| {r['itl'][0]:.0f} / {r['itl'][1]:.0f} |",
-                flush=True,
-            )
+            for api in args.api.split(","):
+                r = asyncio.run(run_level(url, prompts, c, args.new_tokens, api))
+                err = f" ({r['errors']} errors)" if r["errors"] else ""
+                print(
+                    f"| {api} | {c} | {n}{err} | {r['tok_s']:.1f} "
+                    f"| {r['ttft'][0]:.0f} / {r['ttft'][1]:.0f} "
+                    f"| {r['itl'][0]:.0f} / {r['itl'][1]:.0f} |",
+                    flush=True,
+                )
     finally:
         if server is not None:
             server.stop()
