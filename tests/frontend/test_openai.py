@@ -4,6 +4,7 @@ one real `tgi-mp serve` (bundled SmolLM2, float32) for the module."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import httpx
 import openai
@@ -14,7 +15,7 @@ from langchain_openai import ChatOpenAI
 from tests.engine.oracle import hf_model, tokenizer
 from tests.frontend.server import Server
 from tests.frontend.test_chat_template import CONVERSATIONS
-from tests.frontend.test_server import post
+from tests.frontend.test_server import _wait_until_idle, post
 
 MODEL = "smollm2"
 ASK = [{"role": "user", "content": "What is the capital of France?"}]
@@ -275,3 +276,37 @@ def test_langchain_chat_openai(server, client) -> None:
     assert answer.response_metadata["finish_reason"] == "stop"
     streamed = "".join(chunk.content for chunk in llm.stream("What is the capital of France?"))
     assert streamed == want
+
+
+def test_dropped_chat_streams_and_requests_free_their_blocks(server) -> None:
+    """Clients that leave a stream (n=2: both sequences) or a non-streamed answer
+    abort their sequences; the KV cache is whole again afterwards."""
+    body = {"messages": ASK, "max_tokens": 1500, "n": 2, "temperature": 1.0, "seed": 1}
+
+    async def drop_stream(http: httpx.AsyncClient) -> None:
+        async with http.stream(
+            "POST", server.url + "/v1/chat/completions", json={**body, "stream": True}
+        ) as resp:
+            seen = 0
+            async for line in resp.aiter_lines():
+                seen += line.startswith("data:")
+                if seen == 6:
+                    return
+
+    async def drop_answer(http: httpx.AsyncClient) -> None:
+        with contextlib.suppress(httpx.TimeoutException):
+            await http.post(
+                server.url + "/v1/completions",
+                json={"prompt": "Hi", "max_tokens": 1500},
+                timeout=1.0,
+            )
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=120) as http:
+            await asyncio.gather(*(drop_stream(http) for _ in range(4)), drop_answer(http))
+
+    asyncio.run(main())
+    # Unaborted, those 9 sequences of 1500 tokens would keep the engine busy for a minute.
+    g = _wait_until_idle(server, timeout=10)
+    assert g["tgi_batch_current_size"] == 0 and g["tgi_queue_size"] == 0
+    assert g["tgi_mp_kv_blocks_free"] == g["tgi_mp_kv_blocks_total"], g
