@@ -52,30 +52,43 @@ class PenaltyHistory:
         rows = np.full(len(active), -1, dtype=np.int64)
         for i in np.flatnonzero(active).tolist():
             rows[i] = self._row(int(plan.seq_ids[i]))
-        fresh = rows[active & (plan.context_lens == 0)]
+        # A sequence starts over at context 0, or on a cached prefix it is sent.
+        fresh = rows[active & ((plan.context_lens == 0) | (plan.history_counts > 0))]
         if len(fresh):
             self.seen[fresh] = False
             self.counts[fresh] = 0
-        # Every computed token of an active row, with its position in its sequence.
-        token_rows = np.repeat(rows, plan.query_lens)
-        starts = np.repeat(plan.context_lens, plan.query_lens)
-        offsets = np.arange(len(token_rows)) - np.repeat(
-            np.cumsum(plan.query_lens) - plan.query_lens, plan.query_lens
+        # Every token of an active row (its history, then this step's), and its position.
+        hist_rows, hist_pos = _spans(rows, np.zeros_like(plan.context_lens), plan.history_counts)
+        step_rows, step_pos = _spans(rows, plan.context_lens, plan.query_lens)
+        token_rows = np.concatenate([hist_rows, step_rows])
+        positions = np.concatenate([hist_pos, step_pos])
+        ids = np.concatenate([plan.history_ids, plan.input_ids])
+        prompt_lens = np.concatenate(
+            [
+                np.repeat(plan.prompt_lens, plan.history_counts),
+                np.repeat(plan.prompt_lens, plan.query_lens),
+            ]
         )
-        positions = starts + offsets
         keep = token_rows >= 0
         r = torch.from_numpy(token_rows[keep]).to(self.device)
-        tok = torch.from_numpy(plan.input_ids[keep].astype(np.int64)).to(self.device)
+        tok = torch.from_numpy(ids[keep].astype(np.int64)).to(self.device)
         self.seen[r, tok] = True
-        generated = torch.from_numpy(
-            positions[keep] >= np.repeat(plan.prompt_lens, plan.query_lens)[keep]
-        ).to(self.device)
+        generated = torch.from_numpy(positions[keep] >= prompt_lens[keep]).to(self.device)
         self.counts.index_put_(
             (r[generated], tok[generated]),
             torch.ones(int(generated.sum()), dtype=torch.int32, device=self.device),
             accumulate=True,
         )
         return torch.from_numpy(rows).to(self.device)
+
+
+def _spans(
+    rows: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row i's `lengths[i]` tokens at positions starts[i].. : (row per token, position)."""
+    token_rows = np.repeat(rows, lengths)
+    offsets = np.arange(len(token_rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return token_rows, np.repeat(starts, lengths) + offsets
 
 
 def apply_penalties(

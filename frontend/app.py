@@ -134,7 +134,7 @@ class App:
         if method == "OPTIONS":  # CORS preflight
             extra = [
                 (b"access-control-allow-methods", b"GET, POST"),
-                (b"access-control-allow-headers", b"content-type"),
+                (b"access-control-allow-headers", b"content-type, authorization"),
             ]
             await respond(send, 200, b"", None, cors + extra)
             return

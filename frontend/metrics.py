@@ -52,6 +52,22 @@ _in_flight = Gauge(
     "tgi_mp_http_in_flight", "Generation requests this HTTP worker is serving", registry=registry
 )
 _preemptions = Gauge("tgi_mp_preemptions", "Requests preempted since start", registry=registry)
+_admitted = Gauge(
+    "tgi_mp_prefix_cache_admitted_tokens",
+    "Tokens of requests admitted since start (again after a preemption)",
+    registry=registry,
+)
+_hits = Gauge(
+    "tgi_mp_prefix_cache_hit_tokens",
+    "Admitted tokens served from the prefix cache since start",
+    registry=registry,
+)
+_hit_rate = Gauge(
+    "tgi_mp_prefix_cache_hit_rate", "hit tokens / admitted tokens since start", registry=registry
+)
+_cached_blocks = Gauge(
+    "tgi_mp_prefix_cache_blocks", "KV blocks holding a cached prefix", registry=registry
+)
 
 
 def success(duration: float, input_tokens: int, generated: int) -> None:
@@ -75,4 +91,8 @@ def render(stats: SchedulerStats | None, in_flight: int) -> bytes:
         _blocks_free.set(stats.blocks_free)
         _blocks_total.set(stats.blocks_total)
         _preemptions.set(stats.preemptions)
+        _admitted.set(stats.admitted_tokens)
+        _hits.set(stats.cache_hit_tokens)
+        _hit_rate.set(stats.cache_hit_tokens / max(stats.admitted_tokens, 1))
+        _cached_blocks.set(stats.cached_blocks)
     return generate_latest(registry)

@@ -123,6 +123,9 @@ class SchedulerStats(msgspec.Struct, tag=True, array_like=True, gc=False):
     step_time: float  # plan sent -> result received, as the scheduler sees it
     forward_time: float  # the executor's own share of step_time
     busy_time: float  # wall time of loop iterations that ran a step
+    admitted_tokens: int = 0  # tokens of requests admitted (again, after preemption)
+    cache_hit_tokens: int = 0  # of those, served from the prefix cache
+    cached_blocks: int = 0  # blocks holding a cached prefix (in use or evictable)
 
 
 SchedulerToFrontend = TokenBatch | Error | SchedulerStats
@@ -178,6 +181,10 @@ class StepPlan(msgspec.Struct, tag=True, array_like=True, gc=False):
     bias_counts: np.ndarray  # int32 [B]
     bias_ids: np.ndarray  # int32 [sum(bias_counts)]
     bias_values: np.ndarray  # float32 [sum(bias_counts)]
+    # A sequence that starts on a prefix-cache hit: its first `history_counts[i]`
+    # tokens (positions 0.., computed by an earlier request) for penalty histories.
+    history_counts: np.ndarray  # int32 [B]
+    history_ids: np.ndarray  # int32 [sum(history_counts)]
 
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True, gc=False):

@@ -60,6 +60,7 @@ class SchedulerProcess:
                 max_batch_size=self.cfg.max_batch_size or self.cfg.max_batch_prefill_tokens,
                 eos_token_ids=frozenset(mc.eos_token_ids),
                 vocab_size=mc.vocab_size,
+                prefix_caching=self.cfg.prefix_caching,
             )
         )
         r0 = ready[0]
@@ -165,6 +166,9 @@ class SchedulerProcess:
             step_time=t["step"],
             forward_time=t["forward"],
             busy_time=t["busy"],
+            admitted_tokens=core.stats.admitted_tokens,
+            cache_hit_tokens=core.stats.cache_hit_tokens,
+            cached_blocks=core.pool.num_cached,
         )
 
     def fail_everything(self, message: str) -> None:

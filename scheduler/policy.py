@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tgi_mp.ipc.messages import AddRequest, FinishReason, StepPlan
-from tgi_mp.scheduler.block_pool import BlockPool
+from tgi_mp.ipc.messages import AddRequest, FinishReason, SamplingParams, StepPlan
+from tgi_mp.scheduler.block_pool import BlockPool, HashFn, chain_hash
 from tgi_mp.scheduler.request import Request, Status
 
 
@@ -30,6 +30,7 @@ class SchedulerConfig:
     max_batch_size: int = 256
     eos_token_ids: frozenset[int] = frozenset()
     vocab_size: int | None = None  # when known, token ids outside it are refused
+    prefix_caching: bool = True
 
 
 class RequestRejected(ValueError):
@@ -61,12 +62,14 @@ class Stats:
     preemptions: int = 0
     prefill_tokens: int = 0
     decode_tokens: int = 0
+    admitted_tokens: int = 0  # tokens of admitted (and re-admitted) requests
+    cache_hit_tokens: int = 0  # of which served from the prefix cache
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig) -> None:
+    def __init__(self, cfg: SchedulerConfig, hash_fn: HashFn = chain_hash) -> None:
         self.cfg = cfg
-        self.pool = BlockPool(cfg.num_blocks, cfg.block_size)
+        self.pool = BlockPool(cfg.num_blocks, cfg.block_size, hash_fn)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[tuple[bytes, int], Request] = {}
@@ -158,10 +161,14 @@ class Scheduler:
             if len(self.running) >= self.cfg.max_batch_size:
                 break
             req = self.waiting[0]
+            self._reuse_prefix(req)
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._reserve(req, n):
+                self._drop_blocks(req)
                 break
             self.waiting.popleft()
+            self.stats.admitted_tokens += req.num_tokens
+            self.stats.cache_hit_tokens += req.num_cached
             req.status = Status.RUNNING
             self.running.append(req)
             reqs.append(req)
@@ -186,11 +193,37 @@ class Scheduler:
         req.block_ids += self.pool.allocate(need)
         return True
 
+    def _reuse_prefix(self, req: Request) -> None:
+        """Starts a request being admitted on its longest cached prefix. At least one
+        token is always left to compute (its logits give the next token). Requests
+        that want prompt logprobs compute their whole prompt, as in TGI."""
+        if not self.cfg.prefix_caching or req.params.prefill_logprobs:
+            return
+        blocks, keys = self.pool.match(
+            req.tokens[: req.num_tokens], (req.num_tokens - 1) // self.cfg.block_size
+        )
+        self.pool.share(blocks)
+        req.block_ids, req.block_keys = blocks, keys
+        req.num_computed = req.num_cached = len(blocks) * self.cfg.block_size
+
+    def _drop_blocks(self, req: Request) -> None:
+        self.pool.release(req.block_ids)
+        req.block_ids, req.block_keys = [], []
+        req.num_computed = 0
+        req.started = False
+
+    def _cache_full_blocks(self, req: Request) -> None:
+        """Offers the blocks that are now full of computed tokens to the prefix cache."""
+        bs = self.cfg.block_size
+        for i in range(len(req.block_keys), req.num_computed // bs):
+            parent = req.block_keys[-1] if req.block_keys else None
+            key = self.pool.key(parent, req.tokens[i * bs : (i + 1) * bs])
+            self.pool.cache(req.block_ids[i], key)
+            req.block_keys.append(key)
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self.pool.release(req.block_ids)
-        req.block_ids = []
-        req.num_computed = 0
+        self._drop_blocks(req)
         req.status = Status.WAITING
         req.num_preemptions += 1
         self.waiting.appendleft(req)
@@ -216,6 +249,14 @@ class Scheduler:
             for r, k in zip(reqs, scored, strict=True)
             if k
         ]
+        # A sequence starting on a cached prefix: executors keeping its penalty history
+        # get the tokens they did not compute.
+        history = [
+            r.tokens[: r.num_computed] if not r.started and _penalised(r.params) else r.tokens[:0]
+            for r in reqs
+        ]
+        for r in reqs:
+            r.started = True
         return StepPlan(
             step_id=self._step_id,
             query_lens=query_lens,
@@ -250,6 +291,8 @@ class Scheduler:
             bias_counts=np.array([len(p.logit_bias) for p in params], dtype=np.int32),
             bias_ids=np.array([i for p in params for i, _ in p.logit_bias], dtype=np.int32),
             bias_values=np.array([b for p in params for _, b in p.logit_bias], dtype=np.float32),
+            history_counts=np.array([len(h) for h in history], dtype=np.int32),
+            history_ids=np.concatenate(history).astype(np.int32, copy=False),
         )
 
     def _take_released(self) -> np.ndarray:
@@ -303,6 +346,8 @@ class Scheduler:
                 start = req.num_computed + 1
                 req.prompt_logprobs[start : start + scored] = values
             req.num_computed += n
+            if self.cfg.prefix_caching and not req.params.prefill_logprobs:
+                self._cache_full_blocks(req)
             if not do_sample:
                 continue
             token = tokens[k - 1]
@@ -321,8 +366,7 @@ class Scheduler:
             self.running.remove(req)
         elif req.status == Status.WAITING:
             self.waiting.remove(req)
-        self.pool.release(req.block_ids)
-        req.block_ids = []
+        self._drop_blocks(req)
         req.status = Status.FINISHED
         self._released.append(req.seq_id)
         del self.requests[(req.frontend, req.req_id)]
@@ -335,3 +379,7 @@ class Scheduler:
             if req.status != Status.FINISHED:
                 self._finish(req, FinishReason.ERROR)
         return reqs
+
+
+def _penalised(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0

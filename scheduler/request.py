@@ -26,7 +26,9 @@ class Request:
 
     __slots__ = (
         "block_ids",
+        "block_keys",
         "frontend",
+        "num_cached",
         "num_computed",
         "num_preemptions",
         "num_prompt",
@@ -36,6 +38,7 @@ class Request:
         "req_id",
         "seed",
         "seq_id",
+        "started",
         "status",
         "tokens",
     )
@@ -60,6 +63,10 @@ class Request:
         self.num_tokens = self.num_prompt
         self.num_computed = 0
         self.block_ids: list[int] = []
+        # Prefix-cache keys of the leading full, computed blocks of `block_ids`.
+        self.block_keys: list = []
+        self.num_cached = 0  # tokens served from the prefix cache at the last admission
+        self.started = False  # planned since its last admission (executors know it)
         self.status = Status.WAITING
         self.num_preemptions = 0
         # Filled as prompt chunks are computed when the request asked for them (position

@@ -122,6 +122,12 @@ def main() -> None:
 )
 @_opt("--max-batch-size", type=int, default=None, help="Most sequences per step.")
 @_opt(
+    "--prefix-caching",
+    type=bool,
+    default=True,
+    help="Reuse the KV of cached prompt prefixes (on by default; false/0 turns it off).",
+)
+@_opt(
     "--waiting-served-ratio",
     type=float,
     default=0.3,
@@ -200,6 +206,7 @@ def serve(**o: object) -> None:
             max_batch_total_tokens=mbt,
             kv_cache_memory=o["kv_cache_memory"],
             max_batch_size=o["max_batch_size"],
+            prefix_caching=o["prefix_caching"],
             watermark_gamma=o["watermark_gamma"],
             watermark_delta=o["watermark_delta"],
         )

@@ -27,6 +27,7 @@ class EngineConfig(msgspec.Struct, frozen=True):
     max_batch_size: int | None = None  # sequences per step; None = up to the token budget
     torch_threads: int | None = None
     startup_timeout: float = 600.0
+    prefix_caching: bool = True
     watermark_gamma: float = 0.5  # green share of the vocabulary for `watermark` requests
     watermark_delta: float = 2.0  # logit bias of green tokens
 

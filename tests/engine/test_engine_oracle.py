@@ -1,8 +1,10 @@
 """The correctness oracle: the engine's greedy tokens are transformers' greedy tokens.
 
 The bundled SmolLM2 in float32, prompts of 1 to 640 tokens, 32 new tokens each,
-run (a) one at a time, (b) all at once, (c) with 64-token prefill chunks and
-(d) in a KV cache small enough to force preemption.
+run (a) one at a time, (b) all at once, each prompt now whole in the prefix
+cache, (c) with 64-token prefill chunks and the prefix cache off, and (d) in a KV
+cache small enough to force preemption and evictions, then again on what the
+cache kept.
 """
 
 from __future__ import annotations
@@ -75,15 +77,24 @@ def test_alone(default_engine, cases):
 
 
 def test_concurrent(default_engine, cases):
+    before = asyncio.run(_stats(default_engine))
     _check("concurrent", cases, _run(default_engine, cases, concurrent=True))
     stats = asyncio.run(_stats(default_engine))
     assert stats.blocks_free == stats.blocks_total, "every block is back in the pool"
+    # Every prompt ran before (test_alone): its whole blocks are reused, except that
+    # at least one token is computed (a prompt filling its last block recomputes it).
+    hits = sum((len(p) - 1) // 16 * 16 for p, _, _ in cases)
+    assert stats.cache_hit_tokens - before.cache_hit_tokens == hits > 0
 
 
 def test_chunked_prefill(cases):
-    with Engine.start(None, max_batch_total_tokens=8192, max_batch_prefill_tokens=64) as engine:
-        _check("chunked prefill (64)", cases, _run(engine, cases, concurrent=True))
+    with Engine.start(
+        None, max_batch_total_tokens=8192, max_batch_prefill_tokens=64, prefix_caching=False
+    ) as engine:
+        _check("chunked prefill (64), no prefix cache", cases, _run(engine, cases, True))
+        _check("again, no prefix cache", cases, _run(engine, cases, concurrent=True))
         stats = asyncio.run(_stats(engine))
+    assert stats.cache_hit_tokens == 0 and stats.cached_blocks == 0
     longest = max(len(p) for p, _, _ in cases)
     assert stats.steps >= longest // 64, "long prompts were split over several steps"
     assert stats.blocks_free == stats.blocks_total
@@ -93,9 +104,14 @@ def test_preemption(cases):
     # Room for the longest request (640 + 32 tokens) but not for all of them at once.
     with Engine.start(None, max_batch_total_tokens=1024, max_batch_prefill_tokens=256) as engine:
         _check("preemption", cases, _run(engine, cases, concurrent=True))
+        first = asyncio.run(_stats(engine))
+        # 64 blocks cannot keep every prompt's blocks: some were evicted, some remain.
+        _check("after evictions", cases, _run(engine, cases, concurrent=True))
         stats = asyncio.run(_stats(engine))
-    print(f"[oracle] preemptions: {stats.preemptions}")
-    assert stats.preemptions > 0, "the small KV cache must have forced preemption"
+    print(f"[oracle] preemptions: {first.preemptions}, cache hits {stats.cache_hit_tokens}")
+    assert first.preemptions > 0, "the small KV cache must have forced preemption"
+    total = sum(len(p) - 1 for p, _, _ in cases)
+    assert 0 < stats.cache_hit_tokens - first.cache_hit_tokens < total
     assert stats.blocks_free == stats.blocks_total
 
 

@@ -94,7 +94,7 @@ def test_cors(tmp_path, tokenizer_dir) -> None:
         listed, "OPTIONS", "/generate", headers={"origin": "https://a.example"}
     )
     assert status == 200 and headers["access-control-allow-methods"] == "GET, POST"
-    assert headers["access-control-allow-headers"] == "content-type"
+    assert headers["access-control-allow-headers"] == "content-type, authorization"
 
 
 def test_openapi_document(tmp_path, tokenizer_dir) -> None:

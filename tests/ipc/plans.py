@@ -39,4 +39,6 @@ def random_plan(rng: np.random.Generator, b: int, tokens: int, step_id: int = 7)
         bias_counts=ints(b),
         bias_ids=ints(2 * b),
         bias_values=rng.random(2 * b, dtype=np.float32),
+        history_counts=ints(b),
+        history_ids=ints(2 * b),
     )

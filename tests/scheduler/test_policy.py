@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -124,17 +125,22 @@ class Trace:
 
 
 def check_bookkeeping(s: Scheduler) -> None:
-    """Blocks are owned by exactly one running request each, or free; waiting ones own none."""
-    owned = [b for r in s.running for b in r.block_ids]
-    assert len(owned) == len(set(owned)), "a block is in two block tables"
+    """Each block's count is the number of running requests holding it (several only for
+    a cached, full prefix block), or 0 when free; waiting requests hold none."""
+    owned = Counter(b for r in s.running for b in r.block_ids)
+    assert all(len(set(r.block_ids)) == len(r.block_ids) for r in s.running)
     for b, count in enumerate(s.pool.ref_counts):
-        assert count == (1 if b in set(owned) else 0), f"block {b} has ref count {count}"
+        assert count == owned.get(b, 0), f"block {b} has ref count {count}"
+        if count > 1:
+            assert s.pool._key[b] is not None, f"block {b} is shared but not a cached block"
     assert s.pool.num_free == s.pool.num_blocks - len(owned)
     assert all(not r.block_ids and r.status == Status.WAITING for r in s.waiting)
     assert all(r.status == Status.RUNNING for r in s.running)
     assert len(s.running) <= s.cfg.max_batch_size
     for r in s.running:  # between steps, a request owns the blocks of what it computed, no more
         assert len(r.block_ids) == s.pool.blocks_for(r.num_computed)
+        if s.cfg.prefix_caching and not r.params.prefill_logprobs:  # full blocks are keyed
+            assert len(r.block_keys) == r.num_computed // s.cfg.block_size
 
 
 def assert_drained(s: Scheduler) -> None:
@@ -377,6 +383,108 @@ def test_prompt_logprobs_follow_chunks_and_preemption(make) -> None:
                 assert plan.context_lens[i] + plan.prompt_logprobs[i] < r.num_prompt
 
 
+# ---------------------------------------------------------------- prefix cache
+
+
+def first_row(trace: Trace, req: Request) -> tuple[int, int]:
+    """(context, query) of a request's first planned row."""
+    for plan, rs in trace.plans:
+        for i, r in enumerate(rs):
+            if r is req:
+                return int(plan.context_lens[i]), int(plan.query_lens[i])
+    raise AssertionError("never planned")
+
+
+def test_shared_prefixes_are_reused(make) -> None:
+    rng = np.random.default_rng(7)
+    s, ex = make(num_blocks=64, block_size=4)
+    stem = prompt_of(rng, 22)  # 5 full blocks and 2 more tokens
+    a = add(s, 1, np.concatenate([stem, prompt_of(rng, 3)]), max_new_tokens=5)
+    trace = run_all(s, ex)
+    later = [add(s, i, np.concatenate([stem, prompt_of(rng, 3)]), max_new_tokens=5) for i in (2, 3)]
+    trace = run_all(s, ex, trace)
+    check_outputs(trace, [a, *later])
+    assert first_row(trace, a) == (0, 25)
+    for r in later:
+        assert first_row(trace, r) == (20, 5) and r.num_cached == 20  # whole blocks only
+    assert s.stats.cache_hit_tokens == 40 and s.stats.admitted_tokens == 75
+
+
+def test_whole_cached_prompt_still_computes_a_token(make) -> None:
+    s, ex = make(num_blocks=32, block_size=4)
+    prompt = list(range(1, 17))  # exactly 4 blocks
+    first = add(s, 1, prompt, max_new_tokens=3)
+    trace = run_all(s, ex)
+    again = add(s, 2, prompt, max_new_tokens=3)
+    longer = add(s, 3, [*prompt, 99], max_new_tokens=3)
+    trace = run_all(s, ex, trace)
+    check_outputs(trace, [first, again, longer])
+    assert first_row(trace, again) == (12, 4)  # the last block is recomputed, not shared
+    assert first_row(trace, longer) == (16, 1)
+
+
+def test_generated_tokens_are_cached_for_the_next_turn(make) -> None:
+    s, ex = make(num_blocks=32, block_size=4)
+    turn1 = add(s, 1, list(range(1, 9)), max_new_tokens=12)
+    trace = run_all(s, ex)
+    history = [*range(1, 9), *trace.tokens[(b"f0", 1)]]  # 20 tokens; 19 computed
+    turn2 = add(s, 2, [*history, 7, 7], max_new_tokens=4)
+    trace = run_all(s, ex, trace)
+    check_outputs(trace, [turn1, turn2])
+    assert first_row(trace, turn2) == (16, 6)
+
+
+def test_cache_after_eviction_and_when_off(make) -> None:
+    rng = np.random.default_rng(8)
+    s, ex = make(num_blocks=12, block_size=4)
+    prompt = prompt_of(rng, 16)
+    reqs = [add(s, 1, prompt, max_new_tokens=4)]
+    trace = run_all(s, ex)
+    for i in range(2, 6):  # others fill the pool: the first prompt's blocks are evicted
+        reqs.append(add(s, i, prompt_of(rng, 30), max_new_tokens=8))
+        trace = run_all(s, ex, trace)
+    reqs.append(again := add(s, 9, prompt, max_new_tokens=4))
+    trace = run_all(s, ex, trace)
+    check_outputs(trace, reqs)
+    assert first_row(trace, again) == (0, 16)
+    off, ex_off = make(num_blocks=12, block_size=4, prefix_caching=False)
+    twice = [add(off, i, prompt, max_new_tokens=4) for i in (1, 2)]
+    trace = run_all(off, ex_off)
+    check_outputs(trace, twice)
+    assert off.stats.cache_hit_tokens == 0 and off.pool.num_cached == 0
+
+
+def test_hash_collisions_are_harmless_in_the_scheduler(make) -> None:
+    rng = np.random.default_rng(9)
+    s = Scheduler(SchedulerConfig(num_blocks=40, block_size=4), hash_fn=lambda parent, data: 7)
+    ex = FakeExecutor(40, 4)
+    stems = [prompt_of(rng, 12) for _ in range(3)]
+    reqs = [
+        add(s, i, np.concatenate([stems[i % 3], prompt_of(rng, 2)]), max_new_tokens=6)
+        for i in range(9)
+    ]
+    trace = run_all(s, ex)
+    check_outputs(trace, reqs)  # any wrong reuse would change the fake model's tokens
+    assert s.stats.cache_hit_tokens > 0
+    assert_drained(s)
+
+
+def test_penalised_requests_get_their_cached_history(make) -> None:
+    s, ex = make(num_blocks=32, block_size=4)
+    prompt = list(range(1, 11))
+    run_all(s, ex)
+    add(s, 1, prompt, max_new_tokens=2)
+    trace = run_all(s, ex)
+    r = add(s, 2, prompt, max_new_tokens=2, repetition_penalty=1.3)
+    trace = run_all(s, ex, trace)
+    plan, rs = next((p, rs) for p, rs in trace.plans if r in rs)
+    i = rs.index(r)
+    assert plan.context_lens[i] == 8 and plan.history_counts[i] == 8
+    assert plan.history_ids.tolist() == prompt[:8]
+    later = [p for p, rs in trace.plans if r in rs][1:]
+    assert later and all(p.history_counts.sum() == 0 for p in later)  # sent once
+
+
 # ---------------------------------------------------------------- aborts
 
 
@@ -559,6 +667,7 @@ def test_randomized_stress(make) -> None:
         num_blocks=24, fn=fn, max_batch_prefill_tokens=20, max_batch_size=12, eos_token_ids=eos
     )
     pending: list[tuple[int, bytes, int, np.ndarray, SamplingParams]] = []
+    stems = [prompt_of(rng, 40) for _ in range(3)]  # shared prefixes: the cache gets hits
     for i in range(200):
         n_prompt = int(rng.integers(1, 50))
         params = SamplingParams(
@@ -568,9 +677,11 @@ def test_randomized_stress(make) -> None:
             seed=i,
         )
         # Two frontends with overlapping request ids.
-        pending.append(
-            (i // 2, b"f%d" % (i % 2), int(rng.integers(0, 400)), prompt_of(rng, n_prompt), params)
-        )
+        prompt = prompt_of(rng, n_prompt)
+        if rng.random() < 0.6:
+            stem = stems[int(rng.integers(0, 3))]
+            prompt = np.concatenate([stem[: min(n_prompt, 40)], prompt])[:n_prompt]
+        pending.append((i // 2, b"f%d" % (i % 2), int(rng.integers(0, 400)), prompt, params))
     reqs: list[Request] = []
     aborted: set[tuple[bytes, int]] = set()
 
@@ -594,6 +705,7 @@ def test_randomized_stress(make) -> None:
     run_all(s, ex, trace, between=maybe_abort)
 
     assert len(reqs) == 200 and s.stats.preemptions > 0
+    assert s.stats.cache_hit_tokens > 500, s.stats
     reasons = set()
     for r in reqs:
         key = (r.frontend, r.req_id)
