@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tgi_mp.ipc.messages import AddRequest, FinishReason, SamplingParams, StepPlan
-from tgi_mp.scheduler.block_pool import BlockPool, HashFn, chain_hash
+from tgi_mp.scheduler.block_pool import BlockKey, BlockPool, HashFn, chain_hash
 from tgi_mp.scheduler.request import Request, Status
 
 
@@ -157,16 +157,25 @@ class Scheduler:
             budget -= n
             i += 1
 
+        # Full blocks this step computes: a waiting request whose next block is among them
+        # waits a step and then reuses it (the `n` choices of one prompt, a burst of
+        # requests sharing a system prompt) instead of computing it twice.
+        computing = self._blocks_in_flight(reqs, num_new)
+        deferred: list[Request] = []
         while not preempted and self.waiting and budget > 0:
             if len(self.running) >= self.cfg.max_batch_size:
                 break
-            req = self.waiting[0]
+            req = self.waiting.popleft()
             self._reuse_prefix(req)
+            if computing and self._next_key(req) in computing:
+                self._drop_blocks(req)
+                deferred.append(req)
+                continue
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._reserve(req, n):
                 self._drop_blocks(req)
+                self.waiting.appendleft(req)
                 break
-            self.waiting.popleft()
             self.stats.admitted_tokens += req.num_tokens
             self.stats.cache_hit_tokens += req.num_cached
             req.status = Status.RUNNING
@@ -174,6 +183,8 @@ class Scheduler:
             reqs.append(req)
             num_new.append(n)
             budget -= n
+            computing |= self._blocks_in_flight([req], [n])
+        self.waiting.extendleft(reversed(deferred))
 
         if not reqs:
             return None, ended
@@ -197,7 +208,7 @@ class Scheduler:
         """Starts a request being admitted on its longest cached prefix. At least one
         token is always left to compute (its logits give the next token). Requests
         that want prompt logprobs compute their whole prompt, as in TGI."""
-        if not self.cfg.prefix_caching or req.params.prefill_logprobs:
+        if not self._caching(req):
             return
         blocks, keys = self.pool.match(
             req.tokens[: req.num_tokens], (req.num_tokens - 1) // self.cfg.block_size
@@ -205,6 +216,30 @@ class Scheduler:
         self.pool.share(blocks)
         req.block_ids, req.block_keys = blocks, keys
         req.num_computed = req.num_cached = len(blocks) * self.cfg.block_size
+
+    def _caching(self, req: Request) -> bool:
+        return self.cfg.prefix_caching and not req.params.prefill_logprobs
+
+    def _next_key(self, req: Request) -> BlockKey | None:
+        """The key of the block after `req`'s reused prefix, when its prompt fills it."""
+        bs, i = self.cfg.block_size, len(req.block_keys)
+        if not self._caching(req) or (i + 1) * bs > req.num_tokens - 1:
+            return None
+        return self.pool.key(req.block_keys[-1] if i else None, req.tokens[i * bs : (i + 1) * bs])
+
+    def _blocks_in_flight(self, reqs: list[Request], num_new: list[int]) -> set[BlockKey]:
+        """Keys of the blocks that these rows fill this step."""
+        if not self.cfg.prefix_caching:
+            return set()
+        bs, keys = self.cfg.block_size, set()
+        for req, n in zip(reqs, num_new, strict=True):
+            if not self._caching(req):
+                continue
+            parent = req.block_keys[-1] if req.block_keys else None
+            for i in range(len(req.block_keys), (req.num_computed + n) // bs):
+                parent = self.pool.key(parent, req.tokens[i * bs : (i + 1) * bs])
+                keys.add(parent)
+        return keys
 
     def _drop_blocks(self, req: Request) -> None:
         self.pool.release(req.block_ids)
@@ -346,7 +381,7 @@ class Scheduler:
                 start = req.num_computed + 1
                 req.prompt_logprobs[start : start + scored] = values
             req.num_computed += n
-            if self.cfg.prefix_caching and not req.params.prefill_logprobs:
+            if self._caching(req):
                 self._cache_full_blocks(req)
             if not do_sample:
                 continue

@@ -329,7 +329,7 @@ def test_prefill_chunk_shrinks_to_free_blocks(make) -> None:
     # decode: A's chunk must shrink to the 4 tokens that fit, not preempt A.
     s, ex = make(num_blocks=6, block_size=4, max_batch_prefill_tokens=16)
     b = add(s, 1, list(range(1, 5)), max_new_tokens=4)
-    a = add(s, 2, list(range(1, 21)), max_new_tokens=1)
+    a = add(s, 2, list(range(101, 121)), max_new_tokens=1)
     trace = Trace()
     step_once(s, ex, trace, lambda: None)
     assert trace.plans[0][0].query_lens.tolist() == [4, 12]
@@ -408,6 +408,25 @@ def test_shared_prefixes_are_reused(make) -> None:
     for r in later:
         assert first_row(trace, r) == (20, 5) and r.num_cached == 20  # whole blocks only
     assert s.stats.cache_hit_tokens == 40 and s.stats.admitted_tokens == 75
+
+
+def test_a_burst_sharing_a_prefix_computes_it_once(make) -> None:
+    rng = np.random.default_rng(10)
+    s, ex = make(num_blocks=64, block_size=4, max_batch_prefill_tokens=64)
+    stem = prompt_of(rng, 20)
+    same = [
+        add(s, i, np.concatenate([stem, prompt_of(rng, 2)]), max_new_tokens=3) for i in (1, 2, 3)
+    ]
+    other = add(s, 4, prompt_of(rng, 22), max_new_tokens=3)
+    trace = Trace()
+    step_once(s, ex, trace, lambda: None)
+    # The first request computes the shared blocks; the others sharing them wait a
+    # step (an unrelated request behind them does not).
+    assert trace.plans[0][1] == [same[0], other]
+    trace = run_all(s, ex, trace)
+    check_outputs(trace, [*same, other])
+    assert [first_row(trace, r) for r in same[1:]] == [(20, 2), (20, 2)]
+    assert s.stats.cache_hit_tokens == 40
 
 
 def test_whole_cached_prompt_still_computes_a_token(make) -> None:
