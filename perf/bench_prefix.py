@@ -12,13 +12,15 @@ off (the bundled model, float32, the same KV capacity):
   show what the cache costs when it cannot help.
 
 TTFT is measured from submission to the first token, per request, through the
-engine client (no HTTP).
+engine client (no HTTP). "scheduler ms" is the scheduler process's own time
+(planning, the prefix cache, applying results), the direct cost of the cache.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -31,19 +33,17 @@ from tgi_mp.ipc.messages import SamplingParams
 from tgi_mp.launcher import Engine
 
 
-def workloads(n: int, prefix: int, suffix: int) -> dict[str, list[list[int]]]:
+def shared_prompts(n: int, prefix: int, suffix: int) -> list[list[int]]:
     """Prose for the shared prefix; random token ids where prompts must differ (prose
     repeats, and a repeat would be a cache hit)."""
     shared = tokenizer()(TEXT * 3, add_special_tokens=False)["input_ids"][:prefix]
     rng = np.random.default_rng(0)
+    return [shared + rng.integers(100, 40_000, suffix).tolist() for _ in range(n)]
 
-    def rand(k: int) -> list[int]:
-        return rng.integers(100, 40_000, k).tolist()
 
-    return {
-        "shared": [shared + rand(suffix) for _ in range(n)],
-        "distinct": [rand(prefix + suffix) for _ in range(n)],
-    }
+def distinct_prompts(n: int, length: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(100, 40_000, length).tolist() for _ in range(n)]
 
 
 async def run(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -75,6 +75,7 @@ async def run(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict
         "tok_s": tokens / total,
         "hits": stats.cache_hit_tokens - before.cache_hit_tokens,
         "admitted": stats.admitted_tokens - before.admitted_tokens,
+        "schedule_ms": (stats.schedule_time - before.schedule_time) * 1000,
     }
 
 
@@ -85,38 +86,65 @@ def main() -> None:
     ap.add_argument("--suffix", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--kv-tokens", type=int, default=65536)
+    ap.add_argument("--rounds", type=int, default=2, help="of the distinct workload")
     args = ap.parse_args()
-    loads = workloads(args.requests, args.prefix, args.suffix)
+    n, length = args.requests, args.prefix + args.suffix
     print(
-        f"{args.requests} requests of {args.prefix} + {args.suffix} prompt tokens, "
+        f"{n} requests of {args.prefix} + {args.suffix} prompt tokens, "
         f"{args.new_tokens} new tokens each, all sent at once; bundled model, float32\n"
     )
-    print("| workload | prefix cache | TTFT p50 / p99 s | total s | output tok/s | hit tokens |")
-    print("|---|---|---|---|---|---|")
-    results = {}
-    for cache in (True, False):
-        with Engine.start(
-            None, max_batch_total_tokens=args.kv_tokens, prefix_caching=cache
-        ) as engine:
-            asyncio.run(run(engine, [loads["distinct"][0][:64]], 2))  # warm-up, not measured
-            for name in ("shared", "distinct"):
-                r = asyncio.run(run(engine, loads[name], args.new_tokens))
-                results[name, cache] = r
-                print(
-                    f"| {name} | {'on' if cache else 'off'} | {r['ttft_p50']:.2f} / "
-                    f"{r['ttft_p99']:.2f} | {r['total']:.2f} | {r['tok_s']:.1f} "
-                    f"| {r['hits']} of {r['admitted']} |",
-                    flush=True,
+    print(
+        "| workload | prefix cache | TTFT p50 / p99 s | total s | output tok/s | hit tokens "
+        "| scheduler ms |"
+    )
+    print("|---|---|---|---|---|---|---|")
+
+    def report(name: str, cache: bool, r: dict) -> None:
+        print(
+            f"| {name} | {'on' if cache else 'off'} | {r['ttft_p50']:.2f} / "
+            f"{r['ttft_p99']:.2f} | {r['total']:.2f} | {r['tok_s']:.1f} "
+            f"| {r['hits']} of {r['admitted']} | {r['schedule_ms']:.0f} |",
+            flush=True,
+        )
+
+    with contextlib.ExitStack() as stack:
+        engines = {
+            cache: stack.enter_context(
+                Engine.start(None, max_batch_total_tokens=args.kv_tokens, prefix_caching=cache)
+            )
+            for cache in (True, False)
+        }
+        for engine in engines.values():  # not measured
+            asyncio.run(run(engine, distinct_prompts(1, 64, seed=99), 2))
+        shared = {}
+        for cache, engine in engines.items():
+            shared[cache] = asyncio.run(
+                run(engine, shared_prompts(n, args.prefix, args.suffix), args.new_tokens)
+            )
+            report("shared", cache, shared[cache])
+        # 0% hit rate: fresh prompts every round, the engines' order alternating.
+        distinct: dict[bool, list[dict]] = {True: [], False: []}
+        for k in range(args.rounds):
+            for cache in (True, False) if k % 2 == 0 else (False, True):
+                r = asyncio.run(
+                    run(engines[cache], distinct_prompts(n, length, seed=k), args.new_tokens)
                 )
-    on, off = results["shared", True], results["shared", False]
+                distinct[cache].append(r)
+                report(f"distinct #{k + 1}", cache, r)
+    on, off = shared[True], shared[False]
     print(
         f"\nshared prefix: TTFT p50 {off['ttft_p50'] / on['ttft_p50']:.1f}x better with the "
         f"cache, total time {off['total'] / on['total']:.1f}x"
     )
-    d_on, d_off = results["distinct", True], results["distinct", False]
+
+    def mean(cache: bool, key: str) -> float:
+        return sum(r[key] for r in distinct[cache]) / len(distinct[cache])
+
+    change = mean(True, "tok_s") / mean(False, "tok_s") - 1
     print(
-        f"0% hit rate: throughput with the cache {d_on['tok_s'] / d_off['tok_s'] - 1:+.1%} "
-        "vs without"
+        f"0% hit rate: throughput with the cache {change:+.1%} vs without "
+        f"(mean of {args.rounds} rounds); scheduler time "
+        f"{mean(True, 'schedule_ms'):.0f} vs {mean(False, 'schedule_ms'):.0f} ms per round"
     )
 
 
