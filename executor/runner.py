@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -39,11 +40,37 @@ def kv_bytes_per_block(cfg: EngineConfig) -> int:
     return 2 * mc.num_layers * cfg.block_size * mc.num_kv_heads * mc.head_dim * elem
 
 
-def num_kv_blocks(cfg: EngineConfig) -> int:
-    """KV capacity: `max_batch_total_tokens` when given, else the memory budget."""
+def available_memory() -> int:
+    """Bytes the kernel could give this process now without swapping (Linux's
+    MemAvailable; free physical pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_budget(cfg: EngineConfig) -> tuple[int, str]:
+    """KV cache bytes for this executor, and how they were decided (for the log)."""
+    if cfg.kv_cache_memory is not None:
+        return cfg.kv_cache_memory, "--kv-cache-memory"
+    free = available_memory()
+    budget = int(free * cfg.kv_cache_fraction)
+    return (
+        budget,
+        f"{cfg.kv_cache_fraction:g} of {free / 2**30:.1f} GiB available after the weights",
+    )
+
+
+def num_kv_blocks(cfg: EngineConfig) -> tuple[int, str]:
+    """KV capacity in blocks: `max_batch_total_tokens` when given, else the memory budget."""
     if cfg.max_batch_total_tokens is not None:
-        return -(-cfg.max_batch_total_tokens // cfg.block_size)
-    return max(1, cfg.kv_cache_memory // kv_bytes_per_block(cfg))
+        return -(-cfg.max_batch_total_tokens // cfg.block_size), "--max-batch-total-tokens"
+    budget, why = kv_budget(cfg)
+    return max(1, budget // kv_bytes_per_block(cfg)), f"{budget / 2**30:.2f} GiB = {why}"
 
 
 def _tensor(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -69,7 +96,7 @@ class ModelRunner:
 
         self.model = load_model(cfg.model, cfg.model_config, self.dtype, self.device, progress)
         self.penalties = PenaltyHistory(cfg.model_config.vocab_size, self.device)
-        self.num_blocks = num_kv_blocks(cfg)
+        self.num_blocks, why = num_kv_blocks(cfg)
         mc = cfg.model_config
         self.kv_caches = allocate_kv_cache(
             mc.num_layers,
@@ -81,7 +108,7 @@ class ModelRunner:
             self.device,
         )
         log.info(
-            "rank %d: %s loaded in %.1fs (%s, %s); KV cache %d blocks x %d tokens = %d tokens",
+            "rank %d: %s loaded in %.1fs (%s, %s); KV cache %d blocks x %d tokens = %d tokens (%s)",
             rank,
             cfg.model.model_id,
             time.perf_counter() - t0,
@@ -90,6 +117,7 @@ class ModelRunner:
             self.num_blocks,
             cfg.block_size,
             self.num_blocks * cfg.block_size,
+            why,
         )
 
     def _penalise(

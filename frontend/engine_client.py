@@ -44,6 +44,7 @@ class TokenOutput:
     top: list[tuple[int, float]] | None = None
     # With a request's first token, when it asked: logprob of each prompt token (0: NaN).
     prompt_logprobs: list[float] | None = None
+    cached_tokens: int | None = None  # with the first token: prompt tokens the cache served
 
 
 class EngineClient:
@@ -126,6 +127,7 @@ class EngineClient:
             top_ids = msg.top_ids.tolist() if msg.top_ids is not None else None
             top_lps = msg.top_logprobs.tolist() if msg.top_logprobs is not None else None
             prompt_lps = {req_id: lps.tolist() for req_id, lps in msg.prompt_logprobs}
+            cached = dict(msg.num_cached_tokens)
             for i, (req_id, token, logprob) in enumerate(rows):
                 q = queues.get(req_id)
                 if q is not None:
@@ -136,6 +138,8 @@ class EngineClient:
                         out.top = list(zip(top_ids[i], top_lps[i], strict=True))
                     if prompt_lps:
                         out.prompt_logprobs = prompt_lps.get(req_id)
+                    if cached:
+                        out.cached_tokens = cached.get(req_id)
                     q.put_nowait(out)
             for req_id, reason in finished.items():  # ended without a token this step
                 if (q := queues.get(req_id)) is not None:

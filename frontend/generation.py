@@ -30,6 +30,7 @@ class Generation:
     tokens: list[Token] = field(default_factory=list)
     top_tokens: list[list[Token]] = field(default_factory=list)  # per token, with top_n_tokens
     prefill: list[PrefillToken] = field(default_factory=list)  # with prefill logprobs
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
     finish_reason: str = ""  # set with the last token
     text: str = ""  # generated_text, set with the last token
     queue_time: float = 0.0  # until the first token
@@ -57,6 +58,8 @@ async def run(
             if not gen.tokens:
                 gen.queue_time = time.perf_counter() - start
             reason = out.finish_reason
+            if out.cached_tokens is not None:
+                gen.cached_tokens = out.cached_tokens
             if out.prompt_logprobs is not None:
                 gen.prefill = prefill_tokens(tokenizer, v.prompt_ids, out.prompt_logprobs)
             if out.token_id >= 0:

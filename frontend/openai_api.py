@@ -51,6 +51,7 @@ from tgi_mp.frontend.openai_protocol import (
     ErrorDetail,
     Model,
     ModelList,
+    PromptTokensDetails,
     SamplingFields,
     TextPart,
     TokenLogprob,
@@ -657,8 +658,9 @@ def _usage(choices: list[Choice], per_prompt: int) -> Usage:
     """Prompt tokens once per prompt (its choices share it), completion tokens of every
     sequence generated."""
     prompt = sum(c.prompt_len for c in choices[::per_prompt])
+    cached = sum(c.gen.cached_tokens for c in choices[::per_prompt])
     completion = sum(len(c.gen.tokens) for c in choices)
-    return Usage(prompt, completion, prompt + completion)
+    return Usage(prompt, completion, prompt + completion, PromptTokensDetails(cached))
 
 
 def _count(t0: float, choices: list[Choice]) -> None:

@@ -88,10 +88,15 @@ class CompletionRequest(SamplingFields, kw_only=True):
 # ---------------------------------------------------------------- responses
 
 
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int
+
+
 class Usage(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class TopLogprob(msgspec.Struct):

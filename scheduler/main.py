@@ -61,6 +61,8 @@ class SchedulerProcess:
                 eos_token_ids=frozenset(mc.eos_token_ids),
                 vocab_size=mc.vocab_size,
                 prefix_caching=self.cfg.prefix_caching,
+                waiting_served_ratio=self.cfg.waiting_served_ratio,
+                max_waiting_tokens=self.cfg.max_waiting_tokens,
             )
         )
         r0 = ready[0]
@@ -143,6 +145,9 @@ class SchedulerProcess:
                 finished=[(o.req.req_id, int(o.finish)) for o in outs if o.finish is not None],
                 top_ids=top_ids,
                 top_logprobs=top_logprobs,
+                num_cached_tokens=[
+                    (o.req.req_id, o.req.num_cached) for o in with_token if o.req.num_generated == 1
+                ],
                 prompt_logprobs=[
                     (o.req.req_id, o.prompt_logprobs)
                     for o in with_token

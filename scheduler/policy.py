@@ -31,6 +31,11 @@ class SchedulerConfig:
     eos_token_ids: frozenset[int] = frozenset()
     vocab_size: int | None = None  # when known, token ids outside it are refused
     prefix_caching: bool = True
+    # TGI's batch-growth rule, off unless set (TGI ignores it when prefill is chunked, as
+    # it always is here): while requests run, admit new ones only when at least
+    # ratio x running are waiting, or after `max_waiting_tokens` steps without admitting.
+    waiting_served_ratio: float | None = None
+    max_waiting_tokens: int = 20
 
 
 class RequestRejected(ValueError):
@@ -77,6 +82,7 @@ class Scheduler:
         self._released: list[int] = []  # seq ids finished since the last plan
         self._seq_ids = 0
         self._step_id = 0
+        self._steps_without_admission = 0
         self.stats = Stats()
 
     @property
@@ -162,7 +168,9 @@ class Scheduler:
         # requests sharing a system prompt) instead of computing it twice.
         computing = self._blocks_in_flight(reqs, num_new)
         deferred: list[Request] = []
-        while not preempted and self.waiting and budget > 0:
+        admitted = 0
+        grow = self._may_grow()  # decided once for the step, as TGI sizes a new batch
+        while grow and not preempted and self.waiting and budget > 0:
             if len(self.running) >= self.cfg.max_batch_size:
                 break
             req = self.waiting.popleft()
@@ -183,12 +191,22 @@ class Scheduler:
             reqs.append(req)
             num_new.append(n)
             budget -= n
+            admitted += 1
             computing |= self._blocks_in_flight([req], [n])
         self.waiting.extendleft(reversed(deferred))
+        self._steps_without_admission = 0 if admitted else self._steps_without_admission + 1
 
         if not reqs:
             return None, ended
         return ScheduledStep(self._build_plan(reqs, num_new), reqs, num_new), ended
+
+    def _may_grow(self) -> bool:
+        ratio = self.cfg.waiting_served_ratio
+        if ratio is None or not self.running:
+            return True
+        if self._steps_without_admission >= self.cfg.max_waiting_tokens:
+            return True
+        return len(self.waiting) >= int(len(self.running) * ratio)
 
     def _room(self, req: Request) -> int:
         """Tokens `req` can still add: the rest of its last block plus every free block."""

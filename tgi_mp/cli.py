@@ -117,8 +117,15 @@ def main() -> None:
 @_opt(
     "--kv-cache-memory",
     type=int,
-    default=1 << 30,
+    default=None,
     help="KV cache bytes per executor when --max-batch-total-tokens is not given.",
+)
+@_opt(
+    "--kv-cache-fraction",
+    type=float,
+    default=0.2,
+    help="Without --max-batch-total-tokens or --kv-cache-memory: the KV cache takes this "
+    "fraction of the memory available once the weights are loaded.",
 )
 @_opt("--max-batch-size", type=int, default=None, help="Most sequences per step.")
 @_opt(
@@ -130,14 +137,16 @@ def main() -> None:
 @_opt(
     "--waiting-served-ratio",
     type=float,
-    default=0.3,
-    help="Accepted for TGI compatibility; the token-budget scheduler does not use it yet.",
+    default=None,
+    help="TGI's batch-growth rule, off unless given (TGI ignores it with chunked prefill, "
+    "always on here): while requests run, admit new ones only when at least this ratio "
+    "of the running count are waiting, or after --max-waiting-tokens steps.",
 )
 @_opt(
     "--max-waiting-tokens",
     type=int,
     default=20,
-    help="Accepted for TGI compatibility; the token-budget scheduler does not use it yet.",
+    help="Steps after which waiting requests are admitted whatever --waiting-served-ratio says.",
 )
 @click.option(
     "--hostname",
@@ -205,8 +214,11 @@ def serve(**o: object) -> None:
             max_batch_prefill_tokens=o["max_batch_prefill_tokens"],
             max_batch_total_tokens=mbt,
             kv_cache_memory=o["kv_cache_memory"],
+            kv_cache_fraction=o["kv_cache_fraction"],
             max_batch_size=o["max_batch_size"],
             prefix_caching=o["prefix_caching"],
+            waiting_served_ratio=o["waiting_served_ratio"],
+            max_waiting_tokens=o["max_waiting_tokens"],
             watermark_gamma=o["watermark_gamma"],
             watermark_delta=o["watermark_delta"],
         )

@@ -23,11 +23,16 @@ class EngineConfig(msgspec.Struct, frozen=True):
     block_size: int = 16
     max_batch_prefill_tokens: int = 4096
     max_batch_total_tokens: int | None = None  # KV capacity; None = from the memory budget
-    kv_cache_memory: int = 1 << 30  # bytes per executor when max_batch_total_tokens is None
+    # The KV budget when max_batch_total_tokens is None: these bytes per executor, or
+    # else this fraction of the memory available once the weights are loaded.
+    kv_cache_memory: int | None = None
+    kv_cache_fraction: float = 0.2
     max_batch_size: int | None = None  # sequences per step; None = up to the token budget
     torch_threads: int | None = None
     startup_timeout: float = 600.0
     prefix_caching: bool = True
+    waiting_served_ratio: float | None = None  # TGI's batch-growth rule; None: off
+    max_waiting_tokens: int = 20
     watermark_gamma: float = 0.5  # green share of the vocabulary for `watermark` requests
     watermark_delta: float = 2.0  # logit bias of green tokens
 
@@ -42,6 +47,8 @@ class EngineConfig(msgspec.Struct, frozen=True):
                 f"max_batch_size ({self.max_batch_size}) must be <= "
                 f"max_batch_prefill_tokens ({self.max_batch_prefill_tokens})"
             )
+        if not 0.0 < self.kv_cache_fraction <= 1.0:
+            raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if not 0.0 < self.watermark_gamma < 1.0:
             raise ValueError(f"watermark_gamma must be in (0, 1), got {self.watermark_gamma}")
         if self.dtype not in ("float32", "bfloat16", "float16"):

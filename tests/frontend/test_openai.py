@@ -82,6 +82,10 @@ def test_chat_completion_fields(client) -> None:
     assert choice.logprobs is None
     u = r.usage
     assert u.total_tokens == u.prompt_tokens + u.completion_tokens and u.completion_tokens > 0
+    # Asked again, the prompt's whole blocks come from the prefix cache.
+    again = greedy(client, ASK, max_tokens=20)
+    assert again.choices[0].message.content == choice.message.content
+    assert again.usage.prompt_tokens_details.cached_tokens == (u.prompt_tokens - 1) // 16 * 16
 
 
 def test_chat_stream_with_usage(client) -> None:
@@ -104,7 +108,8 @@ def test_chat_stream_with_usage(client) -> None:
     assert text == whole.choices[0].message.content
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert [f for f in finishes if f] == ["stop"] and finishes[-1] == "stop"
-    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and usage.total_tokens == whole.usage.total_tokens
     assert all(c.usage is None for c in chunks[:-1])
     # Without stream_options there is no usage chunk.
     plain = list(

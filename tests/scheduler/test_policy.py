@@ -429,6 +429,26 @@ def test_a_burst_sharing_a_prefix_computes_it_once(make) -> None:
     assert s.stats.cache_hit_tokens == 40
 
 
+def test_waiting_served_ratio_and_max_waiting_tokens(make) -> None:
+    rng = np.random.default_rng(11)
+    s, ex = make(num_blocks=64, waiting_served_ratio=0.5, max_waiting_tokens=3)
+    running = [add(s, i, prompt_of(rng, 3), max_new_tokens=12) for i in range(4)]
+    trace = Trace()
+    step_once(s, ex, trace, lambda: None)  # nobody runs yet: all four are admitted
+    late = add(s, 9, prompt_of(rng, 3), max_new_tokens=2)
+    # 1 waiting < 0.5 x 4 running: it waits 3 steps, then goes in anyway.
+    for _ in range(3):
+        step_once(s, ex, trace, lambda: None)
+        assert late.status == Status.WAITING
+    step_once(s, ex, trace, lambda: None)
+    assert late.status != Status.WAITING
+    # Two more waiting meet the ratio (2 >= 0.5 x 5) and go in at once.
+    more = [add(s, 20 + i, prompt_of(rng, 3), max_new_tokens=2) for i in range(2)]
+    step_once(s, ex, trace, lambda: None)
+    assert all(r.status != Status.WAITING for r in more)
+    check_outputs(run_all(s, ex, trace), [*running, late, *more])
+
+
 def test_whole_cached_prompt_still_computes_a_token(make) -> None:
     s, ex = make(num_blocks=32, block_size=4)
     prompt = list(range(1, 17))  # exactly 4 blocks
