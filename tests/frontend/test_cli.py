@@ -100,3 +100,34 @@ def test_no_process_outlives_a_killed_server() -> None:
             time.sleep(0.1)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "want"),
+    [
+        ([], {}, {"prefix_caching": True, "kv_cache_fraction": 0.2, "kv_cache_memory": None}),
+        ([], {"PREFIX_CACHING": "0"}, {"prefix_caching": False}),
+        (["--prefix-caching", "false"], {}, {"prefix_caching": False}),
+        (
+            ["--kv-cache-fraction", "0.5", "--waiting-served-ratio", "0.3"],
+            {"MAX_WAITING_TOKENS": "7"},
+            {"kv_cache_fraction": 0.5, "waiting_served_ratio": 0.3, "max_waiting_tokens": 7},
+        ),
+    ],
+)
+def test_engine_options_reach_the_engine(monkeypatch, args, env, want) -> None:
+    from click.testing import CliRunner
+
+    from tgi_mp import cli
+    from tgi_mp.launcher import Engine, EngineStartupError
+
+    seen: dict = {}
+
+    def fake_start(*a: object, **opts: object) -> Engine:
+        seen.update(opts)
+        raise EngineStartupError("stop here")
+
+    monkeypatch.setattr(Engine, "start", fake_start)
+    result = CliRunner(env=env).invoke(cli.main, ["serve", *args])
+    assert result.exit_code == 1, result.output
+    assert {k: seen[k] for k in want} == want

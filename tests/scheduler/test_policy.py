@@ -486,6 +486,10 @@ def test_cache_after_eviction_and_when_off(make) -> None:
     trace = run_all(s, ex, trace)
     check_outputs(trace, reqs)
     assert first_row(trace, again) == (0, 16)
+    # Asking for prompt logprobs computes the whole prompt (and caches nothing).
+    scored = add(s, 10, prompt, max_new_tokens=2, prefill_logprobs=True)
+    trace = run_all(s, ex, trace)
+    assert first_row(trace, scored) == (0, 16) and scored.num_cached == 0
     off, ex_off = make(num_blocks=12, block_size=4, prefix_caching=False)
     twice = [add(off, i, prompt, max_new_tokens=4) for i in (1, 2)]
     trace = run_all(off, ex_off)
