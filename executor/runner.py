@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from tgi_mp.config import EngineConfig
+from tgi_mp.executor.parallel import join
 from tgi_mp.executor.penalties import PenaltyHistory, apply_penalties
 from tgi_mp.executor.sampler import SamplingTensors, sample
 from tgi_mp.executor.watermark import apply_watermark
@@ -35,9 +36,11 @@ _PROMPT_LOGPROB_CHUNK = 256
 
 
 def kv_bytes_per_block(cfg: EngineConfig) -> int:
+    """One block's K and V over all layers, on one executor (its share of the KV heads)."""
     mc = cfg.model_config
     elem = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
-    return 2 * mc.num_layers * cfg.block_size * mc.num_kv_heads * mc.head_dim * elem
+    heads = mc.num_kv_heads // cfg.num_shards
+    return 2 * mc.num_layers * cfg.block_size * heads * mc.head_dim * elem
 
 
 def available_memory() -> int:
@@ -85,6 +88,8 @@ class ModelRunner:
         self.dtype = getattr(torch, cfg.dtype)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
+        elif cfg.num_shards > 1:  # the ranks share the machine's cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.num_shards))
         t0 = time.perf_counter()
         last = [0.0]
 
@@ -94,7 +99,10 @@ class ModelRunner:
                 last[0] = now
                 log.info("loading weights: %d/%d tensors", done, total)
 
-        self.model = load_model(cfg.model, cfg.model_config, self.dtype, self.device, progress)
+        self.tp = join(rank, cfg.num_shards, cfg.ipc_root, cfg.device)
+        self.model = load_model(
+            cfg.model, cfg.model_config, self.dtype, self.device, progress, self.tp
+        )
         self.penalties = PenaltyHistory(cfg.model_config.vocab_size, self.device)
         self.num_blocks, why = num_kv_blocks(cfg)
         mc = cfg.model_config
@@ -102,7 +110,7 @@ class ModelRunner:
             mc.num_layers,
             self.num_blocks,
             cfg.block_size,
-            mc.num_kv_heads,
+            mc.num_kv_heads // cfg.num_shards,
             mc.head_dim,
             self.dtype,
             self.device,
@@ -150,6 +158,8 @@ class ModelRunner:
         )
         input_ids = _tensor(plan.input_ids, torch.int64, self.device)
         hidden = self.model(input_ids, meta.positions, self.kv_caches, meta)
+        if self.tp.rank != 0:  # rank 0 alone computes logits and samples
+            return StepOutput(np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32))
         history_rows = self.penalties.update(plan)  # every step: chunks feed the history too
         prompt_logprobs = (
             self._prompt_logprobs(hidden, plan) if plan.prompt_logprobs.any() else None

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from tgi_mp.executor.models import build_model
+from tgi_mp.executor.parallel import SINGLE, TensorParallel
 from tgi_mp.model_source import ModelConfig, ModelSource
 
 ProgressFn = Callable[[int, int], None]
@@ -48,16 +49,39 @@ _GGUF_TOP = {
 }
 
 
+# Tensor-parallel splits: HF projection -> the dimension each rank takes a share of.
+_ROW_SPLIT = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}  # output rows (dim 0)
+_COLUMN_SPLIT = {"o_proj", "down_proj"}  # input columns (dim 1) of the weight
+
+
+class Slicer:
+    """What of each checkpoint tensor this rank loads: (dim, start, stop), or None for all."""
+
+    def __init__(self, tp: TensorParallel) -> None:
+        self.tp = tp
+
+    def __call__(self, hf_name: str, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+        if self.tp.size == 1:
+            return None
+        *_, module, kind = hf_name.split(".")
+        if module in _ROW_SPLIT:
+            return (0, *self.tp.share(shape[0]))
+        if module in _COLUMN_SPLIT and kind == "weight":
+            return (1, *self.tp.share(shape[1]))
+        return None
+
+
 class _Sink:
     """Routes HF-named tensors into the model's parameters; checks completeness."""
 
-    def __init__(self, model: nn.Module, cfg: ModelConfig) -> None:
+    def __init__(self, model: nn.Module, cfg: ModelConfig, tp: TensorParallel) -> None:
         self.params = dict(model.named_parameters())
         self.cfg = cfg
+        self.tp = tp
         q, kv, inter = (
-            cfg.num_heads * cfg.head_dim,
-            cfg.num_kv_heads * cfg.head_dim,
-            cfg.intermediate_size,
+            cfg.num_heads // tp.size * cfg.head_dim,
+            cfg.num_kv_heads // tp.size * cfg.head_dim,
+            cfg.intermediate_size // tp.size,
         )
         # (row offset, rows) of each shard inside a fused parameter
         self.shards = {
@@ -88,6 +112,8 @@ class _Sink:
         if module in self.shards:
             start, rows = self.shards[module][shard]
             target = target[start : start + rows]
+        if module in _COLUMN_SPLIT and kind == "bias" and self.tp.rank != 0:
+            tensor = torch.zeros_like(tensor)  # added once, by rank 0, before the all-reduce
         if tuple(target.shape) != tuple(tensor.shape):
             raise ValueError(
                 f"{hf_name}: checkpoint shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
@@ -102,7 +128,9 @@ class _Sink:
             raise ValueError(f"checkpoint lacks weights: {', '.join(missing[:8])}{more}")
 
 
-def _safetensors_tensors(directory: str) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
+def _safetensors_tensors(
+    directory: str, slicer: Slicer
+) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
     from safetensors import safe_open
 
     index = Path(directory, "model.safetensors.index.json")
@@ -121,7 +149,14 @@ def _safetensors_tensors(directory: str) -> tuple[int, Iterator[tuple[str, torch
         for f in files:
             with safe_open(str(Path(directory, f)), framework="pt") as st:
                 for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    yield name, st.get_tensor(name)
+                    part = st.get_slice(name)
+                    cut = slicer(name, tuple(part.get_shape()))
+                    if cut is None:
+                        yield name, st.get_tensor(name)
+                    elif cut[0] == 0:  # reads only these rows from the file
+                        yield name, part[cut[1] : cut[2]]
+                    else:
+                        yield name, part[:, cut[1] : cut[2]]
 
     return total, tensors()
 
@@ -136,7 +171,9 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, -1, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_tensors(path: str, cfg: ModelConfig) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
+def _gguf_tensors(
+    path: str, cfg: ModelConfig, slicer: Slicer
+) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -159,12 +196,21 @@ def _gguf_tensors(path: str, cfg: ModelConfig) -> tuple[int, Iterator[tuple[str,
         for t in tensors:
             # ggml lists dims fastest-first: reversed, they are numpy/torch's shape.
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            w = dequantize(t.data, t.tensor_type).reshape(shape)
             name = hf_name(t.name)
+            cut = slicer(name, shape)
+            data = t.data
+            if cut is not None and cut[0] == 0:
+                # Quantised blocks run along rows: whole rows dequantise on their own.
+                data = data.reshape(shape[0], -1)[cut[1] : cut[2]]
+                shape = (cut[2] - cut[1], *shape[1:])
+            w = dequantize(data, t.tensor_type).reshape(shape)
+            if cut is not None and cut[0] == 1:
+                w = np.ascontiguousarray(w[:, cut[1] : cut[2]])
+            tp = slicer.tp.size  # whole heads per rank: the permutation stays inside each
             if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-                w = unpermute_rope_rows(w, cfg.num_heads)
+                w = unpermute_rope_rows(w, cfg.num_heads // tp)
             elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-                w = unpermute_rope_rows(w, cfg.num_kv_heads)
+                w = unpermute_rope_rows(w, cfg.num_kv_heads // tp)
             if not w.flags.writeable:  # F32 tensors are views of the read-only mmap
                 w = w.copy()
             yield name, torch.from_numpy(w)
@@ -179,17 +225,20 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device | str,
     on_progress: ProgressFn | None = None,
+    tp: TensorParallel = SINGLE,
 ) -> nn.Module:
     """Build the model for `cfg` and load its weights (float32 GGUF dequantisation,
-    then cast to `dtype`). `on_progress(done, total)` is called per tensor."""
-    model = build_model(cfg, dtype, device)
+    then cast to `dtype`): with tensor parallelism, only this rank's slices.
+    `on_progress(done, total)` is called per tensor."""
+    model = build_model(cfg, dtype, device, tp)
+    slicer = Slicer(tp)
     if source.kind == "hf":
-        total, tensors = _safetensors_tensors(source.path)
+        total, tensors = _safetensors_tensors(source.path, slicer)
     elif source.kind == "gguf":
-        total, tensors = _gguf_tensors(source.gguf_path, cfg)
+        total, tensors = _gguf_tensors(source.gguf_path, cfg, slicer)
     else:
         raise ValueError(f"unknown model source kind {source.kind!r}")
-    sink = _Sink(model, cfg)
+    sink = _Sink(model, cfg, tp)
     for done, (name, tensor) in enumerate(tensors, 1):
         sink.put(name, tensor)
         if on_progress is not None:

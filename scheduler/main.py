@@ -176,12 +176,6 @@ class SchedulerProcess:
             cached_blocks=core.pool.num_cached,
         )
 
-    def fail_everything(self, message: str) -> None:
-        if self.core is None:
-            return
-        for req in self.core.fail_all():
-            self.ch.frontend.send(m.Error(req.req_id, message, kind="engine"), req.frontend)
-
 
 def run(cfg: EngineConfig) -> int:
     ctx = zmq.Context()
@@ -202,8 +196,9 @@ def run(cfg: EngineConfig) -> int:
         proc.serve_forever()
     except (ExecutorDied, TimeoutError) as e:
         log.error("%s", e)
-        proc.fail_everything(str(e))
-        ch.supervisor.send(m.EngineDead(str(e)))  # the supervisor reports the cause
+        # The supervisor tells every client, naming the root cause: an executor's error
+        # may only be the echo of a peer's death (a broken all-reduce).
+        ch.supervisor.send(m.EngineDead(str(e)))
         linger = 2000
         return 1
     finally:

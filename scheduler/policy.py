@@ -425,14 +425,6 @@ class Scheduler:
         del self.requests[(req.frontend, req.req_id)]
         return Output(req, -1, reason)
 
-    def fail_all(self) -> list[Request]:
-        """Drops every request (the engine is going down); returns them for error replies."""
-        reqs = list(self.requests.values())
-        for req in reqs:
-            if req.status != Status.FINISHED:
-                self._finish(req, FinishReason.ERROR)
-        return reqs
-
 
 def _penalised(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0

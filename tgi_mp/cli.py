@@ -77,6 +77,12 @@ def main() -> None:
     help="Weights and KV cache dtype.",
 )
 @_opt(
+    "--num-shard",
+    type=int,
+    default=1,
+    help="Tensor-parallel executors (one per device; gloo on CPU, NCCL on CUDA).",
+)
+@_opt(
     "--trust-remote-code",
     is_flag=True,
     help="Accepted for TGI compatibility; tgi-mp runs its own model code only.",
@@ -211,6 +217,7 @@ def serve(**o: object) -> None:
             o["model_id"],
             o["revision"],
             dtype=o["dtype"],
+            num_shards=o["num_shard"],
             max_batch_prefill_tokens=o["max_batch_prefill_tokens"],
             max_batch_total_tokens=mbt,
             kv_cache_memory=o["kv_cache_memory"],

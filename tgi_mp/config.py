@@ -47,6 +47,7 @@ class EngineConfig(msgspec.Struct, frozen=True):
                 f"max_batch_size ({self.max_batch_size}) must be <= "
                 f"max_batch_prefill_tokens ({self.max_batch_prefill_tokens})"
             )
+        check_divisible(self.model_config, self.num_shards)
         if not 0.0 < self.kv_cache_fraction <= 1.0:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if not 0.0 < self.watermark_gamma < 1.0:
@@ -67,3 +68,21 @@ class EngineConfig(msgspec.Struct, frozen=True):
     def load(cls, path: str) -> EngineConfig:
         with open(path, "rb") as f:
             return msgspec.msgpack.decode(f.read(), type=cls)
+
+
+def check_divisible(mc: ModelConfig, n: int) -> None:
+    """Refuses a shard count the model's heads or MLP cannot be split by."""
+    if n == 1:
+        return
+    parts = {
+        "attention heads": mc.num_heads,
+        "KV heads": mc.num_kv_heads,
+        "MLP intermediate size": mc.intermediate_size,
+    }
+    bad = [f"{v} {k}" for k, v in parts.items() if v % n]
+    if bad:
+        raise ValueError(
+            f"--num-shard {n} cannot split {mc.architecture}: it has {mc.num_heads} attention "
+            f"heads, {mc.num_kv_heads} KV heads and an MLP of {mc.intermediate_size}, and "
+            f"{', '.join(bad)} do not divide by {n}"
+        )

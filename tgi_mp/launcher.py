@@ -105,11 +105,14 @@ class Engine:
         self.procs = {**self.procs, name: proc}  # a new dict: the watcher may be iterating
 
     def _first_dead(self) -> str | None:
-        for name, proc in self.procs.items():
-            code = proc.poll()
-            if code is not None:
-                return f"{name} (pid {proc.pid}) {_describe_exit(code)}"
-        return None
+        """The dead child to blame: one killed by a signal before one that exited (the
+        others may have exited because of it, e.g. a rank whose peer vanished)."""
+        dead = [(name, proc, proc.poll()) for name, proc in self.procs.items()]
+        dead = [d for d in dead if d[2] is not None]
+        if not dead:
+            return None
+        name, proc, code = min(dead, key=lambda d: d[2] >= 0)
+        return f"{name} (pid {proc.pid}) {_describe_exit(code)}"
 
     def _cause(self, wait_ms: int = 500) -> str:
         """The reason the scheduler reported for the failure, if it had time to."""

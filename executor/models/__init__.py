@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from tgi_mp.executor.models.llama import LlamaForCausalLM
+from tgi_mp.executor.parallel import SINGLE, TensorParallel
 from tgi_mp.model_source import ModelConfig
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -15,7 +16,12 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+def build_model(
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    tp: TensorParallel = SINGLE,
+) -> nn.Module:
     """An eval-mode model with UNINITIALISED weights, for a loader to fill.
 
     Built on the meta device and then given real storage, so a large model does
@@ -24,6 +30,6 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str
     if cfg.architecture not in MODELS:
         raise ValueError(f"unsupported architecture {cfg.architecture!r}; have {sorted(MODELS)}")
     with torch.device("meta"):
-        model = MODELS[cfg.architecture](cfg)
+        model = MODELS[cfg.architecture](cfg, tp)
     # Inference only: no parameter requires grad, whatever mode the caller runs in.
     return model.to(dtype=dtype).to_empty(device=device).requires_grad_(False).eval()

@@ -26,7 +26,12 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("victim", ["executor0", "scheduler"])
 def test_killed_child_fails_every_client(victim: str) -> None:
-    engine = Engine.start(None, max_batch_total_tokens=8192)
+    assert_killing_is_loud(Engine.start(None, max_batch_total_tokens=8192), victim)
+
+
+def assert_killing_is_loud(engine: Engine, victim: str) -> None:
+    """SIGKILL `victim` mid-generation: every client fails within 10 s naming it, every
+    process exits, the IPC directory is removed."""
     pids = [p.pid for p in engine.procs.values()]
     try:
 

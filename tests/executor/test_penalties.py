@@ -30,7 +30,7 @@ def test_penalties_match_reference() -> None:
             assert abs(float(out[i, j]) - x) < 1e-6
 
 
-def plan(seq: int, context: int, tokens: list[int], prompt_len: int, released=()):
+def plan(seq: int, context: int, tokens: list[int], prompt_len: int, released=(), history=()):
     p = random_plan(np.random.default_rng(0), 1, len(tokens))
     p.query_lens = np.array([len(tokens)], np.int32)
     p.context_lens = np.array([context], np.int32)
@@ -41,6 +41,8 @@ def plan(seq: int, context: int, tokens: list[int], prompt_len: int, released=()
     p.frequency_penalty = np.array([0.0], np.float32)
     p.presence_penalty = np.array([0.0], np.float32)
     p.released = np.array(released, np.int64)
+    p.history_counts = np.array([len(history)], np.int32)
+    p.history_ids = np.array(history, np.int32)
     return p
 
 
@@ -57,3 +59,14 @@ def test_history_follows_chunks_restarts_and_release() -> None:
     h.update(plan(8, 0, [6], prompt_len=1, released=[7]))
     assert 7 not in h.rows and h.rows[8] == row  # the row was freed and reused, fresh
     assert h.seen[row].nonzero().squeeze(1).tolist() == [6] and int(h.counts[row].sum()) == 0
+
+
+def test_a_sequence_starting_on_a_cached_prefix_gets_its_history() -> None:
+    h = PenaltyHistory(vocab=20, device=torch.device("cpu"))
+    h.update(plan(3, 0, [9, 9, 9], prompt_len=3))  # an older occupant of the row
+    # Tokens 0..5 came from the prefix cache (6 prompt tokens 1..4, 1, then generated 7, 8
+    # are beyond prompt_len 4): the plan carries them, this step computes [11].
+    h.update(plan(3, 0, [1], prompt_len=1, released=[3]))
+    row = int(h.update(plan(4, 6, [11], prompt_len=4, history=[1, 2, 3, 4, 7, 8]))[0])
+    assert sorted(h.seen[row].nonzero().squeeze(1).tolist()) == [1, 2, 3, 4, 7, 8, 11]
+    assert {i: int(c) for i, c in enumerate(h.counts[row]) if c} == {7: 1, 8: 1, 11: 1}

@@ -608,21 +608,6 @@ def test_row_finished_mid_step_does_not_shift_tokens(make) -> None:
     check_outputs(trace, [b])
 
 
-def test_fail_all_frees_everything(make) -> None:
-    rng = np.random.default_rng(9)
-    s, ex = make(max_batch_size=2)
-    for i in range(4):
-        add(s, i, prompt_of(rng, 7), max_new_tokens=10)
-    trace = Trace()
-    step_once(s, ex, trace, lambda: None)
-    failed = s.fail_all()
-    assert sorted(r.req_id for r in failed) == [0, 1, 2, 3]
-    assert all(r.status == Status.FINISHED for r in failed)
-
-
-# ---------------------------------------------------------------- finishing
-
-
 def eos_at(length: int) -> TokenFn:
     """A model that says EOS once the history reaches `length` tokens."""
     return lambda h: EOS if len(h) == length else hash_token(h)
