@@ -33,6 +33,7 @@ def run(cfg: EngineConfig, rank: int) -> int:
                 log.info("shutting down: %s", plan.reason)
                 return 0
             t0 = time.perf_counter()
+            comm0 = runner.tp.comm_time
             out = runner.step(plan)
             if rank == 0:
                 elapsed = time.perf_counter() - t0
@@ -45,6 +46,7 @@ def run(cfg: EngineConfig, rank: int) -> int:
                         out.top_ids,
                         out.top_logprobs,
                         out.prompt_logprobs,
+                        runner.tp.comm_time - comm0,
                     )
                 )
     except SystemExit:

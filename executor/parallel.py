@@ -13,16 +13,17 @@ CPU, NCCL on CUDA, rendezvous through a file in the engine's private IPC dir.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import time
 
 import torch
 import torch.distributed as dist
 
 
-@dataclass(frozen=True)
 class TensorParallel:
-    rank: int = 0
-    size: int = 1
+    def __init__(self, rank: int = 0, size: int = 1) -> None:
+        self.rank = rank
+        self.size = size
+        self.comm_time = 0.0  # seconds spent in all-reduces, for the step statistics
 
     def share(self, total: int) -> tuple[int, int]:
         """This rank's [start, stop) of a dimension of `total` split evenly."""
@@ -31,7 +32,9 @@ class TensorParallel:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
+            t0 = time.perf_counter()
             dist.all_reduce(x)
+            self.comm_time += time.perf_counter() - t0
         return x
 
 

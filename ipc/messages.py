@@ -126,6 +126,7 @@ class SchedulerStats(msgspec.Struct, tag=True, array_like=True, gc=False):
     admitted_tokens: int = 0  # tokens of requests admitted (again, after preemption)
     cache_hit_tokens: int = 0  # of those, served from the prefix cache
     cached_blocks: int = 0  # blocks holding a cached prefix (in use or evictable)
+    comm_time: float = 0.0  # of forward_time, rank 0's tensor-parallel all-reduces
 
 
 SchedulerToFrontend = TokenBatch | Error | SchedulerStats
@@ -216,6 +217,7 @@ class StepResult(msgspec.Struct, tag=True, array_like=True, gc=False):
     top_ids: np.ndarray | None = None
     top_logprobs: np.ndarray | None = None
     prompt_logprobs: np.ndarray | None = None  # float32 [sum(plan.prompt_logprobs)]
+    comm_time: float = 0.0  # of forward_time, seconds in tensor-parallel all-reduces
 
 
 class ExecutorFailed(msgspec.Struct, tag=True, array_like=True, gc=False):

@@ -93,6 +93,7 @@ class SchedulerProcess:
             self.times["schedule"] += (t1 - t0) + (t3 - t2)
             self.times["step"] += t2 - t1
             self.times["forward"] += result.forward_time
+            self.times["comm"] += result.comm_time
             self.times["busy"] += t3 - t0
 
     def _wait_for_result(self, step_id: int) -> m.StepResult:
@@ -174,6 +175,7 @@ class SchedulerProcess:
             admitted_tokens=core.stats.admitted_tokens,
             cache_hit_tokens=core.stats.cache_hit_tokens,
             cached_blocks=core.pool.num_cached,
+            comm_time=t["comm"],
         )
 
 

@@ -40,6 +40,7 @@ def serve(*args: str) -> subprocess.CompletedProcess:
             ],
             "`max_total_tokens` must be <= `max_batch_total_tokens`",
         ),
+        (["--num-shard", "2"], "it has 9 attention heads, 3 KV heads and an MLP of 1536"),
     ],
 )
 def test_invalid_flag_combinations_fail_at_once(args: list[str], message: str) -> None:
