@@ -1,0 +1,84 @@
+"""`tgi-mp serve`'s lifecycle: a SIGTERM drains in-flight streams, a dead child takes
+the server down loudly, and nothing is left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.frontend.server import Server
+
+
+def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_ones() -> None:
+    server = Server("--max-batch-total-tokens", "8192", "--graceful-termination-timeout", "60")
+    body = {"inputs": "The lighthouse keeper", "parameters": {"max_new_tokens": 40}}
+    try:
+
+        async def main() -> tuple[list[dict], bool]:
+            started = asyncio.Semaphore(0)
+
+            async def stream(http: httpx.AsyncClient) -> dict:
+                last: dict = {}
+                async with http.stream("POST", server.url + "/generate_stream", json=body) as r:
+                    async for line in r.aiter_lines():
+                        if line.startswith("data:"):
+                            if not last:
+                                started.release()
+                            last = json.loads(line[5:])
+                return last
+
+            async with httpx.AsyncClient(timeout=120) as http:
+                tasks = [asyncio.create_task(stream(http)) for _ in range(8)]
+                for _ in range(8):
+                    await asyncio.wait_for(started.acquire(), 60)
+                server.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(1.0)
+                try:  # a new connection after SIGTERM is refused (or answered 503)
+                    r = await http.post(server.url + "/generate", json=body, timeout=5)
+                    refused = r.status_code == 503
+                except httpx.HTTPError:
+                    refused = True
+                return await asyncio.gather(*tasks), refused
+
+        finals, refused = asyncio.run(main())
+        assert all(f.get("generated_text") is not None for f in finals), finals
+        assert all(f["details"] is None and f["index"] == 40 for f in finals)
+        assert refused
+        assert server.proc.wait(60) == 0
+    finally:
+        server.stop()
+
+
+def tgi_mp_shm() -> list[str]:
+    return (
+        [n for n in os.listdir("/dev/shm") if "tgi" in n.lower()]
+        if os.path.isdir("/dev/shm")
+        else []
+    )
+
+
+@pytest.mark.parametrize("victim", ["scheduler.main", "executor.main"])
+def test_a_killed_child_takes_the_server_down(victim: str) -> None:
+    shm_before = set(tgi_mp_shm())
+    server = Server("--max-batch-total-tokens", "8192")
+    try:
+        family = psutil.Process(server.proc.pid).children(recursive=True)
+        (child,) = [p for p in family if victim in " ".join(p.cmdline())]
+        killed_at = time.monotonic()
+        child.send_signal(signal.SIGKILL)
+        code = server.proc.wait(10)
+        assert code != 0 and time.monotonic() - killed_at < 10
+        deadline = time.monotonic() + 10
+        while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family):
+            assert time.monotonic() < deadline, [p.pid for p in family if p.is_running()]
+            time.sleep(0.1)
+        assert set(tgi_mp_shm()) == shm_before  # tgi-mp uses none; nothing appeared
+    finally:
+        server.stop()
