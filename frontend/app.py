@@ -78,6 +78,9 @@ class App:
             cfg = self.cfg
             self.tokenizer = Tokenizer.from_file(os.path.join(cfg.tokenizer_dir, "tokenizer.json"))
             self.special_ids = set(self.tokenizer.get_added_tokens_decoder())
+            metrics.configure(
+                os.path.join(cfg.ipc_root, "metrics"), cfg.max_input_tokens, cfg.max_total_tokens
+            )
             # A proxy, not a cycle: an App collected by refcount closes its ZeroMQ context
             # in order, while a cycle's collector may term the context before its sockets
             # are closed (and block forever).
@@ -218,7 +221,7 @@ class App:
         if self._client is not None and not self._client.dead:
             with contextlib.suppress(EngineError, TimeoutError):
                 stats = await asyncio.wait_for(self._client.stats(), 5)
-        return metrics.render(stats, self.in_flight)
+        return metrics.render(stats, self.in_flight, self.cfg.block_size)
 
     async def _tokenize(self, req: GenerateRequest, send: Send, cors: list) -> None:
         enc = self.tokenizer.encode(req.inputs, add_special_tokens=True)
@@ -278,7 +281,8 @@ class App:
         work = run_all([consume(r, g) for r, g in zip(runs, gens, strict=True)])
         try:
             if not await until_disconnect(receive, work):
-                return  # the client left: its requests were aborted, nobody to answer
+                metrics.failure("dropped")  # the client left: its requests were aborted
+                return
         except (RequestError, EngineError) as e:
             raise engine_failure(e) from e
         if not all(g.finish_reason for g in gens):
@@ -330,7 +334,14 @@ class App:
             (b"x-prompt-tokens", str(len(v.prompt_ids)).encode()),
             (b"x-generated-tokens", str(len(gen.tokens)).encode()),
         ]
-        metrics.success(total, len(v.prompt_ids), len(gen.tokens))
+        metrics.success(
+            total,
+            t_valid - t0,
+            gen.queue_time,
+            len(v.prompt_ids),
+            len(gen.tokens),
+            v.params.max_new_tokens,
+        )
         body = _json.encode([resp] if wrap else resp)
         await respond(send, 200, body, headers=headers)
 
@@ -369,6 +380,7 @@ class App:
                     "validation",
                 )
             v = self._admit(req)
+            t_valid = time.perf_counter()
             gen = Generation()
             try:
                 async for tok in self.tokens(v, gen):
@@ -393,11 +405,20 @@ class App:
                 raise engine_failure(e) from e
             if not gen.finish_reason:
                 raise failed(500, "Incomplete generation stream", "incomplete_generation_stream")
-            metrics.success(time.perf_counter() - t0, len(v.prompt_ids), len(gen.tokens))
+            metrics.success(
+                time.perf_counter() - t0,
+                t_valid - t0,
+                gen.queue_time,
+                len(v.prompt_ids),
+                len(gen.tokens),
+                v.params.max_new_tokens,
+            )
 
         try:
             if await until_disconnect(receive, stream()):
                 await send({"type": "http.response.body", "body": b""})
+            else:
+                metrics.failure("dropped")
         except HTTPError as e:  # streams report errors as an event, status stays 200
             body = b"data: " + e.body + b"\n\n"
             await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,98 +1,281 @@
-"""`/metrics`: request counters and durations with TGI's names, plus engine gauges.
+"""`/metrics`: TGI's Prometheus metrics, with TGI's names, types, labels and buckets.
 
-The scheduler's figures (KV blocks, queue, batch) are fetched at scrape time
-over IPC, so one scrape shows the engine as it is now. The full TGI metric
-set, and aggregation across several HTTP workers, come with the operations work.
+TGI's exporter writes counters without a `_total` suffix, which prometheus-client
+always adds, so this module keeps its own counters and histograms and writes the
+text format itself. Request metrics live in the HTTP workers: each worker saves
+a snapshot of its own after every request (a small msgpack file in the engine's
+private directory, replaced atomically), and the worker that answers a scrape
+adds up every worker's snapshot, so one scrape covers all of them. Engine
+figures (queue, batch, KV blocks, prefix cache, step durations) come from the
+scheduler at scrape time.
 """
 
 from __future__ import annotations
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+import glob
+import os
+from dataclasses import dataclass, field
 
-from tgi_mp.ipc.messages import SchedulerStats
+import msgspec
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
-disable_created_metrics()
+from tgi_mp.ipc.messages import DURATION_BUCKETS, SchedulerStats
 
-registry = CollectorRegistry()
-_count = Counter("tgi_request_count", "Requests received", registry=registry)
-_success = Counter("tgi_request_success", "Requests that succeeded", registry=registry)
-_failure = Counter("tgi_request_failure", "Requests that failed", ["err"], registry=registry)
-_duration = Histogram(
-    "tgi_request_duration",
-    "Request duration (s)",
-    registry=registry,
-    buckets=[0.001 * 1.5**i for i in range(35)],
-)
-_input_length = Histogram(
-    "tgi_request_input_length",
-    "Prompt tokens",
-    registry=registry,
-    buckets=[2.0**i for i in range(1, 18)],
-)
-_generated = Histogram(
-    "tgi_request_generated_tokens",
-    "Generated tokens",
-    registry=registry,
-    buckets=[2.0**i for i in range(1, 18)],
-)
-_queue = Gauge("tgi_queue_size", "Requests waiting in the scheduler", registry=registry)
-_batch = Gauge("tgi_batch_current_size", "Requests running in the scheduler", registry=registry)
-_blocks_free = Gauge("tgi_mp_kv_blocks_free", "Free KV cache blocks", registry=registry)
-_blocks_total = Gauge("tgi_mp_kv_blocks_total", "KV cache blocks", registry=registry)
-_in_flight = Gauge(
-    "tgi_mp_http_in_flight", "Generation requests this HTTP worker is serving", registry=registry
-)
-_preemptions = Gauge("tgi_mp_preemptions", "Requests preempted since start", registry=registry)
-_admitted = Gauge(
-    "tgi_mp_prefix_cache_admitted_tokens",
-    "Tokens of requests admitted since start (again after a preemption)",
-    registry=registry,
-)
-_hits = Gauge(
-    "tgi_mp_prefix_cache_hit_tokens",
-    "Admitted tokens served from the prefix cache since start",
-    registry=registry,
-)
-_hit_rate = Gauge(
-    "tgi_mp_prefix_cache_hit_rate", "hit tokens / admitted tokens since start", registry=registry
-)
-_cached_blocks = Gauge(
-    "tgi_mp_prefix_cache_blocks", "KV blocks holding a cached prefix", registry=registry
-)
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+
+# Our error types -> TGI's `err` label values.
+_FAILURE_LABELS = {
+    "incomplete_generation": "incomplete",
+    "incomplete_generation_stream": "incomplete",
+    "template_error": "template",
+}
 
 
-def success(duration: float, input_tokens: int, generated: int) -> None:
-    _count.inc()
-    _success.inc()
-    _duration.observe(duration)
-    _input_length.observe(input_tokens)
-    _generated.observe(generated)
+class Snapshot(msgspec.Struct):
+    """One worker's request metrics (histograms: bucket counts, sum, count)."""
+
+    counters: dict[str, float] = {}
+    failures: dict[str, float] = {}
+    histograms: dict[str, tuple[list[int], float, int]] = {}
 
 
-def failure(err: str) -> None:
-    _count.inc()
-    _failure.labels(err).inc()
+@dataclass
+class _Histogram:
+    buckets: list[float]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * len(self.buckets)
+
+    def observe(self, x: float) -> None:
+        for i, b in enumerate(self.buckets):
+            if x <= b:
+                self.counts[i] += 1
+                break
+        self.total += x
+        self.n += 1
 
 
-def render(stats: SchedulerStats | None, in_flight: int) -> bytes:
-    _in_flight.set(in_flight)
-    if stats is not None:
-        _queue.set(stats.waiting)
-        _batch.set(stats.running)
-        _blocks_free.set(stats.blocks_free)
-        _blocks_total.set(stats.blocks_total)
-        _preemptions.set(stats.preemptions)
-        _admitted.set(stats.admitted_tokens)
-        _hits.set(stats.cache_hit_tokens)
-        _hit_rate.set(stats.cache_hit_tokens / max(stats.admitted_tokens, 1))
-        _cached_blocks.set(stats.cached_blocks)
-    return generate_latest(registry)
+REQUEST_HISTOGRAMS = {
+    "tgi_request_duration": "End-to-end request duration (s)",
+    "tgi_request_validation_duration": "Validation and tokenization (s)",
+    "tgi_request_queue_duration": "Queued until the first token (s)",
+    "tgi_request_inference_duration": "First token until the end (s)",
+    "tgi_request_mean_time_per_token_duration": "Inference time per generated token (s)",
+    "tgi_request_input_length": "Prompt tokens",
+    "tgi_request_generated_tokens": "Generated tokens",
+    "tgi_request_max_new_tokens": "max_new_tokens asked for",
+}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.directory: str | None = None
+        self.configure(None, 4095, 4096)
+
+    def configure(self, directory: str | None, max_input: int, max_total: int) -> None:
+        """Buckets of the length histograms follow the server's limits, as TGI's."""
+        self.directory = directory
+        length = [max_input / 100 * k for k in range(1, 101)]
+        total = [max_total / 100 * k for k in range(1, 101)]
+        self.counters = {"tgi_request_count": 0.0, "tgi_request_success": 0.0}
+        self.failures: dict[str, float] = {}
+        self.histograms = {
+            name: _Histogram(
+                DURATION_BUCKETS
+                if name.endswith("duration")
+                else length
+                if name == "tgi_request_input_length"
+                else total
+            )
+            for name in REQUEST_HISTOGRAMS
+        }
+
+    # ------------------------------------------------------------ recording
+
+    def success(
+        self,
+        duration: float,
+        validation: float,
+        queue: float,
+        input_tokens: int,
+        generated: int,
+        max_new_tokens: int,
+    ) -> None:
+        inference = max(duration - validation - queue, 0.0)
+        h = self.histograms
+        self.counters["tgi_request_count"] += 1
+        self.counters["tgi_request_success"] += 1
+        h["tgi_request_duration"].observe(duration)
+        h["tgi_request_validation_duration"].observe(validation)
+        h["tgi_request_queue_duration"].observe(queue)
+        h["tgi_request_inference_duration"].observe(inference)
+        h["tgi_request_mean_time_per_token_duration"].observe(inference / max(generated, 1))
+        h["tgi_request_input_length"].observe(input_tokens)
+        h["tgi_request_generated_tokens"].observe(generated)
+        h["tgi_request_max_new_tokens"].observe(max_new_tokens)
+        self._save()
+
+    def failure(self, err: str) -> None:
+        self.counters["tgi_request_count"] += 1
+        err = _FAILURE_LABELS.get(err, err)
+        self.failures[err] = self.failures.get(err, 0.0) + 1
+        self._save()
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            dict(self.counters),
+            dict(self.failures),
+            {k: (list(h.counts), h.total, h.n) for k, h in self.histograms.items()},
+        )
+
+    def _save(self) -> None:
+        if self.directory is None:
+            return
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, f"worker-{os.getpid()}.msgpack")
+        with open(path + ".tmp", "wb") as f:
+            f.write(msgspec.msgpack.encode(self.snapshot()))
+        os.replace(path + ".tmp", path)
+
+    def _all_workers(self) -> Snapshot:
+        """This worker's live figures plus every other worker's last snapshot."""
+        total = self.snapshot()
+        if self.directory is None:
+            return total
+        own = f"worker-{os.getpid()}.msgpack"
+        for path in glob.glob(os.path.join(self.directory, "worker-*.msgpack")):
+            if os.path.basename(path) == own:
+                continue
+            try:
+                with open(path, "rb") as f:
+                    other = msgspec.msgpack.decode(f.read(), type=Snapshot)
+            except (OSError, msgspec.DecodeError):
+                continue
+            for k, v in other.counters.items():
+                total.counters[k] = total.counters.get(k, 0.0) + v
+            for k, v in other.failures.items():
+                total.failures[k] = total.failures.get(k, 0.0) + v
+            for k, (counts, s, n) in other.histograms.items():
+                if k in total.histograms and len(counts) == len(total.histograms[k][0]):
+                    mine = total.histograms[k]
+                    merged = [a + b for a, b in zip(mine[0], counts, strict=True)]
+                    total.histograms[k] = (merged, mine[1] + s, mine[2] + n)
+        return total
+
+    # ------------------------------------------------------------ exposition
+
+    def render(self, stats: SchedulerStats | None, in_flight: int, block_size: int) -> bytes:
+        out: list[str] = []
+        snap = self._all_workers()
+
+        def family(name: str, kind: str, help_: str) -> None:
+            out.append(f"# HELP {name} {help_}")
+            out.append(f"# TYPE {name} {kind}")
+
+        def histogram(name: str, help_: str, buckets: list[float], data, label: str = "") -> None:
+            counts, s, n = data
+            family(name, "histogram", help_)
+            cumulative = 0
+            sep = "," if label else ""
+            for b, c in zip(buckets, counts, strict=True):
+                cumulative += c
+                out.append(f'{name}_bucket{{{label}{sep}le="{b:.6g}"}} {cumulative}')
+            out.append(f'{name}_bucket{{{label}{sep}le="+Inf"}} {n}')
+            labels = f"{{{label}}}" if label else ""
+            out.append(f"{name}_sum{labels} {s!r}")
+            out.append(f"{name}_count{labels} {n}")
+
+        family("tgi_request_count", "counter", "Requests received")
+        out.append(f"tgi_request_count {snap.counters.get('tgi_request_count', 0.0)!r}")
+        family("tgi_request_success", "counter", "Requests that succeeded")
+        out.append(f"tgi_request_success {snap.counters.get('tgi_request_success', 0.0)!r}")
+        family("tgi_request_failure", "counter", "Requests that failed, by error type")
+        for err in sorted(snap.failures):
+            out.append(f'tgi_request_failure{{err="{err}"}} {snap.failures[err]!r}')
+        for name, help_ in REQUEST_HISTOGRAMS.items():
+            histogram(name, help_, self.histograms[name].buckets, snap.histograms[name])
+
+        def gauge(name: str, help_: str, value: float) -> None:
+            family(name, "gauge", help_)
+            out.append(f"{name} {float(value)!r}")
+
+        gauge("tgi_mp_http_in_flight", "Requests this HTTP worker is serving", in_flight)
+        if stats is not None:
+            used = stats.blocks_total - stats.blocks_free
+            gauge("tgi_queue_size", "Requests waiting in the scheduler", stats.waiting)
+            gauge("tgi_batch_current_size", "Requests running in the scheduler", stats.running)
+            gauge(
+                "tgi_batch_current_max_tokens",
+                "KV tokens held by the running batch",
+                used * block_size,
+            )
+            gauge(
+                "tgi_batch_max_total_tokens",
+                "KV cache capacity in tokens",
+                stats.blocks_total * block_size,
+            )
+            family("tgi_batch_inference_count", "counter", "Forward passes, by method")
+            for i, method in enumerate(("prefill", "decode")):
+                out.append(
+                    f'tgi_batch_inference_count{{method="{method}"}} {stats.forward_counts[i]}'
+                )
+            family("tgi_batch_inference_success", "counter", "Forward passes that succeeded")
+            for i, method in enumerate(("prefill", "decode")):
+                out.append(
+                    f'tgi_batch_inference_success{{method="{method}"}} {stats.forward_counts[i]}'
+                )
+            for i, method in enumerate(("prefill", "decode")):
+                histogram(
+                    "tgi_batch_forward_duration",
+                    "Executor time of one step (s), by method",
+                    DURATION_BUCKETS,
+                    (stats.forward_buckets[i], stats.forward_sums[i], stats.forward_counts[i]),
+                    f'method="{method}"',
+                )
+            gauge(
+                "tgi_mp_kv_blocks_free", "Free KV blocks (incl. unused cached)", stats.blocks_free
+            )
+            gauge("tgi_mp_kv_blocks_used", "KV blocks held by requests", used)
+            gauge("tgi_mp_kv_blocks_total", "KV blocks", stats.blocks_total)
+            gauge("tgi_mp_preemptions", "Requests preempted since start", stats.preemptions)
+            gauge(
+                "tgi_mp_prefix_cache_admitted_tokens",
+                "Tokens of requests admitted since start (again after a preemption)",
+                stats.admitted_tokens,
+            )
+            gauge(
+                "tgi_mp_prefix_cache_hit_tokens",
+                "Admitted tokens served from the prefix cache since start",
+                stats.cache_hit_tokens,
+            )
+            gauge(
+                "tgi_mp_prefix_cache_hit_rate",
+                "hit tokens / admitted tokens since start",
+                stats.cache_hit_tokens / max(stats.admitted_tokens, 1),
+            )
+            gauge(
+                "tgi_mp_prefix_cache_blocks",
+                "KV blocks holding a cached prefix",
+                stats.cached_blocks,
+            )
+            gauge("tgi_mp_scheduler_steps", "Steps run since start", stats.steps)
+            gauge(
+                "tgi_mp_scheduler_time_seconds",
+                "Scheduler time (planning, cache, results) since start",
+                stats.schedule_time,
+            )
+            gauge(
+                "tgi_mp_ipc_time_seconds",
+                "Step time outside the executors' forward (plan broadcast, results) since start",
+                max(stats.step_time - stats.forward_time, 0.0),
+            )
+        return ("\n".join(out) + "\n").encode()
+
+
+_metrics = Metrics()
+configure = _metrics.configure
+success = _metrics.success
+failure = _metrics.failure
+render = _metrics.render

@@ -206,6 +206,7 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     want_logprobs: bool = False
     prompt_len: int = 0
+    valid_at: float = field(default_factory=time.perf_counter)  # made right after validation
 
     def __post_init__(self) -> None:
         self.trimmer = StopTrimmer(self.v.stop)
@@ -614,6 +615,7 @@ class OpenAIRoutes:
 
         try:
             if not await until_disconnect(receive, consume()):
+                metrics.failure("dropped")
                 return False
         except (RequestError, EngineError) as e:
             raise _engine_error(e) from e
@@ -651,7 +653,8 @@ class OpenAIRoutes:
                 await body(b"data: " + as_openai(e).body + b"\n\n")
             await body(b"data: [DONE]\n\n", more=False)
 
-        await until_disconnect(receive, produce())
+        if not await until_disconnect(receive, produce()):
+            metrics.failure("dropped")
 
 
 def _usage(choices: list[Choice], per_prompt: int) -> Usage:
@@ -664,8 +667,12 @@ def _usage(choices: list[Choice], per_prompt: int) -> Usage:
 
 
 def _count(t0: float, choices: list[Choice]) -> None:
+    first = choices[0]
     metrics.success(
         time.perf_counter() - t0,
-        choices[0].prompt_len,
+        first.valid_at - t0,
+        min(c.gen.queue_time for c in choices),
+        first.prompt_len,
         sum(len(c.gen.tokens) for c in choices),
+        first.v.params.max_new_tokens,
     )

@@ -151,6 +151,7 @@ class FrontendConfig(msgspec.Struct, frozen=True):
     api_key: str | None = None
     cors_allow_origin: list[str] = []
     max_batch_total_tokens: int = 0
+    block_size: int = 16
     dtype: str = "float32"
     attention_backend: str = "torch"
     version: str = "0.1.0"

@@ -108,6 +108,10 @@ class Error(msgspec.Struct, tag=True, array_like=True, gc=False):
     kind: str = "validation"
 
 
+# Upper bounds of the duration histograms (TGI's: 0.0001 x 1.5^k s, k = 1..35).
+DURATION_BUCKETS = [0.0001 * 1.5**k for k in range(1, 36)]
+
+
 class SchedulerStats(msgspec.Struct, tag=True, array_like=True, gc=False):
     """Cumulative counters since start; times in seconds."""
 
@@ -127,6 +131,11 @@ class SchedulerStats(msgspec.Struct, tag=True, array_like=True, gc=False):
     cache_hit_tokens: int = 0  # of those, served from the prefix cache
     cached_blocks: int = 0  # blocks holding a cached prefix (in use or evictable)
     comm_time: float = 0.0  # of forward_time, rank 0's tensor-parallel all-reduces
+    # Steps by method (0: with prefill work, 1: decode only): count, forward seconds,
+    # and forward durations per DURATION_BUCKETS bucket.
+    forward_counts: list[int] = msgspec.field(default_factory=lambda: [0, 0])
+    forward_sums: list[float] = msgspec.field(default_factory=lambda: [0.0, 0.0])
+    forward_buckets: list[list[int]] = []
 
 
 SchedulerToFrontend = TokenBatch | Error | SchedulerStats

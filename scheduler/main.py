@@ -38,6 +38,10 @@ class SchedulerProcess:
         self.poller.register(ch.results.sock, zmq.POLLIN)
         self.core: Scheduler | None = None
         self.times = defaultdict(float)  # schedule / step / forward / busy seconds
+        # Forward durations by method (prefill, decode): counts, sums, histogram buckets.
+        self.forward_counts = [0, 0]
+        self.forward_sums = [0.0, 0.0]
+        self.forward_buckets = [[0] * len(m.DURATION_BUCKETS) for _ in range(2)]
 
     def wait_for_executors(self) -> m.SchedulerReady:
         n, timeout_ms = self.cfg.num_shards, int(self.cfg.startup_timeout * 1000)
@@ -85,6 +89,7 @@ class SchedulerProcess:
             t1 = time.perf_counter()
             result = self._wait_for_result(step.plan.step_id)
             t2 = time.perf_counter()
+            prefill_before = self.core.stats.prefill_tokens
             self._emit(
                 self.core.update(step, result.token_ids, result.logprobs, result.prompt_logprobs),
                 result,
@@ -94,7 +99,18 @@ class SchedulerProcess:
             self.times["step"] += t2 - t1
             self.times["forward"] += result.forward_time
             self.times["comm"] += result.comm_time
+            self._observe_forward(self.core.stats.prefill_tokens == prefill_before, result)
             self.times["busy"] += t3 - t0
+
+    def _observe_forward(self, decode_only: bool, result: m.StepResult) -> None:
+        method = int(decode_only)
+        self.forward_counts[method] += 1
+        self.forward_sums[method] += result.forward_time
+        buckets = self.forward_buckets[method]
+        for i, bound in enumerate(m.DURATION_BUCKETS):
+            if result.forward_time <= bound:
+                buckets[i] += 1
+                break
 
     def _wait_for_result(self, step_id: int) -> m.StepResult:
         while True:
@@ -176,6 +192,9 @@ class SchedulerProcess:
             cache_hit_tokens=core.stats.cache_hit_tokens,
             cached_blocks=core.pool.num_cached,
             comm_time=t["comm"],
+            forward_counts=self.forward_counts,
+            forward_sums=self.forward_sums,
+            forward_buckets=self.forward_buckets,
         )
 
 

@@ -272,6 +272,7 @@ def _run(engine: Engine, o: dict) -> int:
             api_key=o["api_key"],
             cors_allow_origin=list(o["cors_allow_origin"]),
             max_batch_total_tokens=capacity,
+            block_size=ready.block_size,
             dtype=ready.dtype,
             attention_backend=ready.attention_backend,
         )

@@ -340,7 +340,7 @@ def test_info_health_tokenize_metrics(server) -> None:
     assert "".join(t["text"] for t in toks) == "My name is Olivier"
     assert toks[1] == {"id": toks[1]["id"], "text": " name", "start": 2, "stop": 7}
     metrics = httpx.get(server.url + "/metrics").text
-    assert "tgi_request_success_total" in metrics and "tgi_mp_kv_blocks_free" in metrics
+    assert "\ntgi_request_success " in metrics and "tgi_mp_kv_blocks_free" in metrics
 
 
 # ---------------------------------------------------------------- errors
