@@ -4,9 +4,12 @@ the server down loudly, and nothing is left behind."""
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -82,3 +85,23 @@ def test_a_killed_child_takes_the_server_down(victim: str) -> None:
         assert set(tgi_mp_shm()) == shm_before  # tgi-mp uses none; nothing appeared
     finally:
         server.stop()
+
+
+def test_locust_load_test_runs_without_failures(tmp_path) -> None:
+    """The README's locust command, bounded to 15 s and 4 users."""
+    with Server("--max-batch-total-tokens", "8192") as server:
+        r = subprocess.run(
+            [
+                sys.executable, "-m", "locust", "-f", "perf/locustfile.py",
+                "--host", server.url, "--headless", "-u", "4", "-r", "4",
+                "--run-time", "15s", "--stop-timeout", "30",
+                "--csv", str(tmp_path / "locust"), "--html", str(tmp_path / "locust.html"),
+            ],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "locust_stats.csv").open()))
+    total = next(row for row in rows if row["Name"] == "Aggregated")
+    assert int(total["Request Count"]) >= 8 and int(total["Failure Count"]) == 0, total
+    assert {row["Name"] for row in rows} >= {"/generate", "/generate_stream"}
+    assert (tmp_path / "locust.html").stat().st_size > 0
