@@ -20,9 +20,9 @@ from collections.abc import AsyncIterator
 import msgspec
 from tokenizers import Tokenizer
 
-from tgi_mp.frontend import metrics
+from tgi_mp.frontend import metrics, tracing
 from tgi_mp.frontend.engine_client import EngineClient, EngineError, RequestError
-from tgi_mp.frontend.generation import Generation, run, run_all
+from tgi_mp.frontend.generation import Generation, report_success, run, run_all
 from tgi_mp.frontend.http import (
     SSE_HEADERS,
     HTTPError,
@@ -85,6 +85,8 @@ class App:
             # in order, while a cycle's collector may term the context before its sockets
             # are closed (and block forever).
             self.openai = OpenAIRoutes(weakref.proxy(self))
+            if cfg.otlp_endpoint:
+                tracing.setup(cfg.otlp_endpoint, cfg.otlp_service_name)
             self._client = EngineClient(cfg.ipc_root)
 
     # ------------------------------------------------------------ ASGI entry
@@ -174,9 +176,9 @@ class App:
         if path == "/tokenize":
             await self._tokenize(req, send, cors)
         elif path == "/generate_stream" or (path == "/" and req.stream):
-            await self._generate_stream(req, receive, send, cors)
+            await self._generate_stream(scope, req, receive, send, cors)
         else:
-            await self._generate(req, receive, send, cors, wrap=path == "/")
+            await self._generate(scope, req, receive, send, cors, wrap=path == "/")
 
     def authorized(self, scope: Scope) -> bool:
         key = self.cfg.api_key
@@ -265,7 +267,13 @@ class App:
         return req.inputs + text if v.return_full_text else text
 
     async def _generate(
-        self, req: GenerateRequest, receive: Receive, send: Send, cors: list, wrap: bool
+        self,
+        scope: Scope,
+        req: GenerateRequest,
+        receive: Receive,
+        send: Send,
+        cors: list,
+        wrap: bool,
     ) -> None:
         t0 = time.perf_counter()
         v = self._admit(req)
@@ -334,9 +342,10 @@ class App:
             (b"x-prompt-tokens", str(len(v.prompt_ids)).encode()),
             (b"x-generated-tokens", str(len(gen.tokens)).encode()),
         ]
-        metrics.success(
-            total,
-            t_valid - t0,
+        report_success(
+            scope,
+            t0,
+            t_valid,
             gen.queue_time,
             len(v.prompt_ids),
             len(gen.tokens),
@@ -346,7 +355,7 @@ class App:
         await respond(send, 200, body, headers=headers)
 
     async def _generate_stream(
-        self, req: GenerateRequest, receive: Receive, send: Send, cors: list
+        self, scope: Scope, req: GenerateRequest, receive: Receive, send: Send, cors: list
     ) -> None:
         headers = (
             SSE_HEADERS
@@ -405,9 +414,10 @@ class App:
                 raise engine_failure(e) from e
             if not gen.finish_reason:
                 raise failed(500, "Incomplete generation stream", "incomplete_generation_stream")
-            metrics.success(
-                time.perf_counter() - t0,
-                t_valid - t0,
+            report_success(
+                scope,
+                t0,
+                t_valid,
                 gen.queue_time,
                 len(v.prompt_ids),
                 len(gen.tokens),

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
 
+from tgi_mp.frontend import metrics, tracing
 from tgi_mp.frontend.detokenizer import IncrementalDetokenizer, StopMatcher
 from tgi_mp.frontend.engine_client import EngineClient
+from tgi_mp.frontend.http import header
 from tgi_mp.frontend.protocol import PrefillToken, Token
 from tgi_mp.frontend.validation import ValidRequest
 from tgi_mp.ipc.messages import FinishReason
@@ -116,3 +118,27 @@ async def run_all(coros: list[Coroutine[object, object, None]]) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def report_success(
+    scope: dict,
+    t0: float,
+    t_valid: float,
+    queue_time: float,
+    input_tokens: int,
+    generated: int,
+    max_new_tokens: int,
+) -> None:
+    """A finished request in the metrics, and in a trace when tracing is on."""
+    end = time.perf_counter()
+    metrics.success(end - t0, t_valid - t0, queue_time, input_tokens, generated, max_new_tokens)
+    if tracing.enabled():
+        tracing.record(
+            scope["path"],
+            header(scope, b"traceparent"),
+            t0,
+            t_valid,
+            t_valid + queue_time,
+            end,
+            {"input_tokens": input_tokens, "generated_tokens": generated},
+        )

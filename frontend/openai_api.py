@@ -25,7 +25,7 @@ from tgi_mp.frontend import metrics
 from tgi_mp.frontend.chat_template import ChatTemplate, TemplateError
 from tgi_mp.frontend.detokenizer import StopTrimmer
 from tgi_mp.frontend.engine_client import EngineError, RequestError
-from tgi_mp.frontend.generation import Generation
+from tgi_mp.frontend.generation import Generation, report_success
 from tgi_mp.frontend.http import (
     SSE_HEADERS,
     HTTPError,
@@ -381,6 +381,7 @@ class OpenAIRoutes:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             await self._stream(
+                scope,
                 receive,
                 send,
                 cors,
@@ -408,7 +409,7 @@ class OpenAIRoutes:
             ],
             usage=_usage(choices, len(choices)),
         )
-        _count(t0, choices)
+        _count(scope, t0, choices)
         await respond(send, 200, _json.encode(out), headers=cors)
 
     async def _chat_events(
@@ -524,7 +525,7 @@ class OpenAIRoutes:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             events = self._completion_events(answer_id, choices, include_usage, texts, req.echo)
-            await self._stream(receive, send, cors, t0, choices, events)
+            await self._stream(scope, receive, send, cors, t0, choices, events)
             return
         if not await self._run(receive, choices):
             return
@@ -549,7 +550,7 @@ class OpenAIRoutes:
             choices=kept,
             usage=_usage(choices, best_of),
         )
-        _count(t0, choices)
+        _count(scope, t0, choices)
         await respond(send, 200, _json.encode(out), headers=cors)
 
     def _completion_logprobs(self, c: Choice, echo: bool) -> CompletionLogprobs:
@@ -626,6 +627,7 @@ class OpenAIRoutes:
 
     async def _stream(
         self,
+        scope: dict,
         receive: Any,
         send: Any,
         cors: list,
@@ -646,7 +648,7 @@ class OpenAIRoutes:
                 if not all(c.gen.finish_reason for c in choices):
                     metrics.failure("incomplete_generation")
                     raise openai_error(500, "Incomplete generation stream")
-                _count(t0, choices)
+                _count(scope, t0, choices)
             except (RequestError, EngineError) as e:
                 await body(b"data: " + as_openai(_engine_error(e)).body + b"\n\n")
             except HTTPError as e:  # errors arrive as an event, then [DONE]
@@ -666,11 +668,12 @@ def _usage(choices: list[Choice], per_prompt: int) -> Usage:
     return Usage(prompt, completion, prompt + completion, PromptTokensDetails(cached))
 
 
-def _count(t0: float, choices: list[Choice]) -> None:
+def _count(scope: dict, t0: float, choices: list[Choice]) -> None:
     first = choices[0]
-    metrics.success(
-        time.perf_counter() - t0,
-        first.valid_at - t0,
+    report_success(
+        scope,
+        t0,
+        first.valid_at,
         min(c.gen.queue_time for c in choices),
         first.prompt_len,
         sum(len(c.gen.tokens) for c in choices),

@@ -166,6 +166,13 @@ def main() -> None:
 @_opt("--payload-limit", type=int, default=2_000_000, help="Largest request body in bytes.")
 @_opt("--json-output", is_flag=True, help="Log as JSON lines.")
 @_opt(
+    "--otlp-endpoint",
+    default=None,
+    help="Export OpenTelemetry spans per request to this OTLP/HTTP collector "
+    "(needs pip install 'tgi-mp[otlp]').",
+)
+@_opt("--otlp-service-name", default="tgi-mp", help="service.name of the exported spans.")
+@_opt(
     "--tokenizer-config-path",
     default=None,
     help="A tokenizer_config.json to use instead of the model's (chat template).",
@@ -211,6 +218,11 @@ def serve(**o: object) -> None:
         _fail("`max_total_tokens` must be <= `max_batch_total_tokens`")
     if o["frontend_workers"] < 1:
         _fail("`frontend_workers` must be at least 1")
+    if o["otlp_endpoint"]:
+        import importlib.util
+
+        if importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is None:
+            _fail("--otlp-endpoint needs OpenTelemetry: pip install 'tgi-mp[otlp]'")
 
     try:
         engine = Engine.start(
@@ -273,6 +285,8 @@ def _run(engine: Engine, o: dict) -> int:
             cors_allow_origin=list(o["cors_allow_origin"]),
             max_batch_total_tokens=capacity,
             block_size=ready.block_size,
+            otlp_endpoint=o["otlp_endpoint"],
+            otlp_service_name=o["otlp_service_name"],
             dtype=ready.dtype,
             attention_backend=ready.attention_backend,
         )
