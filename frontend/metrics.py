@@ -201,6 +201,10 @@ class Metrics:
             family(name, "gauge", help_)
             out.append(f"{name} {float(value)!r}")
 
+        def counter(name: str, help_: str, value: float) -> None:
+            family(name, "counter", help_)
+            out.append(f"{name} {float(value)!r}")
+
         gauge("tgi_mp_http_in_flight", "Requests this HTTP worker is serving", in_flight)
         if stats is not None:
             used = stats.blocks_total - stats.blocks_free
@@ -239,13 +243,13 @@ class Metrics:
             )
             gauge("tgi_mp_kv_blocks_used", "KV blocks held by requests", used)
             gauge("tgi_mp_kv_blocks_total", "KV blocks", stats.blocks_total)
-            gauge("tgi_mp_preemptions", "Requests preempted since start", stats.preemptions)
-            gauge(
+            counter("tgi_mp_preemptions", "Requests preempted since start", stats.preemptions)
+            counter(
                 "tgi_mp_prefix_cache_admitted_tokens",
                 "Tokens of requests admitted since start (again after a preemption)",
                 stats.admitted_tokens,
             )
-            gauge(
+            counter(
                 "tgi_mp_prefix_cache_hit_tokens",
                 "Admitted tokens served from the prefix cache since start",
                 stats.cache_hit_tokens,
@@ -260,13 +264,13 @@ class Metrics:
                 "KV blocks holding a cached prefix",
                 stats.cached_blocks,
             )
-            gauge("tgi_mp_scheduler_steps", "Steps run since start", stats.steps)
-            gauge(
+            counter("tgi_mp_scheduler_steps", "Steps run since start", stats.steps)
+            counter(
                 "tgi_mp_scheduler_time_seconds",
                 "Scheduler time (planning, cache, results) since start",
                 stats.schedule_time,
             )
-            gauge(
+            counter(
                 "tgi_mp_ipc_time_seconds",
                 "Step time outside the executors' forward (plan broadcast, results) since start",
                 max(stats.step_time - stats.forward_time, 0.0),
