@@ -232,6 +232,14 @@ class Metrics:
                 )
             for i, method in enumerate(("prefill", "decode")):
                 histogram(
+                    "tgi_batch_inference_duration",
+                    "One step as the scheduler sees it: plan sent to tokens back (s), by method",
+                    DURATION_BUCKETS,
+                    (stats.step_buckets[i], stats.step_sums[i], stats.forward_counts[i]),
+                    f'method="{method}"',
+                )
+            for i, method in enumerate(("prefill", "decode")):
+                histogram(
                     "tgi_batch_forward_duration",
                     "Executor time of one step (s), by method",
                     DURATION_BUCKETS,

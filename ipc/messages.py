@@ -136,6 +136,9 @@ class SchedulerStats(msgspec.Struct, tag=True, array_like=True, gc=False):
     forward_counts: list[int] = msgspec.field(default_factory=lambda: [0, 0])
     forward_sums: list[float] = msgspec.field(default_factory=lambda: [0.0, 0.0])
     forward_buckets: list[list[int]] = []
+    # The same for whole steps as the scheduler sees them (plan sent -> tokens back).
+    step_sums: list[float] = msgspec.field(default_factory=lambda: [0.0, 0.0])
+    step_buckets: list[list[int]] = []
 
 
 SchedulerToFrontend = TokenBatch | Error | SchedulerStats

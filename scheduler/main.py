@@ -42,6 +42,8 @@ class SchedulerProcess:
         self.forward_counts = [0, 0]
         self.forward_sums = [0.0, 0.0]
         self.forward_buckets = [[0] * len(m.DURATION_BUCKETS) for _ in range(2)]
+        self.step_sums = [0.0, 0.0]
+        self.step_buckets = [[0] * len(m.DURATION_BUCKETS) for _ in range(2)]
 
     def wait_for_executors(self) -> m.SchedulerReady:
         n, timeout_ms = self.cfg.num_shards, int(self.cfg.startup_timeout * 1000)
@@ -99,18 +101,23 @@ class SchedulerProcess:
             self.times["step"] += t2 - t1
             self.times["forward"] += result.forward_time
             self.times["comm"] += result.comm_time
-            self._observe_forward(self.core.stats.prefill_tokens == prefill_before, result)
+            self._observe_step(self.core.stats.prefill_tokens == prefill_before, result, t2 - t1)
             self.times["busy"] += t3 - t0
 
-    def _observe_forward(self, decode_only: bool, result: m.StepResult) -> None:
+    def _observe_step(self, decode_only: bool, result: m.StepResult, step_time: float) -> None:
+        """Per method (0: prefill work in the step, 1: decode only): counts, sums, buckets."""
         method = int(decode_only)
         self.forward_counts[method] += 1
         self.forward_sums[method] += result.forward_time
-        buckets = self.forward_buckets[method]
-        for i, bound in enumerate(m.DURATION_BUCKETS):
-            if result.forward_time <= bound:
-                buckets[i] += 1
-                break
+        self.step_sums[method] += step_time
+        for buckets, seconds in (
+            (self.forward_buckets[method], result.forward_time),
+            (self.step_buckets[method], step_time),
+        ):
+            for i, bound in enumerate(m.DURATION_BUCKETS):
+                if seconds <= bound:
+                    buckets[i] += 1
+                    break
 
     def _wait_for_result(self, step_id: int) -> m.StepResult:
         while True:
@@ -195,6 +202,8 @@ class SchedulerProcess:
             forward_counts=self.forward_counts,
             forward_sums=self.forward_sums,
             forward_buckets=self.forward_buckets,
+            step_sums=self.step_sums,
+            step_buckets=self.step_buckets,
         )
 
 

@@ -76,6 +76,13 @@ def test_counts_histograms_and_gauges_after_a_known_workload(server) -> None:
     decode = m["tgi_batch_inference_count"][(("method", "decode"),)]
     assert prefill >= 1 and decode >= 4
     assert m["tgi_batch_forward_duration_count"][(("method", "decode"),)] == decode
+    assert m["tgi_batch_inference_duration_count"][(("method", "prefill"),)] == prefill
+    # A step takes at least its forward pass.
+    for method in ("prefill", "decode"):
+        key = (("method", method),)
+        assert (
+            m["tgi_batch_inference_duration_sum"][key] >= m["tgi_batch_forward_duration_sum"][key]
+        )
     assert m["tgi_mp_prefix_cache_hit_tokens"][()] >= 0
 
 

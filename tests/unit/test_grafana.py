@@ -17,6 +17,7 @@ def exported_names() -> set[str]:
         steps=1, preemptions=0, prefill_tokens=1, decode_tokens=1, waiting=0, running=0,
         blocks_free=1, blocks_total=1, schedule_time=0.0, step_time=0.0, forward_time=0.0,
         busy_time=0.0, forward_buckets=[[0] * len(DURATION_BUCKETS)] * 2,
+        step_buckets=[[0] * len(DURATION_BUCKETS)] * 2,
     )  # fmt: skip
     m = Metrics()
     m.failure("validation")
