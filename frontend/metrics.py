@@ -220,6 +220,15 @@ class Metrics:
                 "KV cache capacity in tokens",
                 stats.blocks_total * block_size,
             )
+            sizes = list(range(1, 1025))  # TGI's buckets: 1..1024, step 1
+            counts = [stats.admissions.get(n, 0) for n in sizes]
+            histogram(
+                "tgi_batch_next_size",
+                "Requests admitted by a step that admitted any",
+                [float(n) for n in sizes],
+                (counts, float(sum(n * c for n, c in stats.admissions.items())),
+                 sum(stats.admissions.values())),
+            )  # fmt: skip
             family("tgi_batch_inference_count", "counter", "Forward passes, by method")
             for i, method in enumerate(("prefill", "decode")):
                 out.append(

@@ -139,6 +139,7 @@ class SchedulerStats(msgspec.Struct, tag=True, array_like=True, gc=False):
     # The same for whole steps as the scheduler sees them (plan sent -> tokens back).
     step_sums: list[float] = msgspec.field(default_factory=lambda: [0.0, 0.0])
     step_buckets: list[list[int]] = []
+    admissions: dict[int, int] = {}  # steps that admitted n new requests, by n
 
 
 SchedulerToFrontend = TokenBatch | Error | SchedulerStats

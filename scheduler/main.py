@@ -204,6 +204,7 @@ class SchedulerProcess:
             forward_buckets=self.forward_buckets,
             step_sums=self.step_sums,
             step_buckets=self.step_buckets,
+            admissions=core.stats.admissions,
         )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -68,6 +68,8 @@ class Stats:
     prefill_tokens: int = 0
     decode_tokens: int = 0
     admitted_tokens: int = 0  # tokens of admitted (and re-admitted) requests
+    # steps that admitted n requests, by n (TGI's "next batch size")
+    admissions: dict[int, int] = field(default_factory=dict)
     cache_hit_tokens: int = 0  # of which served from the prefix cache
 
 
@@ -195,6 +197,8 @@ class Scheduler:
             computing |= self._blocks_in_flight([req], [n])
         self.waiting.extendleft(reversed(deferred))
         self._steps_without_admission = 0 if admitted else self._steps_without_admission + 1
+        if admitted:
+            self.stats.admissions[admitted] = self.stats.admissions.get(admitted, 0) + 1
 
         if not reqs:
             return None, ended

@@ -78,6 +78,8 @@ def test_counts_histograms_and_gauges_after_a_known_workload(server) -> None:
     assert m["tgi_batch_forward_duration_count"][(("method", "decode"),)] == decode
     assert m["tgi_batch_inference_duration_count"][(("method", "prefill"),)] == prefill
     assert m["tgi_batch_inference_duration_count"][(("method", "decode"),)] == decode
+    # Every admitted request was admitted by some step (prefix-cache deferrals included).
+    assert m["tgi_batch_next_size_sum"][()] >= N and m["tgi_batch_next_size_count"][()] >= 1
     assert m["tgi_batch_inference_duration_sum"][(("method", "decode"),)] > 0
     assert m["tgi_mp_prefix_cache_hit_tokens"][()] >= 0
 
