@@ -174,18 +174,19 @@ class Metrics:
             out.append(f"# HELP {name} {help_}")
             out.append(f"# TYPE {name} {kind}")
 
-        def histogram(name: str, help_: str, buckets: list[float], data, label: str = "") -> None:
-            counts, s, n = data
+        def histogram(name: str, help_: str, buckets: list[float], series: list) -> None:
+            """One family; `series` is [(label text or "", (bucket counts, sum, count))]."""
             family(name, "histogram", help_)
-            cumulative = 0
-            sep = "," if label else ""
-            for b, c in zip(buckets, counts, strict=True):
-                cumulative += c
-                out.append(f'{name}_bucket{{{label}{sep}le="{b:.6g}"}} {cumulative}')
-            out.append(f'{name}_bucket{{{label}{sep}le="+Inf"}} {n}')
-            labels = f"{{{label}}}" if label else ""
-            out.append(f"{name}_sum{labels} {s!r}")
-            out.append(f"{name}_count{labels} {n}")
+            for label, (counts, s, n) in series:
+                cumulative = 0
+                sep = "," if label else ""
+                for b, c in zip(buckets, counts, strict=True):
+                    cumulative += c
+                    out.append(f'{name}_bucket{{{label}{sep}le="{b:.6g}"}} {cumulative}')
+                out.append(f'{name}_bucket{{{label}{sep}le="+Inf"}} {n}')
+                labels = f"{{{label}}}" if label else ""
+                out.append(f"{name}_sum{labels} {s!r}")
+                out.append(f"{name}_count{labels} {n}")
 
         family("tgi_request_count", "counter", "Requests received")
         out.append(f"tgi_request_count {snap.counters.get('tgi_request_count', 0.0)!r}")
@@ -195,7 +196,7 @@ class Metrics:
         for err in sorted(snap.failures):
             out.append(f'tgi_request_failure{{err="{err}"}} {snap.failures[err]!r}')
         for name, help_ in REQUEST_HISTOGRAMS.items():
-            histogram(name, help_, self.histograms[name].buckets, snap.histograms[name])
+            histogram(name, help_, self.histograms[name].buckets, [("", snap.histograms[name])])
 
         def gauge(name: str, help_: str, value: float) -> None:
             family(name, "gauge", help_)
@@ -226,35 +227,41 @@ class Metrics:
                 "tgi_batch_next_size",
                 "Requests admitted by a step that admitted any",
                 [float(n) for n in sizes],
-                (counts, float(sum(n * c for n, c in stats.admissions.items())),
-                 sum(stats.admissions.values())),
+                [("", (counts, float(sum(n * c for n, c in stats.admissions.items())),
+                       sum(stats.admissions.values())))],
             )  # fmt: skip
-            family("tgi_batch_inference_count", "counter", "Forward passes, by method")
-            for i, method in enumerate(("prefill", "decode")):
-                out.append(
-                    f'tgi_batch_inference_count{{method="{method}"}} {stats.forward_counts[i]}'
-                )
-            family("tgi_batch_inference_success", "counter", "Forward passes that succeeded")
-            for i, method in enumerate(("prefill", "decode")):
-                out.append(
-                    f'tgi_batch_inference_success{{method="{method}"}} {stats.forward_counts[i]}'
-                )
-            for i, method in enumerate(("prefill", "decode")):
-                histogram(
-                    "tgi_batch_inference_duration",
-                    "One step as the scheduler sees it: plan sent to tokens back (s), by method",
-                    DURATION_BUCKETS,
-                    (stats.step_buckets[i], stats.step_sums[i], stats.forward_counts[i]),
-                    f'method="{method}"',
-                )
-            for i, method in enumerate(("prefill", "decode")):
-                histogram(
-                    "tgi_batch_forward_duration",
-                    "Executor time of one step (s), by method",
-                    DURATION_BUCKETS,
-                    (stats.forward_buckets[i], stats.forward_sums[i], stats.forward_counts[i]),
-                    f'method="{method}"',
-                )
+            methods = list(enumerate(("prefill", "decode")))
+            for name, help_ in (
+                ("tgi_batch_inference_count", "Forward passes, by method"),
+                ("tgi_batch_inference_success", "Forward passes that succeeded, by method"),
+            ):
+                family(name, "counter", help_)
+                for i, method in methods:
+                    out.append(f'{name}{{method="{method}"}} {stats.forward_counts[i]}')
+            histogram(
+                "tgi_batch_inference_duration",
+                "One step as the scheduler sees it: plan sent to tokens back (s), by method",
+                DURATION_BUCKETS,
+                [
+                    (
+                        f'method="{m}"',
+                        (stats.step_buckets[i], stats.step_sums[i], stats.forward_counts[i]),
+                    )
+                    for i, m in methods
+                ],
+            )
+            histogram(
+                "tgi_batch_forward_duration",
+                "Executor time of one step (s), by method",
+                DURATION_BUCKETS,
+                [
+                    (
+                        f'method="{m}"',
+                        (stats.forward_buckets[i], stats.forward_sums[i], stats.forward_counts[i]),
+                    )
+                    for i, m in methods
+                ],
+            )
             gauge(
                 "tgi_mp_kv_blocks_free", "Free KV blocks (incl. unused cached)", stats.blocks_free
             )

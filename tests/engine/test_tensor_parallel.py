@@ -64,18 +64,23 @@ def test_two_shards_give_the_tokens_of_one(tiny_dir) -> None:
     assert results[2] == results[1]
 
 
+def rank_params(source, cfg, n: int) -> list[dict[str, torch.Tensor]]:
+    """Each of n ranks' parameters, loaded as that rank loads them."""
+    return [
+        dict(
+            load_model(
+                source, cfg, torch.float32, "cpu", tp=TensorParallel(r, n)
+            ).named_parameters()
+        )
+        for r in range(n)
+    ]
+
+
 def test_ranks_load_their_slices_only(tiny_dir) -> None:
     source = resolve_model(tiny_dir)
     cfg = load_model_config(source)
     full = dict(load_model(source, cfg, torch.float32, "cpu").named_parameters())
-    ranks = [
-        dict(
-            load_model(
-                source, cfg, torch.float32, "cpu", tp=TensorParallel(r, 2)
-            ).named_parameters()
-        )
-        for r in range(2)
-    ]
+    ranks = rank_params(source, cfg, 2)
 
     def size(params: dict, sharded: bool) -> int:
         return sum(
@@ -113,14 +118,7 @@ def test_gguf_slices(tmp_path) -> None:
     source = resolve_model(None)
     cfg = load_model_config(source)
     full = dict(load_model(source, cfg, torch.float32, "cpu").named_parameters())
-    ranks = [
-        dict(
-            load_model(
-                source, cfg, torch.float32, "cpu", tp=TensorParallel(r, 3)
-            ).named_parameters()
-        )
-        for r in range(3)
-    ]
+    ranks = rank_params(source, cfg, 3)
     layer = "model.layers.3."
     q = cfg.num_heads * cfg.head_dim
     qs = [p[layer + "self_attn.qkv_proj.weight"][: q // 3] for p in ranks]

@@ -1,4 +1,4 @@
-"""The Grafana dashboard only queries metrics that `/metrics` really exports."""
+"""`/metrics` exposition, and the Grafana dashboard that queries it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tgi_mp.ipc.messages import DURATION_BUCKETS, SchedulerStats
 DASHBOARD = Path(__file__).resolve().parents[2] / "perf" / "grafana" / "tgi-mp.json"
 
 
-def exported_names() -> set[str]:
+def exposition() -> str:
     stats = SchedulerStats(
         steps=1, preemptions=0, prefill_tokens=1, decode_tokens=1, waiting=0, running=0,
         blocks_free=1, blocks_total=1, schedule_time=0.0, step_time=0.0, forward_time=0.0,
@@ -21,8 +21,18 @@ def exported_names() -> set[str]:
     )  # fmt: skip
     m = Metrics()
     m.failure("validation")
-    text = m.render(stats, 0, 16).decode()
-    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
+    return m.render(stats, 0, 16).decode()
+
+
+def exported_names() -> set[str]:
+    lines = exposition().splitlines()
+    return {line.split("{")[0].split(" ")[0] for line in lines if line[:1] != "#"}
+
+
+def test_each_family_is_declared_once() -> None:
+    # Prometheus refuses a scrape that declares a family twice.
+    declared = [line.split()[2] for line in exposition().splitlines() if line.startswith("# TYPE")]
+    assert len(declared) == len(set(declared)) > 20
 
 
 def test_every_query_names_an_exported_metric() -> None:
