@@ -101,7 +101,13 @@ class ModelRunner:
 
         self.tp = join(rank, cfg.num_shards, cfg.ipc_root, cfg.device)
         self.model = load_model(
-            cfg.model, cfg.model_config, self.dtype, self.device, progress, self.tp
+            cfg.model,
+            cfg.model_config,
+            self.dtype,
+            self.device,
+            progress,
+            self.tp,
+            dummy=cfg.load_format == "dummy",
         )
         self.penalties = PenaltyHistory(cfg.model_config.vocab_size, self.device)
         self.num_blocks, why = num_kv_blocks(cfg)

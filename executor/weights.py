@@ -226,11 +226,14 @@ def load_model(
     device: torch.device | str,
     on_progress: ProgressFn | None = None,
     tp: TensorParallel = SINGLE,
+    dummy: bool = False,
 ) -> nn.Module:
     """Build the model for `cfg` and load its weights (float32 GGUF dequantisation,
     then cast to `dtype`): with tensor parallelism, only this rank's slices.
     `on_progress(done, total)` is called per tensor."""
     model = build_model(cfg, dtype, device, tp)
+    if dummy:  # --load-format dummy: the config alone, no checkpoint read
+        return init_dummy_weights(model, seed=tp.rank)
     slicer = Slicer(tp)
     if source.kind == "hf":
         total, tensors = _safetensors_tensors(source.path, slicer)

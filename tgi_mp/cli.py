@@ -77,6 +77,12 @@ def main() -> None:
     help="Weights and KV cache dtype.",
 )
 @_opt(
+    "--load-format",
+    type=click.Choice(["auto", "dummy"]),
+    default="auto",
+    help="dummy: random weights from --model-id's config.json alone (benchmarks).",
+)
+@_opt(
     "--num-shard",
     type=int,
     default=1,
@@ -230,6 +236,7 @@ def serve(**o: object) -> None:
             o["revision"],
             dtype=o["dtype"],
             num_shards=o["num_shard"],
+            load_format=o["load_format"],
             max_batch_prefill_tokens=o["max_batch_prefill_tokens"],
             max_batch_total_tokens=mbt,
             kv_cache_memory=o["kv_cache_memory"],

@@ -31,6 +31,7 @@ class EngineConfig(msgspec.Struct, frozen=True):
     torch_threads: int | None = None
     startup_timeout: float = 600.0
     prefix_caching: bool = True
+    load_format: str = "auto"  # "dummy": random weights from the config alone (benchmarks)
     waiting_served_ratio: float | None = None  # TGI's batch-growth rule; None: off
     max_waiting_tokens: int = 20
     watermark_gamma: float = 0.5  # green share of the vocabulary for `watermark` requests
@@ -52,6 +53,8 @@ class EngineConfig(msgspec.Struct, frozen=True):
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if not 0.0 < self.watermark_gamma < 1.0:
             raise ValueError(f"watermark_gamma must be in (0, 1), got {self.watermark_gamma}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 

@@ -30,6 +30,7 @@ class ModelSource(msgspec.Struct, frozen=True):
     path: str  # directory
     gguf_file: str | None  # file name inside `path` (transformers' `gguf_file` convention)
     model_id: str  # display name, as the user gave it
+    config_file: str = "config.json"  # inside `path` (another name: a config given alone)
 
     @property
     def gguf_path(self) -> str:
@@ -103,8 +104,12 @@ def resolve_model(model_id: str | None, revision: str | None = None) -> ModelSou
         return ModelSource("gguf", str(path.parent), path.name, DEFAULT_MODEL_ID)
     local = Path(model_id).expanduser()
     if local.is_file():
+        if local.name.endswith(".json"):  # a config alone: for --load-format dummy
+            return ModelSource("hf", str(local.resolve().parent), None, model_id, local.name)
         if local.suffix != ".gguf":
-            raise ValueError(f"{model_id}: a model file must be .gguf (or pass its directory)")
+            raise ValueError(
+                f"{model_id}: a model file must be .gguf or a config .json (or pass its directory)"
+            )
         return ModelSource("gguf", str(local.resolve().parent), local.name, model_id)
     if local.is_dir():
         return _from_directory(local.resolve(), model_id)
@@ -156,8 +161,8 @@ def _as_id_list(value: Any) -> list[int]:
     return [int(v) for v in value] if isinstance(value, list) else [int(value)]
 
 
-def _hf_config(directory: str) -> ModelConfig:
-    cfg = json.loads(Path(directory, "config.json").read_text())
+def _hf_config(directory: str, config_file: str = "config.json") -> ModelConfig:
+    cfg = json.loads(Path(directory, config_file).read_text())
     archs = cfg.get("architectures") or []
     by_type = {
         "llama": "LlamaForCausalLM",
@@ -255,7 +260,7 @@ def _gguf_config(path: str) -> ModelConfig:
 
 def load_model_config(source: ModelSource) -> ModelConfig:
     if source.kind == "hf":
-        return _hf_config(source.path)
+        return _hf_config(source.path, source.config_file)
     if source.kind == "gguf":
         return _gguf_config(source.gguf_path)
     raise ValueError(f"unknown model source kind {source.kind!r}")

@@ -151,3 +151,17 @@ def test_killing_one_rank_takes_the_engine_down(tiny_dir) -> None:
     assert_killing_is_loud(
         Engine.start(tiny_dir, num_shards=2, max_batch_total_tokens=8192), "executor1"
     )
+
+
+def test_dummy_weights_serve_from_a_config_alone(tmp_path) -> None:
+    LlamaConfig(**TINY).to_json_file(str(tmp_path / "config.json"))
+    batch = [[5, 6, 7], [9] * 20]
+    with Engine.start(
+        str(tmp_path / "config.json"),
+        load_format="dummy",
+        num_shards=2,
+        max_batch_total_tokens=1024,
+    ) as engine:
+        first = generate(engine, batch, concurrent=True)
+        assert generate(engine, batch, concurrent=False) == first
+    assert [len(t) for t in first] == [16, 16]

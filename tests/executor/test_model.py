@@ -303,3 +303,25 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
     with pytest.raises(ValueError, match="unsupported architecture 'GPT2LMHeadModel'"):
         load_model_config(resolve_model(str(tmp_path)))
+
+
+def test_dummy_weights_from_a_config_alone(tmp_path: Path) -> None:
+    LlamaConfig(**TINY).to_json_file(str(tmp_path / "tiny.json"))
+    source = resolve_model(str(tmp_path / "tiny.json"))
+    assert source.kind == "hf" and source.config_file == "tiny.json"
+    cfg = load_model_config(source)
+    a = load_model(source, cfg, torch.float32, "cpu", dummy=True)
+    b = load_model(source, cfg, torch.float32, "cpu", dummy=True)
+    params = dict(a.named_parameters())
+    assert all(torch.isfinite(p).all() for p in params.values())
+    assert torch.equal(params["model.norm.weight"], torch.ones(cfg.hidden_size))
+    assert 0.015 < float(params["model.embed_tokens.weight"].std()) < 0.025
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+def test_the_llama_8b_benchmark_config() -> None:
+    path = Path(__file__).resolve().parents[2] / "perf" / "configs" / "llama-3.1-8b.json"
+    cfg = load_model_config(resolve_model(str(path)))
+    assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (32, 32, 8, 128)
+    assert cfg.vocab_size == 128256 and cfg.rope_scaling["rope_type"] == "llama3"
+    assert cfg.eos_token_ids == [128001, 128008, 128009]
