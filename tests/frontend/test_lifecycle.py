@@ -103,5 +103,7 @@ def test_locust_load_test_runs_without_failures(tmp_path) -> None:
     rows = list(csv.DictReader((tmp_path / "locust_stats.csv").open()))
     total = next(row for row in rows if row["Name"] == "Aggregated")
     assert int(total["Request Count"]) >= 8 and int(total["Failure Count"]) == 0, total
-    assert {row["Name"] for row in rows} >= {"/generate", "/generate_stream"}
+    # Users pick their tasks at random: which endpoints 15 s covers varies.
+    endpoints = {row["Name"] for row in rows} - {"Aggregated"}
+    assert endpoints and all(n.startswith(("/generate", "/v1/chat/completions")) for n in endpoints)
     assert (tmp_path / "locust.html").stat().st_size > 0
