@@ -168,7 +168,7 @@ class Scheduler:
         # Full blocks this step computes: a waiting request whose next block is among them
         # waits a step and then reuses it (the `n` choices of one prompt, a burst of
         # requests sharing a system prompt) instead of computing it twice.
-        computing = self._blocks_in_flight(reqs, num_new)
+        computing = self._blocks_in_flight(reqs, num_new) if self.waiting else set()
         deferred: list[Request] = []
         admitted = 0
         grow = self._may_grow()  # decided once for the step, as TGI sizes a new batch
