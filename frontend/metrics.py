@@ -238,30 +238,25 @@ class Metrics:
                 family(name, "counter", help_)
                 for i, method in methods:
                     out.append(f'{name}{{method="{method}"}} {stats.forward_counts[i]}')
-            histogram(
-                "tgi_batch_inference_duration",
-                "One step as the scheduler sees it: plan sent to tokens back (s), by method",
-                DURATION_BUCKETS,
-                [
-                    (
-                        f'method="{m}"',
-                        (stats.step_buckets[i], stats.step_sums[i], stats.forward_counts[i]),
-                    )
+            for name, help_, buckets, sums in (
+                (
+                    "tgi_batch_inference_duration",
+                    "One step as the scheduler sees it: plan sent to tokens back (s), by method",
+                    stats.step_buckets,
+                    stats.step_sums,
+                ),
+                (
+                    "tgi_batch_forward_duration",
+                    "Executor time of one step (s), by method",
+                    stats.forward_buckets,
+                    stats.forward_sums,
+                ),
+            ):
+                series = [
+                    (f'method="{m}"', (buckets[i], sums[i], stats.forward_counts[i]))
                     for i, m in methods
-                ],
-            )
-            histogram(
-                "tgi_batch_forward_duration",
-                "Executor time of one step (s), by method",
-                DURATION_BUCKETS,
-                [
-                    (
-                        f'method="{m}"',
-                        (stats.forward_buckets[i], stats.forward_sums[i], stats.forward_counts[i]),
-                    )
-                    for i, m in methods
-                ],
-            )
+                ]
+                histogram(name, help_, DURATION_BUCKETS, series)
             gauge(
                 "tgi_mp_kv_blocks_free", "Free KV blocks (incl. unused cached)", stats.blocks_free
             )

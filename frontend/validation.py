@@ -26,7 +26,6 @@ class ValidRequest:
     details: bool
     return_full_text: bool
     best_of: int = 1
-    decoder_input_details: bool = False
 
 
 # Parameters TGI accepts that this engine does not apply yet: refused clearly
@@ -161,7 +160,6 @@ def build(
         details=p.details or p.decoder_input_details,
         return_full_text=bool(p.return_full_text),
         best_of=p.best_of or 1,
-        decoder_input_details=p.decoder_input_details,
     )
 
 

@@ -308,12 +308,14 @@ class Scheduler:
         ]
         # A sequence starting on a cached prefix: executors keeping its penalty history
         # get the tokens they did not compute.
-        history = [
-            r.tokens[: r.num_computed] if not r.started and _penalised(r.params) else r.tokens[:0]
-            for r in reqs
-        ]
-        for r in reqs:
-            r.started = True
+        history_counts = np.zeros(len(reqs), dtype=np.int32)
+        history: list[np.ndarray] = []
+        for i, r in enumerate(reqs):
+            if not r.started:
+                r.started = True
+                if r.num_computed and _penalised(r.params):
+                    history_counts[i] = r.num_computed
+                    history.append(r.tokens[: r.num_computed])
         return StepPlan(
             step_id=self._step_id,
             query_lens=query_lens,
@@ -348,8 +350,8 @@ class Scheduler:
             bias_counts=np.array([len(p.logit_bias) for p in params], dtype=np.int32),
             bias_ids=np.array([i for p in params for i, _ in p.logit_bias], dtype=np.int32),
             bias_values=np.array([b for p in params for _, b in p.logit_bias], dtype=np.float32),
-            history_counts=np.array([len(h) for h in history], dtype=np.int32),
-            history_ids=np.concatenate(history).astype(np.int32, copy=False),
+            history_counts=history_counts,
+            history_ids=np.concatenate(history) if history else np.empty(0, np.int32),
         )
 
     def _take_released(self) -> np.ndarray:
