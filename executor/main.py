@@ -26,7 +26,16 @@ def run(cfg: EngineConfig, rank: int) -> int:
         from tgi_mp.executor.runner import ModelRunner  # torch import: after sockets are up
 
         runner = ModelRunner(cfg, rank)
-        ch.results.send(ExecutorReady(rank, runner.num_blocks, cfg.block_size, "torch", cfg.dtype))
+        ch.results.send(
+            ExecutorReady(
+                rank,
+                runner.num_blocks,
+                cfg.block_size,
+                runner.attention.name,
+                runner.dtype_name,
+                str(runner.device),
+            )
+        )
         while True:
             plan = ch.plan.recv()
             if isinstance(plan, Shutdown):

@@ -41,11 +41,11 @@ class TensorParallel:
 SINGLE = TensorParallel()
 
 
-def join(rank: int, size: int, rendezvous_dir: str, device: str) -> TensorParallel:
+def join(rank: int, size: int, rendezvous_dir: str, device: torch.device) -> TensorParallel:
     """Joins the process group of the engine's executors (blocks until all have)."""
     if size == 1:
         return SINGLE
-    backend = "nccl" if device.startswith("cuda") else "gloo"
+    backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
         backend,
         init_method=f"file://{os.path.join(rendezvous_dir, 'tp-rendezvous')}",

@@ -5,19 +5,29 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from tgi_mp.config import EngineConfig
+from tgi_mp.executor.cuda_graphs import DecodeGraphs
+from tgi_mp.executor.device import (
+    available_host_memory,
+    profile_cuda_budget,
+    resolve_device,
+    resolve_dtype,
+)
 from tgi_mp.executor.parallel import join
 from tgi_mp.executor.penalties import PenaltyHistory, apply_penalties
 from tgi_mp.executor.sampler import SamplingTensors, sample
+from tgi_mp.executor.staging import HostStaging
 from tgi_mp.executor.watermark import apply_watermark
 from tgi_mp.executor.weights import load_model
 from tgi_mp.ipc.messages import StepPlan
 from tgi_mp.kernels.attention import AttentionMetadata, allocate_kv_cache
+from tgi_mp.kernels.backends import select_backend
 
 log = logging.getLogger("tgi_mp.executor")
 
@@ -35,45 +45,34 @@ class StepOutput:
 _PROMPT_LOGPROB_CHUNK = 256
 
 
-def kv_bytes_per_block(cfg: EngineConfig) -> int:
+def kv_bytes_per_block(cfg: EngineConfig, dtype: torch.dtype) -> int:
     """One block's K and V over all layers, on one executor (its share of the KV heads)."""
     mc = cfg.model_config
-    elem = torch.empty((), dtype=getattr(torch, cfg.dtype)).element_size()
     heads = mc.num_kv_heads // cfg.num_shards
-    return 2 * mc.num_layers * cfg.block_size * heads * mc.head_dim * elem
+    return 2 * mc.num_layers * cfg.block_size * heads * mc.head_dim * dtype.itemsize
 
 
-def available_memory() -> int:
-    """Bytes the kernel could give this process now without swapping (Linux's
-    MemAvailable; free physical pages elsewhere)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def kv_budget(cfg: EngineConfig) -> tuple[int, str]:
-    """KV cache bytes for this executor, and how they were decided (for the log)."""
-    if cfg.kv_cache_memory is not None:
-        return cfg.kv_cache_memory, "--kv-cache-memory"
-    free = available_memory()
-    budget = int(free * cfg.kv_cache_fraction)
+def host_kv_budget(cfg: EngineConfig) -> tuple[int, str]:
+    """CPU: a fraction of the memory available once the weights are loaded."""
+    free = available_host_memory()
     return (
-        budget,
+        int(free * cfg.kv_cache_fraction),
         f"{cfg.kv_cache_fraction:g} of {free / 2**30:.1f} GiB available after the weights",
     )
 
 
-def num_kv_blocks(cfg: EngineConfig) -> tuple[int, str]:
-    """KV capacity in blocks: `max_batch_total_tokens` when given, else the memory budget."""
+def num_kv_blocks(
+    cfg: EngineConfig, per_block: int, measure: Callable[[], tuple[int, str]]
+) -> tuple[int, str]:
+    """KV capacity in blocks: `max_batch_total_tokens` when given, else
+    `--kv-cache-memory` bytes, else what `measure` finds (bytes, and how)."""
     if cfg.max_batch_total_tokens is not None:
         return -(-cfg.max_batch_total_tokens // cfg.block_size), "--max-batch-total-tokens"
-    budget, why = kv_budget(cfg)
-    return max(1, budget // kv_bytes_per_block(cfg)), f"{budget / 2**30:.2f} GiB = {why}"
+    if cfg.kv_cache_memory is not None:
+        budget, why = cfg.kv_cache_memory, "--kv-cache-memory"
+    else:
+        budget, why = measure()
+    return max(1, budget // per_block), f"{budget / 2**30:.2f} GiB = {why}"
 
 
 def _tensor(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -81,15 +80,25 @@ def _tensor(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Te
     return torch.from_numpy(np.array(a)).to(device=device, dtype=dtype)
 
 
+# A guess at what capturing the decode graphs allocates (their private memory pool:
+# per-bucket activations and attention scratch), kept out of the KV budget.
+_GRAPH_RESERVE = 512 * 2**20
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, rank: int) -> None:
         self.cfg = cfg
-        self.device = torch.device(cfg.device)
-        self.dtype = getattr(torch, cfg.dtype)
+        self.device = resolve_device(cfg.device, rank)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.staging = HostStaging(self.device)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
-        elif cfg.num_shards > 1:  # the ranks share the machine's cores
+        elif cfg.num_shards > 1 and self.device.type == "cpu":  # the ranks share the cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.num_shards))
+        self.attention, why_attention = select_backend(
+            cfg.attention, self.device, self.dtype, cfg.block_size
+        )
+        log.info("rank %d: attention backend %s (%s)", rank, self.attention.name, why_attention)
         t0 = time.perf_counter()
         last = [0.0]
 
@@ -99,7 +108,7 @@ class ModelRunner:
                 last[0] = now
                 log.info("loading weights: %d/%d tensors", done, total)
 
-        self.tp = join(rank, cfg.num_shards, cfg.ipc_root, cfg.device)
+        self.tp = join(rank, cfg.num_shards, cfg.ipc_root, self.device)
         self.model = load_model(
             cfg.model,
             cfg.model_config,
@@ -108,9 +117,19 @@ class ModelRunner:
             progress,
             self.tp,
             dummy=cfg.load_format == "dummy",
+            attention=self.attention,
         )
         self.penalties = PenaltyHistory(cfg.model_config.vocab_size, self.device)
-        self.num_blocks, why = num_kv_blocks(cfg)
+        graphs = self._graph_buckets()
+        reserve = _GRAPH_RESERVE if graphs else 0
+
+        def measure() -> tuple[int, str]:
+            if self.device.type != "cuda":
+                return host_kv_budget(cfg)
+            return profile_cuda_budget(cfg, self.device, self._profile_step, reserve)
+
+        per_block = kv_bytes_per_block(cfg, self.dtype)
+        self.num_blocks, why = num_kv_blocks(cfg, per_block, measure)
         mc = cfg.model_config
         self.kv_caches = allocate_kv_cache(
             mc.num_layers,
@@ -126,13 +145,89 @@ class ModelRunner:
             rank,
             cfg.model.model_id,
             time.perf_counter() - t0,
-            cfg.dtype,
-            cfg.device,
+            str(self.dtype).removeprefix("torch."),
+            self.device,
             self.num_blocks,
             cfg.block_size,
             self.num_blocks * cfg.block_size,
             why,
         )
+        self.graphs = (
+            DecodeGraphs(
+                self.model,
+                self.kv_caches,
+                graphs,
+                -(-mc.max_position_embeddings // cfg.block_size),
+                cfg.block_size,
+                self.device,
+            )
+            if graphs
+            else None
+        )
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def _graph_buckets(self) -> tuple[int, ...]:
+        """The decode batch sizes to capture: none on the CPU, or without Triton."""
+        buckets = self.cfg.cuda_graphs
+        if not buckets or self.device.type != "cuda":
+            return ()
+        if self.attention.name != "triton":
+            log.info(
+                "CUDA graphs off: the %s attention backend is not captured", self.attention.name
+            )
+            return ()
+        if self.cfg.max_batch_size:
+            buckets = tuple(b for b in buckets if b <= self.cfg.max_batch_size) or buckets[:1]
+        return buckets
+
+    def _profile_step(self) -> None:
+        """The largest step the scheduler may plan: a full prefill budget of tokens
+        through the model, then logits and sampling (every filter on) for as many rows
+        as a step may sample. Uses a throw-away KV cache of just the blocks it needs."""
+        cfg, mc = self.cfg, self.cfg.model_config
+        tokens = cfg.max_batch_prefill_tokens
+        blocks = -(-tokens // cfg.block_size)
+        caches = allocate_kv_cache(
+            mc.num_layers,
+            blocks,
+            cfg.block_size,
+            mc.num_kv_heads // cfg.num_shards,
+            mc.head_dim,
+            self.dtype,
+            self.device,
+        )
+        meta = AttentionMetadata.build(
+            np.array([tokens]),
+            np.array([0]),
+            np.arange(blocks)[None, :],
+            cfg.block_size,
+            self.device,
+            self.staging.upload,
+            [np.zeros(tokens, dtype=np.int64)],
+        )
+        with torch.inference_mode():
+            hidden = self.model(meta.extra[0], meta.positions, caches, meta)
+            if self.tp.rank == 0:
+                rows = min(tokens, cfg.max_batch_size or tokens)
+                logits = self.model.compute_logits(hidden[:rows])
+                n = logits.shape[0]
+
+                def full(value: float, dtype: torch.dtype) -> torch.Tensor:
+                    return torch.full((n,), value, dtype=dtype, device=self.device)
+
+                columns = SamplingTensors(
+                    temperature=full(0.7, torch.float32),
+                    top_k=full(0, torch.int64),
+                    top_p=full(0.999, torch.float32),
+                    typical_p=full(0.95, torch.float32),
+                    min_p=full(0.01, torch.float32),
+                    seeds=full(0, torch.int64),
+                    sample_index=full(0, torch.int64),
+                )
+                sample(logits, columns, 5)
 
     def _penalise(
         self, logits: torch.Tensor, plan: StepPlan, rows: np.ndarray, history_rows: torch.Tensor
@@ -159,24 +254,43 @@ class ModelRunner:
         counts = plan.block_counts
         tables = np.zeros((len(counts), int(counts.max())), dtype=np.int32)
         tables[np.arange(tables.shape[1])[None, :] < counts[:, None]] = plan.block_tables
+        rows = np.flatnonzero(plan.sample)
+        last_token = (np.cumsum(plan.query_lens) - 1)[rows]
+        # Float sampling columns travel as the bits of float64s inside the int64 upload.
+        floats = np.stack(
+            [plan.temperature[rows], plan.top_p[rows], plan.typical_p[rows], plan.min_p[rows]]
+        ).astype(np.float64)
         meta = AttentionMetadata.build(
-            plan.query_lens, plan.context_lens, tables, self.cfg.block_size, self.device
+            plan.query_lens,
+            plan.context_lens,
+            tables,
+            self.cfg.block_size,
+            self.device,
+            self.staging.upload,
+            [
+                plan.input_ids,
+                last_token,
+                plan.top_k[rows],
+                plan.seeds[rows],
+                plan.sample_index[rows],
+                floats.view(np.int64),
+            ],
         )
-        input_ids = _tensor(plan.input_ids, torch.int64, self.device)
-        hidden = self.model(input_ids, meta.positions, self.kv_caches, meta)
+        input_ids, last_token_d, top_k, seeds, sample_index, float_bits = meta.extra
+        if self.graphs is not None and self.graphs.fits(meta):
+            hidden = self.graphs.run(meta, input_ids)
+        else:
+            hidden = self.model(input_ids, meta.positions, self.kv_caches, meta)
         if self.tp.rank != 0:  # rank 0 alone computes logits and samples
             return StepOutput(np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32))
         history_rows = self.penalties.update(plan)  # every step: chunks feed the history too
         prompt_logprobs = (
             self._prompt_logprobs(hidden, plan) if plan.prompt_logprobs.any() else None
         )
-
-        rows = np.flatnonzero(plan.sample)
         if len(rows) == 0:
             empty = np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32)
             return StepOutput(*empty, prompt_logprobs=prompt_logprobs)
-        last_token = (np.cumsum(plan.query_lens) - 1)[rows]
-        logits = self.model.compute_logits(hidden[_tensor(last_token, torch.int64, self.device)])
+        logits = self.model.compute_logits(hidden[last_token_d])
         if len(plan.bias_ids):
             self._bias(logits, plan)
         if history_rows is not None:
@@ -188,21 +302,16 @@ class ModelRunner:
             logits[sel] = apply_watermark(
                 logits[sel], prev, self.cfg.watermark_gamma, self.cfg.watermark_delta
             )
-        columns = SamplingTensors(
-            temperature=_tensor(plan.temperature[rows], torch.float32, self.device),
-            top_k=_tensor(plan.top_k[rows], torch.int64, self.device),
-            top_p=_tensor(plan.top_p[rows], torch.float32, self.device),
-            typical_p=_tensor(plan.typical_p[rows], torch.float32, self.device),
-            min_p=_tensor(plan.min_p[rows], torch.float32, self.device),
-            seeds=_tensor(plan.seeds[rows], torch.int64, self.device),
-            sample_index=_tensor(plan.sample_index[rows], torch.int64, self.device),
-        )
+        temperature, top_p, typical_p, min_p = float_bits.view(torch.float64).float()
+        columns = SamplingTensors(temperature, top_k, top_p, typical_p, min_p, seeds, sample_index)
         tokens, logprobs, top_ids, top_lps = sample(logits, columns, int(plan.top_n.max()))
-        out = StepOutput(tokens.to(torch.int32).cpu().numpy(), logprobs.cpu().numpy())
-        out.prompt_logprobs = prompt_logprobs
+        wanted = [tokens.to(torch.int32), logprobs]
         if top_ids is not None:
-            out.top_ids = top_ids.to(torch.int32).cpu().numpy()
-            out.top_logprobs = top_lps.cpu().numpy()
+            wanted += [top_ids.to(torch.int32), top_lps]
+        host = self.staging.download(wanted)  # one wait for all of them
+        out = StepOutput(host[0], host[1], prompt_logprobs=prompt_logprobs)
+        if top_ids is not None:
+            out.top_ids, out.top_logprobs = host[2], host[3]
         return out
 
     def _bias(self, logits: torch.Tensor, plan: StepPlan) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from tgi_mp.executor.models import build_model
 from tgi_mp.executor.parallel import SINGLE, TensorParallel
+from tgi_mp.kernels.backends import TORCH_ATTENTION, AttentionBackend
 from tgi_mp.model_source import ModelConfig, ModelSource
 
 ProgressFn = Callable[[int, int], None]
@@ -227,11 +228,12 @@ def load_model(
     on_progress: ProgressFn | None = None,
     tp: TensorParallel = SINGLE,
     dummy: bool = False,
+    attention: AttentionBackend = TORCH_ATTENTION,
 ) -> nn.Module:
     """Build the model for `cfg` and load its weights (float32 GGUF dequantisation,
     then cast to `dtype`): with tensor parallelism, only this rank's slices.
     `on_progress(done, total)` is called per tensor."""
-    model = build_model(cfg, dtype, device, tp)
+    model = build_model(cfg, dtype, device, tp, attention)
     if dummy:  # --load-format dummy: the config alone, no checkpoint read
         return init_dummy_weights(model, seed=tp.rank)
     slicer = Slicer(tp)

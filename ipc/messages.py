@@ -217,6 +217,7 @@ class ExecutorReady(msgspec.Struct, tag=True, array_like=True, gc=False):
     block_size: int
     attention_backend: str
     dtype: str
+    device: str
 
 
 class StepResult(msgspec.Struct, tag=True, array_like=True, gc=False):
@@ -258,6 +259,7 @@ class SchedulerReady(msgspec.Struct, tag=True, array_like=True, gc=False):
     max_batch_total_tokens: int
     attention_backend: str
     dtype: str
+    device: str
 
 
 SupervisorMessage = EngineDead | SchedulerReady

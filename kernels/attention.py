@@ -14,21 +14,25 @@ layer so the CPU backend is usable.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+Upload = Callable[[list[np.ndarray]], list[torch.Tensor]]  # host arrays -> int64 tensors
+
 
 @dataclass
 class AttentionMetadata:
-    positions: torch.Tensor  # int64 [T]: position of each new token in its sequence
-    slot_mapping: torch.Tensor  # int64 [T]: cache slot each new token's K/V goes to
-    query_start_loc: torch.Tensor  # int32 [B+1]: offsets of each sequence's rows
-    seq_lens: torch.Tensor  # int32 [B]: context + new tokens
-    context_lens: torch.Tensor  # int32 [B]: tokens already cached before this step
-    block_tables: torch.Tensor  # int32 [B, max_blocks]
+    # Device tensors, all int64 (one host-to-device copy carries them together).
+    positions: torch.Tensor  # [T]: position of each new token in its sequence
+    slot_mapping: torch.Tensor  # [T]: cache slot each new token's K/V goes to (-1: none)
+    query_start_loc: torch.Tensor  # [B+1]: offsets of each sequence's rows
+    seq_lens: torch.Tensor  # [B]: context + new tokens (0: a padding row)
+    context_lens: torch.Tensor  # [B]: tokens already cached before this step
+    block_tables: torch.Tensor  # [B, max_blocks]
     block_size: int
     # Host-side plan for the reference implementation.
     query_lens_host: list[int]
@@ -39,6 +43,7 @@ class AttentionMetadata:
     decode_max_len: int
     all_decode: bool  # every sequence has one new token: rows are already in order
     prefill_seqs: list[int]  # sequences with more than one new token
+    extra: list[torch.Tensor] | None = None  # the caller's `extra` arrays, uploaded alongside
 
     @property
     def num_tokens(self) -> int:
@@ -52,7 +57,11 @@ class AttentionMetadata:
         block_tables: np.ndarray,
         block_size: int,
         device: torch.device | str,
+        upload: Upload | None = None,
+        extra: list[np.ndarray] | tuple[()] = (),
     ) -> AttentionMetadata:
+        """From the host plan; `upload` moves every integer array of the step (these and
+        the caller's `extra`) to the device in one go (default: a copy each)."""
         query_lens = np.asarray(query_lens, dtype=np.int64)
         context_lens = np.asarray(context_lens, dtype=np.int64)
         block_tables = np.asarray(block_tables, dtype=np.int64).reshape(len(query_lens), -1)
@@ -75,26 +84,39 @@ class AttentionMetadata:
         used = np.arange(nb)[None, :] < -(-d_lens[:, None] // block_size)
         d_blocks = np.where(used, d_blocks, 0)
 
-        def t(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
-
+        arrays = [
+            positions,
+            slots,
+            qsl,
+            seq_lens,
+            context_lens,
+            block_tables,
+            qsl[decode],
+            d_blocks,
+        ]
+        tensors = (upload or _copy_each(device))(arrays + list(extra))
         return cls(
-            positions=t(positions, torch.int64),
-            slot_mapping=t(slots, torch.int64),
-            query_start_loc=t(qsl, torch.int32),
-            seq_lens=t(seq_lens, torch.int32),
-            context_lens=t(context_lens, torch.int32),
-            block_tables=t(block_tables, torch.int32),
+            *tensors[:6],
             block_size=block_size,
             query_lens_host=query_lens.tolist(),
             seq_lens_host=seq_lens.tolist(),
             query_start_host=qsl.tolist(),
-            decode_rows=t(qsl[decode], torch.int64),
-            decode_blocks=t(d_blocks, torch.int64),
+            decode_rows=tensors[6],
+            decode_blocks=tensors[7],
             decode_max_len=d_max,
             all_decode=len(decode) == len(query_lens),
             prefill_seqs=np.flatnonzero(query_lens > 1).tolist(),
+            extra=tensors[8:],
         )
+
+
+def _copy_each(device: torch.device | str) -> Upload:
+    def upload(arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        return [
+            torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device) for a in arrays
+        ]
+
+    return upload
 
 
 def allocate_kv_cache(

@@ -73,7 +73,12 @@ class SchedulerProcess:
         )
         r0 = ready[0]
         return m.SchedulerReady(
-            num_blocks, r0.block_size, num_blocks * r0.block_size, r0.attention_backend, r0.dtype
+            num_blocks,
+            r0.block_size,
+            num_blocks * r0.block_size,
+            r0.attention_backend,
+            r0.dtype,
+            r0.device,
         )
 
     # ------------------------------------------------------------ the loop

@@ -72,9 +72,34 @@ def main() -> None:
 @_opt("--revision", default=None, help="Hub revision (branch, tag or commit) of --model-id.")
 @_opt(
     "--dtype",
-    type=click.Choice(["float32", "bfloat16"]),
-    default="float32",
-    help="Weights and KV cache dtype.",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    help="Weights and KV cache dtype. auto: bfloat16 on CUDA, float32 on the CPU.",
+)
+@_opt(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    help="Where the executors run. auto: CUDA when a GPU is visible (shard r on GPU r).",
+)
+@_opt(
+    "--attention",
+    type=click.Choice(["auto", "torch", "triton", "flash-attn"]),
+    default="auto",
+    help="Attention kernels. auto: flash-attn if installed and it passes a self-check, "
+    "else Triton on CUDA; torch on the CPU. The choice is logged.",
+)
+@_opt(
+    "--cuda-graphs",
+    default="1,2,4,8,16,32,64,128",
+    help="Decode batch sizes captured in CUDA graphs (Triton attention); 0 disables.",
+)
+@_opt(
+    "--cuda-memory-fraction",
+    type=float,
+    default=0.95,
+    help="Share of each GPU for weights, activations and the KV cache (sized after a "
+    "profiling forward of the largest step).",
 )
 @_opt(
     "--load-format",
@@ -230,11 +255,21 @@ def serve(**o: object) -> None:
         if importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is None:
             _fail("--otlp-endpoint needs OpenTelemetry: pip install 'tgi-mp[otlp]'")
 
+    from tgi_mp.config import parse_cuda_graphs
+
+    try:
+        cuda_graphs = parse_cuda_graphs(str(o["cuda_graphs"]))
+    except ValueError as e:
+        _fail(str(e))
     try:
         engine = Engine.start(
             o["model_id"],
             o["revision"],
             dtype=o["dtype"],
+            device=o["device"],
+            attention=o["attention"],
+            cuda_graphs=cuda_graphs,
+            cuda_memory_fraction=o["cuda_memory_fraction"],
             num_shards=o["num_shard"],
             load_format=o["load_format"],
             max_batch_prefill_tokens=o["max_batch_prefill_tokens"],

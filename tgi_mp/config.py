@@ -17,8 +17,12 @@ class EngineConfig(msgspec.Struct, frozen=True):
     model: ModelSource
     model_config: ModelConfig
     ipc_root: str
-    dtype: str = "float32"
-    device: str = "cpu"
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
+    device: str = "auto"  # auto: CUDA when torch sees a GPU
+    attention: str = "auto"  # auto: flash-attn if it passes its check, Triton on CUDA, torch
+    # Decode batch sizes captured in CUDA graphs (TGI's --cuda-graphs); () disables.
+    cuda_graphs: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    cuda_memory_fraction: float = 0.95  # of each GPU: weights + activations + KV cache
     num_shards: int = 1
     block_size: int = 16
     max_batch_prefill_tokens: int = 4096
@@ -55,8 +59,22 @@ class EngineConfig(msgspec.Struct, frozen=True):
             raise ValueError(f"watermark_gamma must be in (0, 1), got {self.watermark_gamma}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.attention not in ("auto", "torch", "triton", "flash-attn"):
+            raise ValueError(
+                f"attention must be auto, torch, triton or flash-attn, got {self.attention!r}"
+            )
+        if any(b < 1 for b in self.cuda_graphs):
+            raise ValueError(f"cuda_graphs batch sizes must be positive, got {self.cuda_graphs}")
+        if not 0.0 < self.cuda_memory_fraction <= 1.0:
+            raise ValueError(
+                f"cuda_memory_fraction must be in (0, 1], got {self.cuda_memory_fraction}"
+            )
 
     @property
     def path(self) -> str:
@@ -89,3 +107,14 @@ def check_divisible(mc: ModelConfig, n: int) -> None:
             f"heads, {mc.num_kv_heads} KV heads and an MLP of {mc.intermediate_size}, and "
             f"{', '.join(bad)} do not divide by {n}"
         )
+
+
+def parse_cuda_graphs(spec: str) -> tuple[int, ...]:
+    """TGI's `--cuda-graphs` value: comma-separated batch sizes; `0` (or nothing) disables."""
+    try:
+        sizes = sorted({int(x) for x in spec.replace(" ", "").split(",") if x})
+    except ValueError:
+        raise ValueError(f"--cuda-graphs takes comma-separated batch sizes, got {spec!r}") from None
+    if any(s < 0 for s in sizes):
+        raise ValueError(f"--cuda-graphs sizes must be positive, got {spec!r}")
+    return tuple(s for s in sizes if s > 0)

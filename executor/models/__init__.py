@@ -7,6 +7,7 @@ from torch import nn
 
 from tgi_mp.executor.models.llama import LlamaForCausalLM
 from tgi_mp.executor.parallel import SINGLE, TensorParallel
+from tgi_mp.kernels.backends import TORCH_ATTENTION, AttentionBackend
 from tgi_mp.model_source import ModelConfig
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -21,6 +22,7 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device | str,
     tp: TensorParallel = SINGLE,
+    attention: AttentionBackend = TORCH_ATTENTION,
 ) -> nn.Module:
     """An eval-mode model with UNINITIALISED weights, for a loader to fill.
 
@@ -30,6 +32,6 @@ def build_model(
     if cfg.architecture not in MODELS:
         raise ValueError(f"unsupported architecture {cfg.architecture!r}; have {sorted(MODELS)}")
     with torch.device("meta"):
-        model = MODELS[cfg.architecture](cfg, tp)
+        model = MODELS[cfg.architecture](cfg, tp, attention)
     # Inference only: no parameter requires grad, whatever mode the caller runs in.
     return model.to(dtype=dtype).to_empty(device=device).requires_grad_(False).eval()

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tgi_mp.executor.parallel import SINGLE, TensorParallel
-from tgi_mp.kernels.attention import AttentionMetadata, paged_attention, write_kv
+from tgi_mp.kernels.attention import AttentionMetadata
+from tgi_mp.kernels.backends import TORCH_ATTENTION, AttentionBackend
 from tgi_mp.model_source import ModelConfig
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k_cache, v_cache)
@@ -71,9 +72,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     """This rank's attention heads; with tensor parallelism `o_proj` gives a partial sum."""
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, attention: AttentionBackend) -> None:
         super().__init__()
         self.tp = tp
+        self.attention = attention
         self.num_heads = cfg.num_heads // tp.size
         self.num_kv_heads = cfg.num_kv_heads // tp.size
         self.head_dim = cfg.head_dim
@@ -98,10 +100,9 @@ class Attention(nn.Module):
         q = apply_rope(q.view(t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
         k_cache, v_cache = kv_cache
-        write_kv(
-            k, v.view(t, self.num_kv_heads, self.head_dim), k_cache, v_cache, meta.slot_mapping
-        )
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        self.attention.write_kv(k, v, k_cache, v_cache, meta)
+        out = self.attention.attend(q, k_cache, v_cache, meta, self.scale)
         return self.tp.all_reduce(self.o_proj(out.reshape(t, self.q_size)))
 
 
@@ -119,9 +120,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, attention: AttentionBackend) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, tp)
+        self.self_attn = Attention(cfg, tp, attention)
         self.mlp = MLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -139,19 +140,24 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, attention: AttentionBackend) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, attention) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel = SINGLE) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        tp: TensorParallel = SINGLE,
+        attention: AttentionBackend = TORCH_ATTENTION,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.tp = tp
-        self.model = LlamaModel(cfg, tp)
+        self.model = LlamaModel(cfg, tp, attention)
         # Tied: no lm_head module at all, compute_logits reads the embedding (so a
         # meta-device build + to_empty cannot silently untie them).
         self.lm_head = (

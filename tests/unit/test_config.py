@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from tgi_mp.config import EngineConfig
-from tgi_mp.executor.runner import available_memory, kv_bytes_per_block, num_kv_blocks
+from tgi_mp.config import EngineConfig, parse_cuda_graphs
+from tgi_mp.executor.device import available_host_memory, cuda_kv_budget
+from tgi_mp.executor.runner import host_kv_budget, kv_bytes_per_block, num_kv_blocks
 from tgi_mp.model_source import load_model_config, resolve_model
 
 
@@ -28,6 +30,10 @@ def test_defaults_are_valid(base: dict) -> None:
         ({"num_shards": -1}, "num_shards must be at least 1"),
         ({"max_batch_size": 65, "max_batch_prefill_tokens": 64}, r"max_batch_size \(65\)"),
         ({"dtype": "int8"}, "dtype must be"),
+        ({"device": "tpu"}, "device must be auto, cpu or cuda"),
+        ({"attention": "xformers"}, "attention must be"),
+        ({"cuda_memory_fraction": 1.5}, "cuda_memory_fraction must be in"),
+        ({"cuda_graphs": (0, 4)}, "cuda_graphs batch sizes must be positive"),
         ({"kv_cache_fraction": 0}, "kv_cache_fraction must be in"),
         ({"watermark_gamma": 1.0}, "watermark_gamma must be in"),
     ],
@@ -43,14 +49,46 @@ def test_roundtrip_through_file(base: dict, tmp_path) -> None:
 
 
 def test_kv_capacity_from_tokens_bytes_or_available_memory(base: dict) -> None:
-    per_block = kv_bytes_per_block(EngineConfig(**base))
+    per_block = kv_bytes_per_block(EngineConfig(**base), torch.float32)
     mc = base["model_config"]
     assert per_block == 2 * mc.num_layers * 16 * mc.num_kv_heads * mc.head_dim * 4  # fp32
-    blocks, why = num_kv_blocks(EngineConfig(**base, max_batch_total_tokens=1000))
+    assert kv_bytes_per_block(EngineConfig(**base), torch.bfloat16) == per_block // 2
+
+    def never() -> tuple[int, str]:
+        raise AssertionError("an explicit capacity needs no measurement")
+
+    blocks, why = num_kv_blocks(EngineConfig(**base, max_batch_total_tokens=1000), 1, never)
     assert blocks == 63 and why == "--max-batch-total-tokens"  # rounded up to whole blocks
-    blocks, _ = num_kv_blocks(EngineConfig(**base, kv_cache_memory=10 * per_block + 5))
+    blocks, _ = num_kv_blocks(
+        EngineConfig(**base, kv_cache_memory=10 * per_block + 5), per_block, never
+    )
     assert blocks == 10
-    # By default: a fraction of what the machine has available now.
-    blocks, why = num_kv_blocks(EngineConfig(**base, kv_cache_fraction=0.05))
-    want = 0.05 * available_memory() / per_block
+    # By default on the CPU: a fraction of what the machine has available now.
+    cfg = EngineConfig(**base, kv_cache_fraction=0.05)
+    blocks, why = num_kv_blocks(cfg, per_block, lambda: host_kv_budget(cfg))
+    want = 0.05 * available_host_memory() / per_block
     assert abs(blocks - want) < 0.1 * want and "0.05 of" in why
+
+
+def test_cuda_kv_budget_leaves_others_peak_and_graphs() -> None:
+    gib = 2**30
+    # 80 GiB GPU, 2 GiB used by another process, torch holds 20 GiB, peaked at 18 GiB.
+    total, free, reserved, peak = 80 * gib, 58 * gib, 20 * gib, 18 * gib
+    budget = cuda_kv_budget(total, free, reserved, peak, 0.9, gib // 2)
+    assert budget == int(80 * gib * 0.9) - 2 * gib - 18 * gib - gib // 2
+    # Nothing left: zero, never negative (the runner then keeps one block and says why).
+    assert cuda_kv_budget(total, free, reserved, 79 * gib, 0.9, 0) == 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "want"),
+    [("1,2,4,8", (1, 2, 4, 8)), ("0", ()), ("", ()), (" 8, 1,8", (1, 8))],
+)
+def test_cuda_graph_buckets(spec: str, want: tuple[int, ...]) -> None:
+    assert parse_cuda_graphs(spec) == want
+
+
+@pytest.mark.parametrize("spec", ["1,x", "-4"])
+def test_cuda_graph_buckets_invalid(spec: str) -> None:
+    with pytest.raises(ValueError, match="--cuda-graphs"):
+        parse_cuda_graphs(spec)

@@ -1,0 +1,219 @@
+"""Attention backends: one interface, chosen once at start-up (`--attention`).
+
+* `torch`: the reference in `attention.py` (CPU default; the oracle of every test).
+* `triton`: our kernels in `triton_attention.py` (CUDA default). Mixed steps go to the
+  varlen kernel, all-decode steps to split-KV decode (CUDA-graph friendly).
+* `flash-attn`: Dao-AILab's paged varlen kernel, used only when the package imports,
+  the block size suits it (its paged path needs blocks of a multiple of 256 tokens)
+  and it passes a self-check against the reference at start.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
+
+from tgi_mp.kernels import attention as reference
+from tgi_mp.kernels.attention import AttentionMetadata
+
+log = logging.getLogger("tgi_mp.kernels")
+
+CHOICES = ("auto", "torch", "triton", "flash-attn")
+
+
+class AttentionBackend:
+    """Writes a step's K/V into the paged cache and attends over it; the
+    reference's cache write unless a backend has its own."""
+
+    name = "torch"
+
+    def write_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        reference.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        return reference.paged_attention(q, k_cache, v_cache, meta, scale)
+
+
+TorchAttention = AttentionBackend
+TORCH_ATTENTION = TorchAttention()
+
+
+class TritonAttention(AttentionBackend):
+    name = "triton"
+
+    def __init__(self) -> None:
+        from tgi_mp.kernels import triton_attention  # imports triton: only when chosen
+
+        self.kernels = triton_attention
+
+    def write_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        if meta.all_decode:
+            return self.kernels.decode_attention(
+                q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale
+            )
+        return self.kernels.varlen_attention(
+            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale
+        )
+
+
+class FlashAttention(AttentionBackend):
+    """flash-attn 2's `flash_attn_varlen_func` over the block table (its causal mask is
+    aligned bottom-right: each sequence's cached context comes first)."""
+
+    name = "flash-attn"
+
+    def __init__(self) -> None:
+        from flash_attn import flash_attn_varlen_func
+
+        self.varlen = flash_attn_varlen_func
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        cu_k = torch.zeros(meta.seq_lens.shape[0] + 1, dtype=torch.int32, device=q.device)
+        torch.cumsum(meta.seq_lens, 0, out=cu_k[1:])
+        return self.varlen(
+            q,
+            k_cache,
+            v_cache,
+            meta.query_start_loc.to(torch.int32),
+            cu_k,
+            max(meta.query_lens_host),
+            max(meta.seq_lens_host),
+            softmax_scale=scale,
+            causal=True,
+            block_table=meta.block_tables.to(torch.int32),
+        )
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+def self_check(
+    backend: AttentionBackend, device: torch.device, dtype: torch.dtype, block_size: int
+) -> float:
+    """Largest difference to the reference on a small mixed step (prefix chunk,
+    fresh prompt, decode rows, GQA ratio 3); raises BackendUnavailable past tolerance."""
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim = 9, 3, 64
+    query_lens, context_lens = [7, 1, 20, 1], [block_size + 3, 40, 0, 2 * block_size]
+    seqs = [q + c for q, c in zip(query_lens, context_lens, strict=True)]
+    need = [-(-s // block_size) for s in seqs]
+    perm = torch.randperm(sum(need), generator=gen).tolist()
+    tables, at = [], 0
+    for n in need:
+        tables.append(perm[at : at + n] + [0] * (max(need) - n))
+        at += n
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size, device)
+    shape = (sum(need), block_size, kv_heads, dim)
+    k_cache = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    v_cache = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    t = sum(query_lens)
+    q = torch.randn(t, heads, dim, generator=gen).to(device=device, dtype=dtype)
+    k = torch.randn(t, kv_heads, dim, generator=gen).to(device=device, dtype=dtype)
+    v = torch.randn(t, kv_heads, dim, generator=gen).to(device=device, dtype=dtype)
+    backend.write_kv(k, v, k_cache, v_cache, meta)
+    got = backend.attend(q, k_cache, v_cache, meta, dim**-0.5).float()
+    want = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, dim**-0.5)
+    err = (got - want).abs().max().item()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    if not err <= tol:
+        raise BackendUnavailable(
+            f"{backend.name} failed its self-check: max error {err:.3g} > {tol}"
+        )
+    return err
+
+
+def _triton_usable(device: torch.device) -> str | None:
+    """Why Triton cannot run here, or None."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1, for testing)"
+    return None
+
+
+def select_backend(
+    requested: str, device: torch.device, dtype: torch.dtype, block_size: int
+) -> tuple[AttentionBackend, str]:
+    """The backend for `--attention requested`, and why (logged at start).
+
+    An explicit choice that cannot work is an error naming the reason; `auto` takes
+    the best that does: flash-attn (if it passes its check), Triton on CUDA, torch.
+    """
+    if requested not in CHOICES:
+        raise ValueError(f"--attention must be one of {', '.join(CHOICES)}, got {requested!r}")
+    if requested == "torch":
+        return TorchAttention(), "--attention torch"
+    if requested == "flash-attn" or (requested == "auto" and device.type == "cuda"):
+        why = _flash_attn_problem(device, block_size)
+        if why is None:
+            try:
+                backend = FlashAttention()
+                err = self_check(backend, device, dtype, block_size)
+                return backend, f"flash-attn installed, self-check max error {err:.2g}"
+            except Exception as e:
+                why = f"{type(e).__name__}: {e}"
+        if requested == "flash-attn":
+            raise BackendUnavailable(f"--attention flash-attn: {why}")
+        log.info("flash-attn not used: %s", why)
+    if requested == "triton" or (requested == "auto" and device.type == "cuda"):
+        why = _triton_usable(device)
+        if why is not None:
+            if requested == "triton":
+                raise BackendUnavailable(f"--attention triton: {why}")
+            return TorchAttention(), f"auto on {device.type}: {why}"
+        backend = TritonAttention()
+        err = self_check(backend, device, dtype, block_size)
+        return backend, f"{requested} on {device.type}, self-check max error {err:.2g}"
+    return TorchAttention(), f"auto on {device.type}"
+
+
+def _flash_attn_problem(device: torch.device, block_size: int) -> str | None:
+    if device.type != "cuda":
+        return "flash-attn needs a CUDA device"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash-attn package is not installed (pip install 'tgi-mp[gpu]')"
+    if block_size % 256:
+        return f"its paged kernels need a block size that is a multiple of 256, not {block_size}"
+    return None
