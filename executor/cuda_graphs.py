@@ -92,7 +92,7 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
+        with torch.inference_mode(), torch.cuda.stream(stream):
             for batch in reversed(self.buckets):  # largest first: later ones reuse its pool
                 self._forward(batch)  # warm-up: Triton compiles, lazy state settles
                 graph = torch.cuda.CUDAGraph()

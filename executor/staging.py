@@ -46,7 +46,7 @@ class HostStaging:
         """Host copies of `tensors`, waiting once for all of them."""
         if not self.cuda:
             return [t.numpy() for t in tensors]
-        hosts = [torch.empty(t.shape, dtype=t.dtype).pin_memory() for t in tensors]
+        hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
         for h, t in zip(hosts, tensors, strict=True):
             h.copy_(t, non_blocking=True)
         done = torch.cuda.Event()
