@@ -72,7 +72,14 @@ def num_kv_blocks(
         budget, why = cfg.kv_cache_memory, "--kv-cache-memory"
     else:
         budget, why = measure()
-    return max(1, budget // per_block), f"{budget / 2**30:.2f} GiB = {why}"
+    blocks = budget // per_block
+    if blocks < 1:
+        raise RuntimeError(
+            f"no memory left for the KV cache ({why}: {budget} bytes, one block needs "
+            f"{per_block}); lower --max-batch-prefill-tokens or give more memory "
+            "(--cuda-memory-fraction, --kv-cache-fraction, --kv-cache-memory)"
+        )
+    return blocks, f"{budget / 2**30:.2f} GiB = {why}"
 
 
 def _tensor(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -145,7 +152,7 @@ class ModelRunner:
             rank,
             cfg.model.model_id,
             time.perf_counter() - t0,
-            str(self.dtype).removeprefix("torch."),
+            self.dtype_name,
             self.device,
             self.num_blocks,
             cfg.block_size,
@@ -179,9 +186,12 @@ class ModelRunner:
                 "CUDA graphs off: the %s attention backend is not captured", self.attention.name
             )
             return ()
-        if self.cfg.max_batch_size:
-            buckets = tuple(b for b in buckets if b <= self.cfg.max_batch_size) or buckets[:1]
-        return buckets
+        # No step decodes more sequences than these: bigger graphs would never replay.
+        most = min(
+            self.cfg.max_batch_size or self.cfg.max_batch_prefill_tokens,
+            self.cfg.max_batch_prefill_tokens,
+        )
+        return tuple(b for b in buckets if b <= most) or buckets[:1]
 
     def _profile_step(self) -> None:
         """The largest step the scheduler may plan: a full prefill budget of tokens

@@ -114,6 +114,29 @@ def test_no_process_outlives_a_killed_server() -> None:
             {"MAX_WAITING_TOKENS": "7"},
             {"kv_cache_fraction": 0.5, "waiting_served_ratio": 0.3, "max_waiting_tokens": 7},
         ),
+        (
+            [],
+            {},
+            {
+                "device": "auto",
+                "dtype": "auto",
+                "attention": "auto",
+                "cuda_graphs": (1, 2, 4, 8, 16, 32, 64, 128),
+                "cuda_memory_fraction": 0.95,
+            },
+        ),
+        (
+            ["--attention", "triton", "--device", "cuda", "--dtype", "float16"],
+            {"CUDA_GRAPHS": "0", "CUDA_MEMORY_FRACTION": "0.8"},
+            {
+                "attention": "triton",
+                "device": "cuda",
+                "dtype": "float16",
+                "cuda_graphs": (),
+                "cuda_memory_fraction": 0.8,
+            },
+        ),
+        (["--cuda-graphs", "4,1"], {}, {"cuda_graphs": (1, 4)}),
     ],
 )
 def test_engine_options_reach_the_engine(monkeypatch, args, env, want) -> None:
@@ -132,3 +155,12 @@ def test_engine_options_reach_the_engine(monkeypatch, args, env, want) -> None:
     result = CliRunner(env=env).invoke(cli.main, ["serve", *args])
     assert result.exit_code == 1, result.output
     assert {k: seen[k] for k in want} == want
+
+
+def test_bad_cuda_graphs_is_a_usage_error() -> None:
+    from click.testing import CliRunner
+
+    from tgi_mp import cli
+
+    result = CliRunner().invoke(cli.main, ["serve", "--cuda-graphs", "1,two"])
+    assert result.exit_code == 2 and "--cuda-graphs takes comma-separated" in result.output

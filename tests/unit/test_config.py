@@ -70,6 +70,11 @@ def test_kv_capacity_from_tokens_bytes_or_available_memory(base: dict) -> None:
     assert abs(blocks - want) < 0.1 * want and "0.05 of" in why
 
 
+def test_no_room_for_one_block_is_an_error(base: dict) -> None:
+    with pytest.raises(RuntimeError, match="no memory left for the KV cache"):
+        num_kv_blocks(EngineConfig(**base), 4096, lambda: (4095, "a test"))
+
+
 def test_cuda_kv_budget_leaves_others_peak_and_graphs() -> None:
     gib = 2**30
     # 80 GiB GPU, 2 GiB used by another process, torch holds 20 GiB, peaked at 18 GiB.
