@@ -4,6 +4,8 @@ engines on `--attention triton` giving the tokens of `--attention torch`."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +19,11 @@ from tgi_mp.kernels.attention import AttentionMetadata
 from tgi_mp.kernels.backends import TritonAttention
 from tgi_mp.launcher import Engine
 from tgi_mp.model_source import load_model_config, resolve_model
+
+# Triton kernels on CPU tensors: the interpreter's job (a GPU host runs tests/kernels).
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (no GPU)"
+)
 
 # 6 query heads on 2 KV heads (GQA ratio 3, like the bundled model), head_dim 32.
 GQA3 = {**TINY, "hidden_size": 192, "num_attention_heads": 6, "num_key_value_heads": 2}
@@ -104,6 +111,7 @@ def test_engine_on_triton_gives_the_tokens_of_torch(tiny) -> None:
         ) as engine:
             assert engine.ready.attention_backend == attention
             assert engine.ready.device == "cpu" and engine.ready.dtype == "float32"
-            results[attention] = (generate(engine, batch, False), generate(engine, batch, True))
-    assert results["torch"][0] == results["torch"][1]
+            results[attention] = generate(engine, batch, True)
+            if attention == "torch":  # the reference is the same alone and together
+                assert generate(engine, batch, False) == results["torch"]
     assert results["triton"] == results["torch"]

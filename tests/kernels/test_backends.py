@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -17,6 +19,9 @@ from tgi_mp.kernels.backends import (
 from tgi_mp.launcher import Engine, EngineStartupError
 
 CPU = torch.device("cpu")
+interpreted = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs the interpreter"
+)
 
 
 def test_auto_and_torch_on_the_cpu() -> None:
@@ -25,6 +30,7 @@ def test_auto_and_torch_on_the_cpu() -> None:
     assert select_backend("torch", CPU, torch.float32, 16)[0].name == "torch"
 
 
+@interpreted
 def test_triton_on_the_cpu_only_in_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     backend, why = select_backend("triton", CPU, torch.float32, 16)  # conftest: interpreter
     assert backend.name == "triton" and "self-check max error" in why
@@ -40,6 +46,7 @@ def test_flash_attn_refused_with_the_reason() -> None:
         select_backend("sdpa", CPU, torch.float32, 16)
 
 
+@interpreted
 def test_self_check_rejects_a_wrong_backend() -> None:
     class Wrong(AttentionBackend):
         name = "wrong"

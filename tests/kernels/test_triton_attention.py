@@ -1,7 +1,7 @@
 """Triton paged-attention kernels against the torch reference.
 
-On CPU they run under TRITON_INTERPRET=1 (tests/conftest.py) in fp32 and fp16; with
-a GPU the same cases also run on it, bf16 included.
+Without a GPU they run under TRITON_INTERPRET=1 (tests/conftest.py) in fp32 and fp16;
+with one, the same cases run on it, bf16 included (`pytest -m kernels`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 from tgi_mp.kernels import triton_attention as tk
 from tgi_mp.kernels.attention import AttentionMetadata, paged_attention, write_kv
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Interpreted on the CPU without a GPU (tests/conftest.py); on the GPU with one.
+DEVICES = ["cuda"] if torch.cuda.is_available() else ["cpu"]
 DTYPES = [(d, t) for d in DEVICES for t in (torch.float32, torch.float16)] + (
     [("cuda", torch.bfloat16)] if "cuda" in DEVICES else []
 )
