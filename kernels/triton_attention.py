@@ -86,6 +86,35 @@ def _find_sequence(query_start_ptr, num_seqs, block_idx, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _attend_tile(
+    q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, k_pos, k_ok, visible,
+    kv_head, d, d_ok, scale_log2, stride_cb, stride_cs, stride_ch,
+    BLOCK_SIZE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One key tile of the online softmax: loads the tile's K/V through the block
+    table (key p of the sequence at block table[p // BLOCK_SIZE], offset p % BLOCK_SIZE)
+    and folds the `visible` scores into the running max, sum and output."""
+    block = tl.load(table + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+    kv_off = (
+        block[:, None] * stride_cb + (k_pos % BLOCK_SIZE)[:, None] * stride_cs
+        + kv_head * stride_ch + d[None, :]
+    )  # fmt: skip
+    kv_mask = k_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Rows that have seen no visible key yet keep m = -inf: subtract 0, not -inf (NaN).
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _varlen_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     query_start_ptr, seq_lens_ptr, block_tables_ptr,
@@ -126,25 +155,12 @@ def _varlen_kernel(
         for start in range(0, last_key, TILE_N):
             k_pos = start + tl.arange(0, TILE_N)
             k_ok = k_pos < last_key
-            block = tl.load(table + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
-            kv_off = (
-                block[:, None] * stride_cb + (k_pos % BLOCK_SIZE)[:, None] * stride_cs
-                + kv_head * stride_ch + d[None, :]
-            )  # fmt: skip
-            kv_mask = k_ok[:, None] & d_ok[None, :]
-            k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-            v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
             visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # Rows that have seen no key yet keep m = -inf: subtract 0 instead of NaN.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, k_pos, k_ok, visible,
+                kv_head, d, d_ok, scale_log2, stride_cb, stride_cs, stride_ch,
+                BLOCK_SIZE, PRECISION,
+            )  # fmt: skip
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(
             out_ptr + (q_begin + q_idx)[:, None].to(tl.int64) * stride_ot
@@ -174,8 +190,9 @@ def varlen_attention(
     block_m: int = 64,
     tile_n: int = 32,
 ) -> torch.Tensor:
-    """Causal paged attention for `q` `[T, H, D]`; sequence s's rows are
-    `query_start_loc[s]:query_start_loc[s+1]`, its last `seq_lens[s]` … see module doc."""
+    """Causal paged attention for `q` `[T, H, D]`: rows `query_start_loc[s]` to
+    `query_start_loc[s+1]` are the last tokens of sequence s (of `seq_lens[s]`), whose
+    keys, those rows' own included, are in the blocks of `block_tables[s]`."""
     t, heads, dim = q.shape
     num_seqs = seq_lens.shape[0]
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -234,22 +251,11 @@ def _decode_split_kernel(
     for start in range(k_begin, k_end, TILE_N):
         k_pos = start + tl.arange(0, TILE_N)
         k_ok = k_pos < k_end
-        block = tl.load(table + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
-        kv_off = (
-            block[:, None] * stride_cb + (k_pos % BLOCK_SIZE)[:, None] * stride_cs
-            + kv_head * stride_ch + d[None, :]
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, k_pos, k_ok, k_ok[None, :],
+            kv_head, d, d_ok, scale_log2, stride_cb, stride_cs, stride_ch,
+            BLOCK_SIZE, PRECISION,
         )  # fmt: skip
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        s = tl.where(k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
     # An empty split (short sequence, or padding) leaves lse = -inf: weight 0 in the merge.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
