@@ -140,7 +140,6 @@ def main() -> None:
     block_size = 16
     blocks_per_seq = -(-(args.context + args.warmup + args.steps + 1) // block_size)
     with tempfile.TemporaryDirectory(prefix="tgi-mp-bench-") as ipc:
-        probe = EngineConfig(model=source, model_config=mc, ipc_root=ipc)
         cfg = EngineConfig(
             model=source,
             model_config=mc,
@@ -152,9 +151,7 @@ def main() -> None:
             cuda_graphs=batches,
             max_batch_prefill_tokens=max(batches),
             # KV for the largest batch exactly: no profiling forward needed.
-            kv_cache_memory=max(batches)
-            * blocks_per_seq
-            * kv_bytes_per_block(probe, torch.float32),
+            max_batch_total_tokens=max(batches) * blocks_per_seq * block_size,
         )
         runner = ModelRunner(cfg, 0)
     device = runner.device
