@@ -62,8 +62,8 @@ class DecodeGraphs:
             self._capture_all(device)
 
     def _meta(self, batch: int) -> AttentionMetadata:
-        """Metadata over the first `batch` rows of the static buffers (device tensors only:
-        the host-side fields are for the torch reference, which is never captured)."""
+        """Metadata over the first `batch` rows of the static buffers (no host-side plan:
+        that is the torch reference's, which is never captured)."""
         return AttentionMetadata(
             positions=self.positions[:batch],
             slot_mapping=self.slot_mapping[:batch],
@@ -72,14 +72,7 @@ class DecodeGraphs:
             context_lens=self.context_lens[:batch],
             block_tables=self.block_tables[:batch],
             block_size=self.block_size,
-            query_lens_host=[],
-            seq_lens_host=[],
-            query_start_host=[],
-            decode_rows=self.query_start_loc[:batch],
-            decode_blocks=self.block_tables[:batch],
-            decode_max_len=0,
             all_decode=True,
-            prefill_seqs=[],
         )
 
     def _forward(self, batch: int) -> torch.Tensor:

@@ -217,6 +217,7 @@ class ModelRunner:
             self.device,
             self.staging.upload,
             [np.zeros(tokens, dtype=np.int64)],
+            reference=self.attention.reference_plan,
         )
         with torch.inference_mode():
             hidden = self.model(meta.extra[0], meta.positions, caches, meta)
@@ -285,6 +286,7 @@ class ModelRunner:
                 plan.sample_index[rows],
                 floats.view(np.int64),
             ],
+            reference=self.attention.reference_plan,
         )
         input_ids, last_token_d, top_k, seeds, sample_index, float_bits = meta.extra
         if self.graphs is not None and self.graphs.fits(meta):

@@ -25,6 +25,20 @@ Upload = Callable[[list[np.ndarray]], list[torch.Tensor]]  # host arrays -> int6
 
 
 @dataclass
+class ReferencePlan:
+    """What the torch reference plans on the host (the kernels need none of it):
+    which rows decode, their padded block tables, and each prefill chunk's bounds."""
+
+    query_lens: list[int]
+    seq_lens: list[int]
+    query_start: list[int]
+    decode_rows: torch.Tensor  # int64 [D]: row (== token) index of each decode sequence
+    decode_blocks: torch.Tensor  # int64 [D, nb]: their block tables, padding entries zeroed
+    decode_max_len: int
+    prefill_seqs: list[int]  # sequences with more than one new token
+
+
+@dataclass
 class AttentionMetadata:
     # Device tensors, all int64 (one host-to-device copy carries them together).
     positions: torch.Tensor  # [T]: position of each new token in its sequence
@@ -34,15 +48,8 @@ class AttentionMetadata:
     context_lens: torch.Tensor  # [B]: tokens already cached before this step
     block_tables: torch.Tensor  # [B, max_blocks]
     block_size: int
-    # Host-side plan for the reference implementation.
-    query_lens_host: list[int]
-    seq_lens_host: list[int]
-    query_start_host: list[int]
-    decode_rows: torch.Tensor  # int64 [D]: row (== token) index of each decode sequence
-    decode_blocks: torch.Tensor  # int64 [D, nb]: their block tables, padding entries zeroed
-    decode_max_len: int
     all_decode: bool  # every sequence has one new token: rows are already in order
-    prefill_seqs: list[int]  # sequences with more than one new token
+    host: ReferencePlan | None = None  # built only for backends that use it
     extra: list[torch.Tensor] | None = None  # the caller's `extra` arrays, uploaded alongside
 
     @property
@@ -59,9 +66,11 @@ class AttentionMetadata:
         device: torch.device | str,
         upload: Upload | None = None,
         extra: list[np.ndarray] | tuple[()] = (),
+        reference: bool = True,
     ) -> AttentionMetadata:
         """From the host plan; `upload` moves every integer array of the step (these and
-        the caller's `extra`) to the device in one go (default: a copy each)."""
+        the caller's `extra`) to the device in one go (default: a copy each).
+        `reference`: also plan for the torch reference (`host`)."""
         query_lens = np.asarray(query_lens, dtype=np.int64)
         context_lens = np.asarray(context_lens, dtype=np.int64)
         block_tables = np.asarray(block_tables, dtype=np.int64).reshape(len(query_lens), -1)
@@ -73,41 +82,35 @@ class AttentionMetadata:
         seq_idx = np.repeat(np.arange(len(query_lens)), query_lens)
         positions = context_lens[seq_idx] + (np.arange(num_tokens) - qsl[:-1][seq_idx])
         slots = block_tables[seq_idx, positions // block_size] * block_size + positions % block_size
-
         decode = np.flatnonzero(query_lens == 1)
-        d_lens = seq_lens[decode]
-        d_max = int(d_lens.max()) if len(decode) else 0
-        nb = -(-d_max // block_size)
-        # Entries past a sequence's last block may hold anything (-1, stale ids):
-        # point them at block 0 so the gather is in range; the mask hides them.
-        d_blocks = block_tables[decode, :nb]
-        used = np.arange(nb)[None, :] < -(-d_lens[:, None] // block_size)
-        d_blocks = np.where(used, d_blocks, 0)
 
-        arrays = [
-            positions,
-            slots,
-            qsl,
-            seq_lens,
-            context_lens,
-            block_tables,
-            qsl[decode],
-            d_blocks,
-        ]
+        arrays = [positions, slots, qsl, seq_lens, context_lens, block_tables]
+        if reference:
+            d_lens = seq_lens[decode]
+            d_max = int(d_lens.max()) if len(decode) else 0
+            nb = -(-d_max // block_size)
+            # Entries past a sequence's last block may hold anything (-1, stale ids):
+            # point them at block 0 so the gather is in range; the mask hides them.
+            used = np.arange(nb)[None, :] < -(-d_lens[:, None] // block_size)
+            arrays += [qsl[decode], np.where(used, block_tables[decode, :nb], 0)]
         tensors = (upload or _copy_each(device))(arrays + list(extra))
-        return cls(
+        meta = cls(
             *tensors[:6],
             block_size=block_size,
-            query_lens_host=query_lens.tolist(),
-            seq_lens_host=seq_lens.tolist(),
-            query_start_host=qsl.tolist(),
-            decode_rows=tensors[6],
-            decode_blocks=tensors[7],
-            decode_max_len=d_max,
             all_decode=len(decode) == len(query_lens),
-            prefill_seqs=np.flatnonzero(query_lens > 1).tolist(),
-            extra=tensors[8:],
+            extra=tensors[len(arrays) :],
         )
+        if reference:
+            meta.host = ReferencePlan(
+                query_lens=query_lens.tolist(),
+                seq_lens=seq_lens.tolist(),
+                query_start=qsl.tolist(),
+                decode_rows=tensors[6],
+                decode_blocks=tensors[7],
+                decode_max_len=d_max,
+                prefill_seqs=np.flatnonzero(query_lens > 1).tolist(),
+            )
+        return meta
 
 
 def _copy_each(device: torch.device | str) -> Upload:
@@ -194,17 +197,24 @@ def paged_attention(
     if meta.all_decode:
         return _decode(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
-    if meta.decode_rows.numel():
-        out[meta.decode_rows] = _decode(q[meta.decode_rows], k_cache, v_cache, meta, scale)
+    plan = _plan(meta)
+    if plan.decode_rows.numel():
+        out[plan.decode_rows] = _decode(q[plan.decode_rows], k_cache, v_cache, meta, scale)
     # Prefill chunks are few and long: one SDPA per sequence is fine.
-    for i in meta.prefill_seqs:
-        start, end = meta.query_start_host[i], meta.query_start_host[i + 1]
-        length = meta.seq_lens_host[i]
+    for i in plan.prefill_seqs:
+        start, end = plan.query_start[i], plan.query_start[i + 1]
+        length = plan.seq_lens[i]
         blocks = meta.block_tables[i, : -(-length // bs)].long()
         k, v = _gather(k_cache, blocks, 1, length), _gather(v_cache, blocks, 1, length)
         pos = meta.positions[None, start:end]
         out[start:end] = _attend(q[None, start:end], k, v, pos, scale)[0]
     return out
+
+
+def _plan(meta: AttentionMetadata) -> ReferencePlan:
+    if meta.host is None:
+        raise ValueError("the torch reference needs metadata built with reference=True")
+    return meta.host
 
 
 def _decode(
@@ -216,8 +226,9 @@ def _decode(
 ) -> torch.Tensor:
     """All one-token rows at once: gather each sequence's blocks into a padded
     `[n, L, KVH, head_dim]` tensor; padding sits at positions > the query's and is masked."""
-    n, length = meta.decode_blocks.shape[0], meta.decode_max_len
-    blocks = meta.decode_blocks.view(-1)
+    plan = _plan(meta)
+    n, length = plan.decode_blocks.shape[0], plan.decode_max_len
+    blocks = plan.decode_blocks.view(-1)
     k, v = _gather(k_cache, blocks, n, length), _gather(v_cache, blocks, n, length)
-    q_pos = meta.positions[meta.decode_rows][:, None]
+    q_pos = meta.positions[plan.decode_rows][:, None]
     return _attend(q[:, None], k, v, q_pos, scale)[:, 0]

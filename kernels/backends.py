@@ -29,6 +29,7 @@ class AttentionBackend:
     reference's cache write unless a backend has its own."""
 
     name = "torch"
+    reference_plan = True  # attends with the host-side plan (`AttentionMetadata.host`)
 
     def write_kv(
         self,
@@ -57,6 +58,7 @@ TORCH_ATTENTION = TorchAttention()
 
 class TritonAttention(AttentionBackend):
     name = "triton"
+    reference_plan = False  # the kernels read device tensors only
 
     def __init__(self) -> None:
         from tgi_mp.kernels import triton_attention  # imports triton: only when chosen
@@ -117,8 +119,8 @@ class FlashAttention(AttentionBackend):
             v_cache,
             meta.query_start_loc.to(torch.int32),
             cu_k,
-            max(meta.query_lens_host),
-            max(meta.seq_lens_host),
+            max(meta.host.query_lens),
+            max(meta.host.seq_lens),
             softmax_scale=scale,
             causal=True,
             block_table=meta.block_tables.to(torch.int32),
@@ -164,7 +166,7 @@ def self_check(
     return err
 
 
-def _triton_usable(device: torch.device) -> str | None:
+def _triton_problem(device: torch.device, block_size: int) -> str | None:
     """Why Triton cannot run here, or None."""
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed"
@@ -178,35 +180,32 @@ def select_backend(
 ) -> tuple[AttentionBackend, str]:
     """The backend for `--attention requested`, and why (logged at start).
 
-    An explicit choice that cannot work is an error naming the reason; `auto` takes
-    the best that does: flash-attn (if it passes its check), Triton on CUDA, torch.
+    Each candidate must be usable here and pass its self-check against the reference.
+    An explicit choice that fails is an error naming the reason; `auto` tries
+    flash-attn, then Triton on CUDA, and falls back to torch.
     """
     if requested not in CHOICES:
         raise ValueError(f"--attention must be one of {', '.join(CHOICES)}, got {requested!r}")
     if requested == "torch":
         return TorchAttention(), "--attention torch"
-    if requested == "flash-attn" or (requested == "auto" and device.type == "cuda"):
-        why = _flash_attn_problem(device, block_size)
+    if requested != "auto":
+        candidates = [requested]
+    else:  # the fast kernels are CUDA's; on the CPU the reference is the backend
+        candidates = ["flash-attn", "triton"] if device.type == "cuda" else []
+    notes = []
+    for name in candidates:
+        why = _PROBLEMS[name](device, block_size)
         if why is None:
             try:
-                backend = FlashAttention()
+                backend = _BACKENDS[name]()
                 err = self_check(backend, device, dtype, block_size)
-                return backend, f"flash-attn installed, self-check max error {err:.2g}"
-            except Exception as e:
+                return backend, f"{requested} on {device.type}, self-check max error {err:.2g}"
+            except Exception as e:  # any failure means: not this backend
                 why = f"{type(e).__name__}: {e}"
-        if requested == "flash-attn":
-            raise BackendUnavailable(f"--attention flash-attn: {why}")
-        log.info("flash-attn not used: %s", why)
-    if requested == "triton" or (requested == "auto" and device.type == "cuda"):
-        why = _triton_usable(device)
-        if why is not None:
-            if requested == "triton":
-                raise BackendUnavailable(f"--attention triton: {why}")
-            return TorchAttention(), f"auto on {device.type}: {why}"
-        backend = TritonAttention()
-        err = self_check(backend, device, dtype, block_size)
-        return backend, f"{requested} on {device.type}, self-check max error {err:.2g}"
-    return TorchAttention(), f"auto on {device.type}"
+        if requested != "auto":
+            raise BackendUnavailable(f"--attention {name}: {why}")
+        notes.append(f"{name}: {why}")
+    return TorchAttention(), "; ".join([f"auto on {device.type}", *notes])
 
 
 def _flash_attn_problem(device: torch.device, block_size: int) -> str | None:
@@ -217,3 +216,7 @@ def _flash_attn_problem(device: torch.device, block_size: int) -> str | None:
     if block_size % 256:
         return f"its paged kernels need a block size that is a multiple of 256, not {block_size}"
     return None
+
+
+_PROBLEMS = {"flash-attn": _flash_attn_problem, "triton": _triton_problem}
+_BACKENDS = {"flash-attn": FlashAttention, "triton": TritonAttention}

@@ -107,7 +107,17 @@ def test_build_positions_and_slots() -> None:
     assert meta.slot_mapping.tolist() == slots and meta.slot_mapping.dtype == torch.int64
     assert meta.query_start_loc.tolist() == [0, 3, 9, 10]
     assert meta.seq_lens.tolist() == [8, 6, 10]
-    assert meta.decode_rows.tolist() == [9] and meta.prefill_seqs == [0, 1] and not meta.all_decode
+    assert meta.host.decode_rows.tolist() == [9] and meta.host.prefill_seqs == [0, 1]
+    assert not meta.all_decode
+    # Kernels need no host plan; the caller's extra arrays ride along either way.
+    for reference in (True, False):
+        m = AttentionMetadata.build(qlen, ctx, tables, BS, "cpu", extra=[np.array([5, 6])],
+                                    reference=reference)  # fmt: skip
+        assert (m.host is not None) == reference and m.extra[0].tolist() == [5, 6]
+        assert torch.equal(m.slot_mapping, meta.slot_mapping)
+    with pytest.raises(ValueError, match="reference=True"):
+        cache = torch.zeros(8, BS, 2, 8)
+        paged_attention(torch.zeros(10, 2, 8), cache, cache, m, 1.0)
 
 
 def test_write_kv_puts_tokens_at_their_slots() -> None:
