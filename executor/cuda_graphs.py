@@ -54,7 +54,6 @@ class DecodeGraphs:
         self.slot_mapping = zeros(n)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int64, device=device)
         self.seq_lens = zeros(n)
-        self.context_lens = zeros(n)
         self.block_tables = zeros(n, max_blocks_per_seq)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
@@ -69,7 +68,6 @@ class DecodeGraphs:
             slot_mapping=self.slot_mapping[:batch],
             query_start_loc=self.query_start_loc[: batch + 1],
             seq_lens=self.seq_lens[:batch],
-            context_lens=self.context_lens[:batch],
             block_tables=self.block_tables[:batch],
             block_size=self.block_size,
             all_decode=True,
@@ -112,7 +110,6 @@ class DecodeGraphs:
         self.positions[:n].copy_(meta.positions)
         self.slot_mapping[:n].copy_(meta.slot_mapping)
         self.seq_lens[:n].copy_(meta.seq_lens)
-        self.context_lens[:n].copy_(meta.context_lens)
         self.block_tables[:n, :width].copy_(meta.block_tables)
         # Padding rows of this bucket: no write, no keys (stale values from a bigger
         # step before would otherwise write K/V into live blocks).

@@ -44,8 +44,7 @@ class AttentionMetadata:
     positions: torch.Tensor  # [T]: position of each new token in its sequence
     slot_mapping: torch.Tensor  # [T]: cache slot each new token's K/V goes to (-1: none)
     query_start_loc: torch.Tensor  # [B+1]: offsets of each sequence's rows
-    seq_lens: torch.Tensor  # [B]: context + new tokens (0: a padding row)
-    context_lens: torch.Tensor  # [B]: tokens already cached before this step
+    seq_lens: torch.Tensor  # [B]: tokens cached before the step + new ones (0: padding)
     block_tables: torch.Tensor  # [B, max_blocks]
     block_size: int
     all_decode: bool  # every sequence has one new token: rows are already in order
@@ -84,7 +83,7 @@ class AttentionMetadata:
         slots = block_tables[seq_idx, positions // block_size] * block_size + positions % block_size
         decode = np.flatnonzero(query_lens == 1)
 
-        arrays = [positions, slots, qsl, seq_lens, context_lens, block_tables]
+        arrays = [positions, slots, qsl, seq_lens, block_tables]
         if reference:
             d_lens = seq_lens[decode]
             d_max = int(d_lens.max()) if len(decode) else 0
@@ -95,7 +94,7 @@ class AttentionMetadata:
             arrays += [qsl[decode], np.where(used, block_tables[decode, :nb], 0)]
         tensors = (upload or _copy_each(device))(arrays + list(extra))
         meta = cls(
-            *tensors[:6],
+            *tensors[:5],
             block_size=block_size,
             all_decode=len(decode) == len(query_lens),
             extra=tensors[len(arrays) :],
@@ -105,8 +104,8 @@ class AttentionMetadata:
                 query_lens=query_lens.tolist(),
                 seq_lens=seq_lens.tolist(),
                 query_start=qsl.tolist(),
-                decode_rows=tensors[6],
-                decode_blocks=tensors[7],
+                decode_rows=tensors[5],
+                decode_blocks=tensors[6],
                 decode_max_len=d_max,
                 prefill_seqs=np.flatnonzero(query_lens > 1).tolist(),
             )
