@@ -14,17 +14,15 @@ def resolve_device(requested: str, rank: int) -> torch.device:
     """`auto`: CUDA when present. Rank r of a tensor-parallel group takes GPU r."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda, but torch sees no CUDA device")
-        if rank >= torch.cuda.device_count():
-            visible = torch.cuda.device_count()
-            raise RuntimeError(f"executor {rank} needs GPU {rank}, but {visible} are visible")
-        torch.cuda.set_device(rank)
-        return torch.device("cuda", rank)
-    if requested != "cpu":
-        raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
-    return torch.device("cpu")
+    if requested == "cpu":  # EngineConfig admits only auto, cpu and cuda
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda, but torch sees no CUDA device")
+    if rank >= torch.cuda.device_count():
+        visible = torch.cuda.device_count()
+        raise RuntimeError(f"executor {rank} needs GPU {rank}, but {visible} are visible")
+    torch.cuda.set_device(rank)
+    return torch.device("cuda", rank)
 
 
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:

@@ -16,12 +16,11 @@ import os
 
 import torch
 
+from tgi_mp.config import CHOICES
 from tgi_mp.kernels import attention as reference
 from tgi_mp.kernels.attention import AttentionMetadata
 
 log = logging.getLogger("tgi_mp.kernels")
-
-CHOICES = ("auto", "torch", "triton", "flash-attn")
 
 
 class AttentionBackend:
@@ -184,8 +183,9 @@ def select_backend(
     An explicit choice that fails is an error naming the reason; `auto` tries
     flash-attn, then Triton on CUDA, and falls back to torch.
     """
-    if requested not in CHOICES:
-        raise ValueError(f"--attention must be one of {', '.join(CHOICES)}, got {requested!r}")
+    if requested not in CHOICES["attention"]:
+        choices = ", ".join(CHOICES["attention"])
+        raise ValueError(f"--attention must be one of {choices}, got {requested!r}")
     if requested == "torch":
         return TorchAttention(), "--attention torch"
     if requested != "auto":

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tgi_mp.config import EngineConfig, parse_cuda_graphs
+from tgi_mp.config import CHOICES, EngineConfig, parse_cuda_graphs
 from tgi_mp.executor.runner import ModelRunner, kv_bytes_per_block
 from tgi_mp.ipc.messages import StepPlan
 from tgi_mp.model_source import load_model_config, resolve_model
@@ -125,11 +125,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024, help="cached tokens per sequence")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per row")
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    ap.add_argument(
-        "--attention", default="auto", choices=["auto", "torch", "triton", "flash-attn"]
-    )
+    ap.add_argument("--device", default="auto", choices=CHOICES["device"])
+    ap.add_argument("--dtype", default="auto", choices=CHOICES["dtype"])
+    ap.add_argument("--attention", default="auto", choices=CHOICES["attention"])
     ap.add_argument("--bandwidth-bytes", type=int, default=1 << 30, help="size of the copy test")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the backend choice

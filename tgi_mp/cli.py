@@ -20,6 +20,7 @@ import time
 import click
 import msgspec
 
+from tgi_mp.config import CHOICES
 from tgi_mp.launcher import Engine, EngineStartupError
 
 log = logging.getLogger("tgi_mp.serve")
@@ -72,19 +73,19 @@ def main() -> None:
 @_opt("--revision", default=None, help="Hub revision (branch, tag or commit) of --model-id.")
 @_opt(
     "--dtype",
-    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    type=click.Choice(CHOICES["dtype"]),
     default="auto",
     help="Weights and KV cache dtype. auto: bfloat16 on CUDA, float32 on the CPU.",
 )
 @_opt(
     "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
+    type=click.Choice(CHOICES["device"]),
     default="auto",
     help="Where the executors run. auto: CUDA when a GPU is visible (shard r on GPU r).",
 )
 @_opt(
     "--attention",
-    type=click.Choice(["auto", "torch", "triton", "flash-attn"]),
+    type=click.Choice(CHOICES["attention"]),
     default="auto",
     help="Attention kernels. auto: flash-attn if installed and it passes a self-check, "
     "else Triton on CUDA; torch on the CPU. The choice is logged.",
@@ -103,7 +104,7 @@ def main() -> None:
 )
 @_opt(
     "--load-format",
-    type=click.Choice(["auto", "dummy"]),
+    type=click.Choice(CHOICES["load_format"]),
     default="auto",
     help="dummy: random weights from --model-id's config.json alone (benchmarks).",
 )

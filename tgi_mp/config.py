@@ -12,6 +12,14 @@ import msgspec
 
 from tgi_mp.model_source import ModelConfig, ModelSource
 
+# The values of the option-like fields (the CLI and perf scripts offer the same).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "device": ("auto", "cpu", "cuda"),
+    "attention": ("auto", "torch", "triton", "flash-attn"),
+    "load_format": ("auto", "dummy"),
+}
+
 
 class EngineConfig(msgspec.Struct, frozen=True):
     model: ModelSource
@@ -57,18 +65,11 @@ class EngineConfig(msgspec.Struct, frozen=True):
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if not 0.0 < self.watermark_gamma < 1.0:
             raise ValueError(f"watermark_gamma must be in (0, 1), got {self.watermark_gamma}")
-        if self.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(
-                f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
-            )
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.attention not in ("auto", "torch", "triton", "flash-attn"):
-            raise ValueError(
-                f"attention must be auto, torch, triton or flash-attn, got {self.attention!r}"
-            )
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
         if any(b < 1 for b in self.cuda_graphs):
             raise ValueError(f"cuda_graphs batch sizes must be positive, got {self.cuda_graphs}")
         if not 0.0 < self.cuda_memory_fraction <= 1.0:
