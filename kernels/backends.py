@@ -29,6 +29,7 @@ class AttentionBackend:
 
     name = "torch"
     reference_plan = True  # attends with the host-side plan (`AttentionMetadata.host`)
+    scatter = staticmethod(reference.write_kv)  # (k, v, k_cache, v_cache, slot_mapping)
 
     def write_kv(
         self,
@@ -38,7 +39,7 @@ class AttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> None:
-        reference.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        self.scatter(k, v, k_cache, v_cache, meta.slot_mapping)
 
     def attend(
         self,
@@ -63,16 +64,7 @@ class TritonAttention(AttentionBackend):
         from tgi_mp.kernels import triton_attention  # imports triton: only when chosen
 
         self.kernels = triton_attention
-
-    def write_kv(
-        self,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> None:
-        self.kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        self.scatter = triton_attention.write_kv
 
     def attend(
         self,
