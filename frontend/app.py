@@ -39,17 +39,15 @@ from tgi_mp.frontend.http import (
 from tgi_mp.frontend.openai_api import OpenAIRoutes
 from tgi_mp.frontend.openapi import DOCS_HTML, openapi_document
 from tgi_mp.frontend.protocol import (
-    BestOfSequence,
-    Details,
     FrontendConfig,
     GenerateRequest,
-    GenerateResponse,
     Info,
     StreamDetails,
     StreamResponse,
     Token,
     TokenizeItem,
 )
+from tgi_mp.frontend.tgi_response import compute_type, full_text, generate_response, timing_headers
 from tgi_mp.frontend.validation import ValidationError, ValidRequest, validate, with_fresh_seed
 from tgi_mp.process import bind_to_parent
 
@@ -263,9 +261,6 @@ class App:
         finally:
             self.in_flight -= 1
 
-    def _full_text(self, req: GenerateRequest, v: ValidRequest, text: str) -> str:
-        return req.inputs + text if v.return_full_text else text
-
     async def _generate(
         self,
         scope: Scope,
@@ -295,53 +290,9 @@ class App:
             raise engine_failure(e) from e
         if not all(g.finish_reason for g in gens):
             raise failed(500, "Incomplete generation", "incomplete_generation")
-        best = max(range(len(gens)), key=lambda i: gens[i].mean_logprob())
+        best, resp = generate_response(req, runs, gens)
         v, gen = runs[best], gens[best]
-        details = None
-        if v.details:
-            others = [
-                BestOfSequence(
-                    self._full_text(req, r, g.text),
-                    g.finish_reason,
-                    len(g.tokens),
-                    r.seed,
-                    g.prefill,
-                    g.tokens,
-                    g.top_tokens,
-                )
-                for i, (r, g) in enumerate(zip(runs, gens, strict=True))
-                if i != best
-            ]
-            details = Details(
-                gen.finish_reason,
-                len(gen.tokens),
-                v.seed,
-                gen.prefill,
-                gen.tokens,
-                others,
-                gen.top_tokens,
-            )
-        resp = GenerateResponse(self._full_text(req, v, gen.text), details)
-        total = time.perf_counter() - t0
-        inference = total - (t_valid - t0) - gen.queue_time
-        n = max(len(gen.tokens), 1)
-
-        def ms(seconds: float) -> bytes:
-            return str(int(seconds * 1000)).encode()
-
-        headers = [
-            *cors,
-            (b"x-compute-type", os.environ.get("COMPUTE_TYPE", "cpu").encode()),
-            (b"x-compute-time", f"{total:.6f}".encode()),
-            (b"x-compute-characters", str(len(req.inputs)).encode()),
-            (b"x-total-time", ms(total)),
-            (b"x-validation-time", ms(t_valid - t0)),
-            (b"x-queue-time", ms(gen.queue_time)),
-            (b"x-inference-time", ms(inference)),
-            (b"x-time-per-token", ms(inference / n)),
-            (b"x-prompt-tokens", str(len(v.prompt_ids)).encode()),
-            (b"x-generated-tokens", str(len(gen.tokens)).encode()),
-        ]
+        headers = [*cors, *timing_headers(req, v, gen, t0, t_valid)]
         report_success(
             scope,
             t0,
@@ -361,7 +312,7 @@ class App:
             SSE_HEADERS
             + cors
             + [
-                (b"x-compute-type", os.environ.get("COMPUTE_TYPE", "cpu").encode()),
+                (b"x-compute-type", compute_type()),
                 (b"x-compute-characters", str(len(req.inputs)).encode()),
             ]
         )
@@ -399,7 +350,7 @@ class App:
                         details = StreamDetails(
                             gen.finish_reason, len(gen.tokens), v.seed, len(v.prompt_ids)
                         )
-                    text = self._full_text(req, v, gen.text) if final else None
+                    text = full_text(req, v, gen.text) if final else None
                     top = gen.top_tokens[-1] if gen.top_tokens else []
                     await event(
                         StreamResponse(
