@@ -26,17 +26,28 @@ KERNELS = {"_write_kv_kernel", "_varlen_kernel", "_decode_split_kernel", "_merge
 
 @pytest.fixture(scope="module")
 def builds() -> list[dict]:
-    # Interpreted kernels cannot be compiled: the child runs without TRITON_INTERPRET.
+    # Interpreted kernels cannot be compiled: the children run without TRITON_INTERPRET.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     cmd = [sys.executable, "-m", "tgi_mp.kernels.compile_check", "--json"]
-    for arch in ARCHS:
-        cmd += ["--arch", str(arch)]
-    for dtype in DTYPES:
-        cmd += ["--dtype", dtype]
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return [json.loads(line) for line in run.stdout.splitlines()]
+    cmd += [arg for dtype in DTYPES for arg in ("--dtype", dtype)]
+    # One child per architecture, side by side: compiling is CPU-bound and single-threaded.
+    children = [
+        subprocess.Popen(
+            [*cmd, "--arch", str(arch)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for arch in ARCHS
+    ]
+    lines = []
+    for child in children:
+        out, err = child.communicate(timeout=600)
+        assert child.returncode == 0, out[-3000:] + err[-3000:]
+        lines += out.splitlines()
+    return [json.loads(line) for line in lines]
 
 
 def test_every_kernel_builds_for_every_model_shape_and_arch(builds: list[dict]) -> None:
