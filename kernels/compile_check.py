@@ -31,6 +31,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
+from tgi_mp.config import DEFAULT_CUDA_GRAPHS
 from tgi_mp.kernels import triton_attention as ta
 
 _KERNELS = ("_write_kv_kernel", "_varlen_kernel", "_decode_split_kernel", "_merge_splits_kernel")
@@ -120,8 +121,8 @@ def _compiling_for(arch: int, out: list) -> Iterator[None]:
 def _launches(heads: int, kv_heads: int, dim: int, dtype: torch.dtype) -> Iterator[str]:
     """Every launcher as the executor calls it, yielding a label after each step: K/V
     rows are strided views of a fused QKV output; prefill with one and with several
-    sequences (Triton specializes an int argument of 1); decode at batch 1 (16 splits)
-    and 64 (1 split)."""
+    sequences (Triton specializes an int argument of 1); decode at every default CUDA
+    graph batch size (each split count from 16 down to 1)."""
     meta = {"device": "meta", "dtype": dtype}
     index = {"device": "meta", "dtype": torch.int64}
     cache = torch.empty(64, 16, kv_heads, dim, **meta)
@@ -132,7 +133,7 @@ def _launches(heads: int, kv_heads: int, dim: int, dtype: torch.dtype) -> Iterat
         starts, lens = torch.empty(seqs + 1, **index), torch.empty(seqs, **index)
         ta.varlen_attention(q, cache, cache, starts, lens, torch.empty(seqs, 8, **index), 0.1)
         yield f"prefill {seqs} seq"
-    for batch in (1, 64):
+    for batch in DEFAULT_CUDA_GRAPHS:
         q = torch.empty(batch, heads, dim, **meta)
         lens, tables = torch.empty(batch, **index), torch.empty(batch, 8, **index)
         ta.decode_attention(q, cache, cache, lens, tables, 0.1)

@@ -20,7 +20,7 @@ import time
 import click
 import msgspec
 
-from tgi_mp.config import CHOICES
+from tgi_mp.config import CHOICES, DEFAULT_CUDA_GRAPHS
 from tgi_mp.launcher import Engine, EngineStartupError
 
 log = logging.getLogger("tgi_mp.serve")
@@ -92,7 +92,7 @@ def main() -> None:
 )
 @_opt(
     "--cuda-graphs",
-    default="1,2,4,8,16,32,64,128",
+    default=",".join(map(str, DEFAULT_CUDA_GRAPHS)),
     help="Decode batch sizes captured in CUDA graphs (Triton attention); 0 disables.",
 )
 @_opt(

@@ -19,6 +19,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "attention": ("auto", "torch", "triton", "flash-attn"),
     "load_format": ("auto", "dummy"),
 }
+# TGI's default --cuda-graphs: the decode batch sizes captured in CUDA graphs.
+DEFAULT_CUDA_GRAPHS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class EngineConfig(msgspec.Struct, frozen=True):
@@ -29,7 +31,7 @@ class EngineConfig(msgspec.Struct, frozen=True):
     device: str = "auto"  # auto: CUDA when torch sees a GPU
     attention: str = "auto"  # auto: flash-attn if it passes its check, Triton on CUDA, torch
     # Decode batch sizes captured in CUDA graphs (TGI's --cuda-graphs); () disables.
-    cuda_graphs: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    cuda_graphs: tuple[int, ...] = DEFAULT_CUDA_GRAPHS
     cuda_memory_fraction: float = 0.95  # of each GPU: weights + activations + KV cache
     num_shards: int = 1
     block_size: int = 16

@@ -15,7 +15,9 @@ import sys
 
 import pytest
 
+from tgi_mp.config import DEFAULT_CUDA_GRAPHS
 from tgi_mp.kernels.compile_check import SHAPES
+from tgi_mp.kernels.triton_attention import decode_splits
 
 pytestmark = pytest.mark.kernels
 
@@ -56,8 +58,20 @@ def test_every_kernel_builds_for_every_model_shape_and_arch(builds: list[dict]) 
         for case in cases:
             built = {b["kernel"] for b in builds if b["arch"] == arch and b["case"] == case}
             assert built == KERNELS, (arch, case)
-    decode = {b["launch"] for b in builds if b["kernel"] == "_merge_splits_kernel"}
-    assert decode == {"decode batch 1", "decode batch 64"}  # 16 splits and 1 split
+
+    # Every split count a captured decode batch size uses is a variant of its own.
+    for name, _, kv_heads, _ in SHAPES:
+        splits = {decode_splits(b, kv_heads) for b in DEFAULT_CUDA_GRAPHS}
+        assert splits == {1, 2, 4, 8, 16}
+        for arch in ARCHS:
+            merges = [
+                b
+                for b in builds
+                if b["kernel"] == "_merge_splits_kernel"
+                and b["arch"] == arch
+                and b["case"].startswith(name + " ")
+            ]
+            assert len(merges) == len(splits) * len(DTYPES), (arch, name)
 
 
 def test_builds_fit_the_gpu_without_spills(builds: list[dict]) -> None:
