@@ -125,11 +125,32 @@ class BackendUnavailable(RuntimeError):
 def self_check(
     backend: AttentionBackend, device: torch.device, dtype: torch.dtype, block_size: int
 ) -> float:
-    """Largest difference to the reference on a small mixed step (prefix chunk,
-    fresh prompt, decode rows, GQA ratio 3); raises BackendUnavailable past tolerance."""
+    """Largest difference to the reference over a mixed step (prefix chunk, fresh prompt,
+    decode rows) and an all-decode step (the split-KV kernels that CUDA graphs replay),
+    GQA ratio 3; raises BackendUnavailable past tolerance."""
     gen = torch.Generator().manual_seed(0)
+    mixed = ([7, 1, 20, 1], [block_size + 3, 40, 0, 2 * block_size])
+    decode = ([1, 1, 1, 1], [0, block_size + 1, 40, 2 * block_size])
+    steps = (mixed, decode)
+    err = max(_step_error(backend, device, dtype, block_size, *s, gen) for s in steps)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    if not err <= tol:
+        raise BackendUnavailable(
+            f"{backend.name} failed its self-check: max error {err:.3g} > {tol}"
+        )
+    return err
+
+
+def _step_error(
+    backend: AttentionBackend,
+    device: torch.device,
+    dtype: torch.dtype,
+    block_size: int,
+    query_lens: list[int],
+    context_lens: list[int],
+    gen: torch.Generator,
+) -> float:
     heads, kv_heads, dim = 9, 3, 64
-    query_lens, context_lens = [7, 1, 20, 1], [block_size + 3, 40, 0, 2 * block_size]
     seqs = [q + c for q, c in zip(query_lens, context_lens, strict=True)]
     need = [-(-s // block_size) for s in seqs]
     perm = torch.randperm(sum(need), generator=gen).tolist()
@@ -148,13 +169,7 @@ def self_check(
     backend.write_kv(k, v, k_cache, v_cache, meta)
     got = backend.attend(q, k_cache, v_cache, meta, dim**-0.5).float()
     want = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, dim**-0.5)
-    err = (got - want).abs().max().item()
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    if not err <= tol:
-        raise BackendUnavailable(
-            f"{backend.name} failed its self-check: max error {err:.3g} > {tol}"
-        )
-    return err
+    return (got - want).abs().max().item()
 
 
 def _triton_problem(device: torch.device, block_size: int) -> str | None:

@@ -61,10 +61,28 @@ def test_self_check_rejects_a_wrong_backend() -> None:
         ) -> torch.Tensor:
             return super().attend(q, k_cache, v_cache, meta, scale * 1.01)
 
+    class WrongDecode(TritonAttention):
+        """Right on mixed steps, wrong on all-decode ones (the split-KV path)."""
+
+        name = "wrong-decode"
+
+        def attend(
+            self,
+            q: torch.Tensor,
+            k_cache: torch.Tensor,
+            v_cache: torch.Tensor,
+            meta: AttentionMetadata,
+            scale: float,
+        ) -> torch.Tensor:
+            out = super().attend(q, k_cache, v_cache, meta, scale)
+            return out * 1.01 if meta.all_decode else out
+
     assert self_check(AttentionBackend(), CPU, torch.float32, 16) == 0.0
     assert self_check(TritonAttention(), CPU, torch.float16, 16) < 3e-2
     with pytest.raises(BackendUnavailable, match="wrong failed its self-check"):
         self_check(Wrong(), CPU, torch.float32, 16)
+    with pytest.raises(BackendUnavailable, match="wrong-decode failed its self-check"):
+        self_check(WrongDecode(), CPU, torch.float32, 16)
 
 
 def test_engine_refuses_an_impossible_backend_at_start(tiny_dir: str) -> None:  # noqa: F811
