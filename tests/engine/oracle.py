@@ -116,9 +116,11 @@ def reference_greedy(prompts: list[list[int]]) -> list[tuple[list[int], list[flo
     return results
 
 
-def compare(got: list[int], want: list[int], margins: list[float]) -> tuple[bool, int]:
+def compare(
+    got: list[int], want: list[int], margins: list[float], near_tie: float = NEAR_TIE
+) -> tuple[bool, int]:
     """(agrees, positions compared). A mismatch is allowed only at a near-tie, and ends there."""
     for j, (g, w) in enumerate(zip(got, want, strict=True)):
         if g != w:
-            return margins[j] < NEAR_TIE, j
+            return margins[j] < near_tie, j
     return True, len(want)
