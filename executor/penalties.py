@@ -27,14 +27,24 @@ class PenaltyHistory:
     def _row(self, seq_id: int) -> int:
         row = self.rows.get(seq_id)
         if row is None:
-            if not self.free:  # grow by doubling
-                n = self.seen.shape[0]
-                grow = max(n, 8)
-                self.seen = torch.cat([self.seen, self.seen.new_zeros(grow, self.vocab)])
-                self.counts = torch.cat([self.counts, self.counts.new_zeros(grow, self.vocab)])
-                self.free = list(range(n + grow - 1, n - 1, -1))
+            if not self.free:
+                self._grow()
             row = self.rows[seq_id] = self.free.pop()
         return row
+
+    def _grow(self) -> None:
+        """Doubles the tables (at least 8 rows); the new rows are free."""
+        n = self.seen.shape[0]
+        grow = max(n, 8)
+        self.seen = torch.cat([self.seen, self.seen.new_zeros(grow, self.vocab)])
+        self.counts = torch.cat([self.counts, self.counts.new_zeros(grow, self.vocab)])
+        self.free = list(range(n + grow - 1, n - 1, -1)) + self.free
+
+    def grow_to(self, rows: int) -> None:
+        """Room for `rows` sequences, grown as sequences would grow it (the GPU memory
+        profile uses this: the tables persist across steps)."""
+        while self.seen.shape[0] < rows:
+            self._grow()
 
     def update(self, plan: StepPlan) -> torch.Tensor | None:
         """Records this step's input tokens; returns each plan row's table row (-1: none),

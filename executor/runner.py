@@ -195,8 +195,9 @@ class ModelRunner:
 
     def _profile_step(self) -> None:
         """The largest step the scheduler may plan: a full prefill budget of tokens
-        through the model, then logits and sampling (every filter on) for as many rows
-        as a step may sample. Uses a throw-away KV cache of just the blocks it needs."""
+        through the model, then logits, penalties and sampling (every filter on) for as
+        many rows as a step may sample. Uses a throw-away KV cache of just the blocks it
+        needs; the penalty tables it grows are kept (their memory is budgeted)."""
         cfg, mc = self.cfg, self.cfg.model_config
         tokens = cfg.max_batch_prefill_tokens
         blocks = -(-tokens // cfg.block_size)
@@ -228,6 +229,19 @@ class ModelRunner:
 
                 def full(value: float, dtype: torch.dtype) -> torch.Tensor:
                     return torch.full((n,), value, dtype=dtype, device=self.device)
+
+                # Every row penalised: the tables stay allocated across steps, and
+                # applying them costs a few [rows, vocab] temporaries.
+                self.penalties.grow_to(n)
+                t = torch.arange(n, device=self.device)
+                logits = apply_penalties(
+                    logits,
+                    self.penalties.seen[t],
+                    self.penalties.counts[t],
+                    full(1.1, torch.float32),
+                    full(0.1, torch.float32),
+                    full(0.1, torch.float32),
+                )
 
                 columns = SamplingTensors(
                     # A flat distribution: the best 1024 tokens hold less than top_p, so

@@ -70,3 +70,13 @@ def test_a_sequence_starting_on_a_cached_prefix_gets_its_history() -> None:
     row = int(h.update(plan(4, 6, [11], prompt_len=4, history=[1, 2, 3, 4, 7, 8]))[0])
     assert sorted(h.seen[row].nonzero().squeeze(1).tolist()) == [1, 2, 3, 4, 7, 8, 11]
     assert {i: int(c) for i, c in enumerate(h.counts[row]) if c} == {7: 1, 8: 1, 11: 1}
+
+
+def test_grow_to_keeps_the_rows_in_use() -> None:
+    h = PenaltyHistory(vocab=20, device=torch.device("cpu"))
+    row = int(h.update(plan(5, 0, [3, 4], prompt_len=2))[0])
+    h.grow_to(20)  # 8 -> 16 -> 32 rows, as sequences would grow them
+    assert h.seen.shape == (32, 20) and len(h.free) == 31 and h.rows == {5: row}
+    assert h.seen[row].nonzero().squeeze(1).tolist() == [3, 4]
+    others = {int(h.update(plan(s, 0, [1], prompt_len=1))[0]) for s in range(6, 37)}
+    assert len(others) == 31 and row not in others and h.seen.shape[0] == 32
