@@ -62,8 +62,9 @@ def profile_cuda_budget(
     cfg: EngineConfig, device: torch.device, forward: Callable[[], None], graph_reserve: int
 ) -> tuple[int, str]:
     """Runs `forward` (the biggest step the scheduler may plan) and sizes the KV cache
-    from what is left; the step cannot run out of memory later (the budget is a hard
-    guarantee: the peak of every later step is at most this one's)."""
+    from what is left, so that no later step runs out of memory: with the Triton
+    kernels a step's peak is at most this one's. (The torch reference's padded K/V
+    copies grow with context lengths, which no single profile step bounds.)"""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     forward()

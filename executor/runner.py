@@ -133,6 +133,15 @@ class ModelRunner:
         def measure() -> tuple[int, str]:
             if self.device.type != "cuda":
                 return host_kv_budget(cfg)
+            if self.attention.reference_plan:
+                # Its attention gathers each decode batch's K/V into padded copies whose
+                # size depends on context lengths the profile does not know.
+                log.warning(
+                    "rank %d: the %s attention backend's K/V copies are not in the memory "
+                    "profile; lower --cuda-memory-fraction if steps run out of memory",
+                    rank,
+                    self.attention.name,
+                )
             return profile_cuda_budget(cfg, self.device, self._profile_step, reserve)
 
         per_block = kv_bytes_per_block(cfg, self.dtype)
