@@ -5,8 +5,8 @@ they compile: constexpr rules, loop-carried types, shared-memory and register li
 only show up in the real compiler. Triton ships LLVM and ptxas, which build a cubin
 for any architecture without a driver. So each launcher of `triton_attention` is run
 over "meta" tensors (shapes and dtypes, no memory) with its kernel call routed to
-`JITFunction.warmup` under a driver that only names the target, and ptxas's resource
-resources of each build are read back with cuobjdump.
+`JITFunction.warmup` under a driver that only names the target, and each build's
+registers, local memory (spills) and shared memory are read back with cuobjdump.
 
     python -m tgi_mp.kernels.compile_check --arch 80 --arch 90
 
@@ -50,7 +50,7 @@ SHAPES = [
 
 @dataclasses.dataclass(frozen=True)
 class Build:
-    """One compiled kernel variant and what ptxas reported for it."""
+    """One compiled kernel variant and the resources it needs."""
 
     kernel: str
     case: str
