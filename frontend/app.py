@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 
 from tgi_mp.frontend import metrics, tracing
 from tgi_mp.frontend.engine_client import EngineClient, EngineError, RequestError
-from tgi_mp.frontend.generation import Generation, report_success, run, run_all
+from tgi_mp.frontend.generation import Generation, run, run_all
 from tgi_mp.frontend.http import (
     SSE_HEADERS,
     HTTPError,
@@ -47,7 +47,13 @@ from tgi_mp.frontend.protocol import (
     Token,
     TokenizeItem,
 )
-from tgi_mp.frontend.tgi_response import compute_type, full_text, generate_response, timing_headers
+from tgi_mp.frontend.tgi_response import (
+    compute_type,
+    count_success,
+    full_text,
+    generate_response,
+    timing_headers,
+)
 from tgi_mp.frontend.validation import ValidationError, ValidRequest, validate, with_fresh_seed
 from tgi_mp.process import bind_to_parent
 
@@ -293,15 +299,7 @@ class App:
         best, resp = generate_response(req, runs, gens)
         v, gen = runs[best], gens[best]
         headers = [*cors, *timing_headers(req, v, gen, t0, t_valid)]
-        report_success(
-            scope,
-            t0,
-            t_valid,
-            gen.queue_time,
-            len(v.prompt_ids),
-            len(gen.tokens),
-            v.params.max_new_tokens,
-        )
+        count_success(scope, v, gen, t0, t_valid)
         body = _json.encode([resp] if wrap else resp)
         await respond(send, 200, body, headers=headers)
 
@@ -365,15 +363,7 @@ class App:
                 raise engine_failure(e) from e
             if not gen.finish_reason:
                 raise failed(500, "Incomplete generation stream", "incomplete_generation_stream")
-            report_success(
-                scope,
-                t0,
-                t_valid,
-                gen.queue_time,
-                len(v.prompt_ids),
-                len(gen.tokens),
-                v.params.max_new_tokens,
-            )
+            count_success(scope, v, gen, t0, t_valid)
 
         try:
             if await until_disconnect(receive, stream()):

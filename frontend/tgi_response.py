@@ -1,11 +1,12 @@
-"""What `/generate` answers: the best of `best_of` runs, its details, timing headers."""
+"""What `/generate` answers: the best of `best_of` runs, its details, timing headers;
+and what a finished request counts in the metrics."""
 
 from __future__ import annotations
 
 import os
 import time
 
-from tgi_mp.frontend.generation import Generation
+from tgi_mp.frontend.generation import Generation, report_success
 from tgi_mp.frontend.protocol import BestOfSequence, Details, GenerateRequest, GenerateResponse
 from tgi_mp.frontend.validation import ValidRequest
 
@@ -77,3 +78,16 @@ def timing_headers(
         (b"x-prompt-tokens", str(len(v.prompt_ids)).encode()),
         (b"x-generated-tokens", str(len(gen.tokens)).encode()),
     ]
+
+
+def count_success(scope: dict, v: ValidRequest, gen: Generation, t0: float, t_valid: float) -> None:
+    """A finished `/generate` or `/generate_stream` request in the metrics (and trace)."""
+    report_success(
+        scope,
+        t0,
+        t_valid,
+        gen.queue_time,
+        len(v.prompt_ids),
+        len(gen.tokens),
+        v.params.max_new_tokens,
+    )
