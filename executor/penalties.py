@@ -112,7 +112,9 @@ def apply_penalties(
     """HF's repetition penalty (seen tokens: positive logits divided, negative multiplied),
     then OpenAI's frequency and presence penalties over generated-token counts."""
     rep = repetition[:, None]
-    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    # A tiny penalty may divide a logit past the dtype's range: cap it, never infinity.
+    top = torch.finfo(logits.dtype).max
+    penalised = torch.where(logits > 0, (logits / rep).clamp(max=top), logits * rep)
     logits = torch.where(seen, penalised, logits)
     c = counts.to(logits.dtype)
     return logits - frequency[:, None] * c - presence[:, None] * (c > 0).to(logits.dtype)

@@ -148,7 +148,9 @@ def sample(
     tokens = logits.argmax(dim=-1)
     rows = (t.temperature > 0).nonzero().squeeze(1)
     if rows.numel():
-        scaled = logits[rows] / t.temperature[rows, None]
+        # Capped: +inf would turn the softmax into NaNs (-inf stays: it excludes a token).
+        top = torch.finfo(logits.dtype).max
+        scaled = (logits[rows] / t.temperature[rows, None]).clamp(max=top)
         logits = logits.clone()
         logits[rows] = scaled
         tokens[rows] = _draw(scaled, _subset(t, rows))

@@ -21,7 +21,12 @@ import msgspec
 from tokenizers import Tokenizer
 
 from tgi_mp.frontend import metrics, tracing
-from tgi_mp.frontend.engine_client import EngineClient, EngineError, RequestError
+from tgi_mp.frontend.engine_client import (
+    EngineClient,
+    EngineError,
+    RequestError,
+    ShuttingDownError,
+)
 from tgi_mp.frontend.generation import Generation, run, run_all
 from tgi_mp.frontend.http import (
     SSE_HEADERS,
@@ -31,9 +36,12 @@ from tgi_mp.frontend.http import (
     Send,
     decode_json,
     header,
+    method_not_allowed,
+    not_found,
     read_body,
     respond,
     sse_event,
+    unauthorized,
     until_disconnect,
 )
 from tgi_mp.frontend.openai_api import OpenAIRoutes
@@ -151,7 +159,7 @@ class App:
             await self.openai.handle(scope, receive, send, cors)
             return
         if method == "POST" and path in _AUTH_PATHS and not self.authorized(scope):
-            raise HTTPError(401)
+            raise unauthorized()
         if method == "GET":
             if path in ("/health", "/ping", "/"):
                 await self._health(send, cors)
@@ -164,15 +172,15 @@ class App:
             elif path == "/docs":
                 await respond(send, 200, DOCS_HTML, b"text/html; charset=utf-8", cors)
             else:
-                raise HTTPError(404)
+                raise not_found(method, path)
             return
-        if method != "POST":
-            raise HTTPError(405)
         if path not in ("/generate", "/generate_stream", "/", "/tokenize"):
-            raise HTTPError(404)
+            raise not_found(method, path)
+        if method != "POST":
+            raise method_not_allowed(method, path)
         body = await read_body(scope, receive, self.cfg.payload_limit)
         if path == "/":  # TGI's compat route also takes a one-element array
-            with contextlib.suppress(msgspec.DecodeError):
+            with contextlib.suppress(msgspec.DecodeError, RecursionError):
                 items = msgspec.json.decode(body, type=list[msgspec.Raw])
                 if len(items) == 1:
                     body = bytes(items[0])
@@ -385,6 +393,8 @@ def engine_failure(e: Exception) -> HTTPError:
     """How an engine-side error reaches the client."""
     if isinstance(e, RequestError):  # refused by the scheduler (e.g. beyond the KV capacity)
         return failed(422, f"Input validation error: {e}", "validation")
+    if isinstance(e, ShuttingDownError):  # the grace period of a SIGTERM is over
+        return failed(503, str(e), "shutting_down")
     return failed(424, f"Request failed during generation: {e}", "generation")
 
 

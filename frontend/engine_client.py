@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from tgi_mp.ipc import messages as m
 from tgi_mp.ipc.channels import Endpoints, FrontendChannels
 
 _client_numbers = itertools.count()
+log = logging.getLogger("tgi_mp.frontend")
 
 
 class EngineError(RuntimeError):
@@ -32,6 +34,10 @@ class EngineError(RuntimeError):
 
 class RequestError(ValueError):
     """The engine refused this request."""
+
+
+class ShuttingDownError(EngineError):
+    """The server's grace period ended before this request did (503)."""
 
 
 @dataclass(slots=True)
@@ -61,6 +67,7 @@ class EngineClient:
             collections.deque()
         )
         self.dead: str | None = None
+        self.dead_error: type[EngineError] = EngineError
 
     def _ensure_receiver(self) -> None:
         if self._receiver is None:
@@ -70,7 +77,7 @@ class EngineClient:
         self, prompt_ids: list[int] | np.ndarray, params: m.SamplingParams
     ) -> AsyncIterator[TokenOutput]:
         if self.dead:
-            raise EngineError(self.dead)
+            raise self.dead_error(self.dead)
         self._ensure_receiver()
         req_id = next(self._ids)
         queue: asyncio.Queue[TokenOutput | BaseException] = asyncio.Queue()
@@ -112,7 +119,11 @@ class EngineClient:
             ready = dict(await poller.poll())
             if events.sock in ready:
                 msg = events.decode(await events.sock.recv_multipart(copy=False))
-                self._fail_all(msg.message)
+                error = EngineError
+                if isinstance(msg, m.ShuttingDown):
+                    error = ShuttingDownError
+                    log.warning("shutting down: %d requests cut", len(self._queues))
+                self._fail_all(msg.message, error)
                 return
             if sched.sock in ready:
                 self._dispatch(sched.decode(await sched.sock.recv_multipart(copy=False)))
@@ -155,14 +166,15 @@ class EngineClient:
             if not waiter.done():  # its caller may have given up (a timeout)
                 waiter.set_result(msg)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, error: type[EngineError] = EngineError) -> None:
         self.dead = message
+        self.dead_error = error
         for q in self._queues.values():
-            q.put_nowait(EngineError(message))
+            q.put_nowait(error(message))
         while self._stats_waiters:
             waiter = self._stats_waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(EngineError(message))
+                waiter.set_exception(error(message))
 
     def close(self) -> None:
         if self._receiver is not None:

@@ -1,7 +1,8 @@
 """Just enough ASGI: read a bounded body, answer JSON / text, stream SSE.
 
 TGI's transport rules live here: body-size limit (413), content type (415),
-JSON syntax (400) and JSON types (422) answered as plain text, as axum does.
+JSON syntax and nesting depth (400) and JSON types (422), with axum's messages.
+Unlike axum they answer a JSON error body, so every client can parse every error.
 """
 
 from __future__ import annotations
@@ -47,6 +48,35 @@ class HTTPError(Exception):
         return cls(status, body, b"application/json")
 
 
+# What a request is refused for before any handler reads it: TGI's (axum's) messages,
+# with an error_type of tgi-mp's naming (axum gives none).
+def payload_too_large() -> HTTPError:
+    msg = "Failed to buffer the request body: length limit exceeded"
+    return HTTPError.json(413, msg, "payload_too_large")
+
+
+def malformed_json(detail: str) -> HTTPError:
+    msg = f"Failed to parse the request body as JSON: {detail}"
+    return HTTPError.json(400, msg, "invalid_json")
+
+
+def wrong_json_types(detail: str) -> HTTPError:
+    msg = f"Failed to deserialize the JSON body into the target type: {detail}"
+    return HTTPError.json(422, msg, "validation")
+
+
+def not_found(method: str, path: str) -> HTTPError:
+    return HTTPError.json(404, f"No route {method} {path}", "not_found")
+
+
+def method_not_allowed(method: str, path: str) -> HTTPError:
+    return HTTPError.json(405, f"Method {method} is not allowed on {path}", "method_not_allowed")
+
+
+def unauthorized() -> HTTPError:
+    return HTTPError.json(401, "Invalid or missing API key", "unauthorized")
+
+
 def header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
@@ -57,16 +87,16 @@ def header(scope: Scope, name: bytes) -> str | None:
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     length = header(scope, b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise HTTPError(413, b"Failed to buffer the request body: length limit exceeded")
+        raise payload_too_large()
     chunks, size = [], 0
     while True:
         msg = await receive()
         if msg["type"] == "http.disconnect":
-            raise HTTPError(400, b"client disconnected")
+            raise HTTPError.json(400, "client disconnected", "dropped")
         chunk = msg.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise HTTPError(413, b"Failed to buffer the request body: length limit exceeded")
+            raise payload_too_large()
         chunks.append(chunk)
         if not msg.get("more_body", False):
             return b"".join(chunks)
@@ -75,15 +105,17 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 def decode_json(scope: Scope, body: bytes, type_: Any) -> Any:
     ctype = header(scope, b"content-type") or ""
     if "application/json" not in ctype.lower():
-        raise HTTPError(415, b"Expected request with `Content-Type: application/json`")
+        raise HTTPError.json(
+            415, "Expected request with `Content-Type: application/json`", "unsupported_media_type"
+        )
     try:
         return _decoder(type_).decode(body)
     except msgspec.ValidationError as e:
-        raise HTTPError(
-            422, f"Failed to deserialize the JSON body into the target type: {e}".encode()
-        ) from e
+        raise wrong_json_types(str(e)) from e
     except msgspec.DecodeError as e:
-        raise HTTPError(400, f"Failed to parse the request body as JSON: {e}".encode()) from e
+        raise malformed_json(str(e)) from e
+    except RecursionError as e:  # msgspec's decoder recurses once per nesting level
+        raise malformed_json("the JSON is nested too deeply") from e
 
 
 async def respond(

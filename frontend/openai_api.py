@@ -129,9 +129,12 @@ class OpenAIRoutes:
         t0 = time.perf_counter()
         req = decode_json(scope, body, ChatCompletionRequest)
         cfg = self.app.cfg
+        try:
+            check_n(req.n, req.n, cfg.max_best_of)  # a request never allowed is a 422, not a 429
+        except ValidationError as e:
+            raise invalid(e) from e
         self.app.permit(req.n)
         try:
-            check_n(req.n, req.n, cfg.max_best_of)
             if req.top_logprobs and not req.logprobs:
                 raise ValidationError("`top_logprobs` requires `logprobs` to be true")
             if (req.top_logprobs or 0) > cfg.max_top_n_tokens:
@@ -143,7 +146,7 @@ class OpenAIRoutes:
             p = sampling_parameters(
                 req, req.max_completion_tokens or req.max_tokens, req.top_logprobs or 0
             )
-            v = with_extras(req, build(ids, p, cfg, check_parameters(p, cfg)))
+            v = with_extras(req, build(ids, p, cfg, check_parameters(p, cfg)), cfg.vocab_size)
         except (ValidationError, TemplateError) as e:
             raise invalid(e) from e
         choices = [
@@ -243,7 +246,9 @@ class OpenAIRoutes:
             )
             p = sampling_parameters(req, max_tokens, req.logprobs or 0)
             sampling = check_parameters(p, cfg)
-            valid = [with_extras(req, build(ids, p, cfg, sampling)) for ids, _ in prompts]
+            valid = [
+                with_extras(req, build(ids, p, cfg, sampling), cfg.vocab_size) for ids, _ in prompts
+            ]
         except ValidationError as e:
             raise invalid(e) from e
         echo_logprobs = req.echo and req.logprobs is not None

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from tgi_mp.frontend import metrics
 from tgi_mp.frontend.detokenizer import StopTrimmer
-from tgi_mp.frontend.engine_client import RequestError
+from tgi_mp.frontend.engine_client import RequestError, ShuttingDownError
 from tgi_mp.frontend.generation import Generation, report_success
 from tgi_mp.frontend.http import HTTPError
 from tgi_mp.frontend.openai_protocol import (
@@ -119,6 +119,9 @@ def engine_error(e: Exception) -> HTTPError:
     if isinstance(e, RequestError):
         metrics.failure("validation")
         return openai_error(422, str(e))
+    if isinstance(e, ShuttingDownError):
+        metrics.failure("shutting_down")
+        return openai_error(503, str(e), code="shutting_down")
     metrics.failure("generation")
     return openai_error(424, f"Request failed during generation: {e}")
 

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from tgi_mp.frontend.protocol import F32
+
 UNSET = msgspec.UNSET
 Unset = msgspec.UnsetType
 
@@ -27,12 +29,23 @@ class ImageUrlPart(msgspec.Struct, tag="image_url", tag_field="type"):
     image_url: dict[str, Any]
 
 
+class FunctionCall(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(msgspec.Struct, kw_only=True):
     role: str
     content: str | list[TextPart | ImageUrlPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call they answer
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -41,6 +54,7 @@ class StreamOptions(msgspec.Struct, kw_only=True):
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]  # OpenAI's `seed`
 
 
 class SamplingFields(msgspec.Struct, kw_only=True):
@@ -48,21 +62,21 @@ class SamplingFields(msgspec.Struct, kw_only=True):
 
     model: str | None = None
     max_tokens: NonNegativeInt | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: F32 | None = None
+    top_p: F32 | None = None
     n: PositiveInt = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    seed: Int64 | None = None
+    presence_penalty: F32 | None = None
+    frequency_penalty: F32 | None = None
+    logit_bias: dict[str, F32] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # Accepted beyond OpenAI's set, as vLLM does.
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    top_k: Int64 | None = None
+    min_p: F32 | None = None
+    repetition_penalty: F32 | None = None
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):

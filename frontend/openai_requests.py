@@ -23,6 +23,8 @@ from tgi_mp.frontend.openai_protocol import (
 )
 from tgi_mp.frontend.protocol import FrontendConfig, GenerateParameters
 from tgi_mp.frontend.validation import (
+    GREEDY_TEMPERATURE,
+    INT32_MAX,
     ValidationError,
     ValidRequest,
     encode,
@@ -39,6 +41,7 @@ _ERROR_TYPES = {
     415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
+    503: "service_unavailable",
 }
 
 
@@ -64,16 +67,18 @@ def as_openai(e: HTTPError) -> HTTPError:
     """An error raised by the shared (TGI-shaped) path, reshaped for a /v1 client."""
     if e.body.startswith(b'{"error":{'):
         return e
-    message, code = e.body.decode(errors="replace"), None
+    message, code, param = e.body.decode(errors="replace"), None, None
     if e.content_type == b"application/json":
         with contextlib.suppress(msgspec.DecodeError, KeyError, TypeError):
             body = msgspec.json.decode(e.body)
             message, code = body["error"], body.get("error_type")
+    if found := re.search(r"at `\$\.([^`]+)`", message):  # msgspec names the field's path
+        param = found.group(1)
     if not message and e.status == 401:
         message = "Invalid or missing API key"
     elif not message and e.status == 404:
         message = "Not found"
-    return openai_error(e.status, message, code=code)
+    return openai_error(e.status, message, param, code)
 
 
 # ---------------------------------------------------------------- requests -> engine
@@ -88,12 +93,16 @@ def sampling_parameters(
         raise ValidationError("`temperature` must be >= 0.0")
     if r.top_p is not None and not 0.0 < r.top_p <= 1.0:
         raise ValidationError("`top_p` must be > 0.0 and <= 1.0")
-    greedy = r.temperature == 0.0
+    if r.top_k is not None and r.top_k < -1:
+        raise ValidationError("`top_k` must be -1 (off), 0 (off) or a positive count")
+    # vLLM's rule: a temperature too small to divide by is greedy decoding.
+    greedy = r.temperature is not None and r.temperature < GREEDY_TEMPERATURE
     return GenerateParameters(
         temperature=None if greedy else r.temperature,
         do_sample=not greedy,
         top_p=None if r.top_p in (None, 1.0) else r.top_p,
-        top_k=None if r.top_k in (None, 0, -1) else r.top_k,  # vLLM's -1: off
+        # vLLM's -1: off; beyond the vocabulary it keeps every token (clamped in `build`).
+        top_k=None if r.top_k in (None, 0, -1) else min(r.top_k, INT32_MAX),
         repetition_penalty=r.repetition_penalty,
         frequency_penalty=r.frequency_penalty,
         max_new_tokens=max_tokens,
@@ -104,7 +113,7 @@ def sampling_parameters(
     )
 
 
-def with_extras(r: SamplingFields, v: ValidRequest) -> ValidRequest:
+def with_extras(r: SamplingFields, v: ValidRequest, vocab: int) -> ValidRequest:
     """The knobs TGI's API lacks, checked and set on the engine parameters."""
     if r.presence_penalty is not None and not -2.0 <= r.presence_penalty <= 2.0:
         raise ValidationError("`presence_penalty` must be >= -2.0 and <= 2.0")
@@ -112,8 +121,13 @@ def with_extras(r: SamplingFields, v: ValidRequest) -> ValidRequest:
         raise ValidationError("`min_p` must be >= 0.0 and <= 1.0")
     bias: list[tuple[int, float]] = []
     for key, value in (r.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit():
-            raise ValidationError(f"`logit_bias` keys must be token ids. Given: {key!r}")
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+        if not (key.isascii() and key.isdigit() and len(key) <= 18):
+            raise ValidationError(f"`logit_bias` keys must be token ids. Given: {key[:40]!r}")
+        if vocab and int(key) >= vocab:
+            raise ValidationError(
+                f"`logit_bias` token ids must be >= 0 and < {vocab}. Given: {int(key)}"
+            )
         if not -100.0 <= value <= 100.0:
             raise ValidationError(f"`logit_bias` values must be >= -100 and <= 100. Given: {value}")
         bias.append((int(key), float(value)))
@@ -157,12 +171,16 @@ def chat_prompt(
     if not req.messages:
         raise ValidationError("`messages` must not be empty")
     messages = []
-    for m in req.messages:
+    for i, m in enumerate(req.messages):
         if m.role not in CHAT_ROLES:
             raise ValidationError(
-                f"`messages` has an unknown role {m.role!r} (expected one of "
+                f"`messages` has an unknown role {m.role[:40]!r} (expected one of "
                 f"{', '.join(sorted(CHAT_ROLES))})"
             )
+        if m.role == "tool" and not m.tool_call_id:  # OpenAI's rule
+            raise ValidationError(f"`messages`[{i}] has role `tool` but no `tool_call_id`")
+        if m.tool_calls is not None and m.role != "assistant":
+            raise ValidationError(f"`messages`[{i}] has `tool_calls` but role {m.role[:40]!r}")
         content = m.content
         if isinstance(content, list):
             if any(not isinstance(part, TextPart) for part in content):

@@ -12,17 +12,22 @@ import msgspec
 
 UInt = Annotated[int, msgspec.Meta(ge=0)]
 UInt32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
-UInt64 = Annotated[int, msgspec.Meta(ge=0)]  # msgspec ints stop at 2**64 - 1 anyway
+# msgspec takes ints of any size and bounds only within int64: validation checks the top.
+UInt64 = Annotated[int, msgspec.Meta(ge=0)]
+U64_MAX = 2**64 - 1
+# TGI's f32: a JSON number beyond float32's range is refused, not turned into infinity.
+F32_MAX = 3.4028234663852886e38
+F32 = Annotated[float, msgspec.Meta(ge=-F32_MAX, le=F32_MAX)]
 
 
 class GenerateParameters(msgspec.Struct, kw_only=True):
     best_of: UInt | None = None
-    temperature: float | None = None
-    repetition_penalty: float | None = None
-    frequency_penalty: float | None = None
+    temperature: F32 | None = None
+    repetition_penalty: F32 | None = None
+    frequency_penalty: F32 | None = None
     top_k: Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)] | None = None
-    top_p: float | None = None
-    typical_p: float | None = None
+    top_p: F32 | None = None
+    typical_p: F32 | None = None
     do_sample: bool = False
     max_new_tokens: UInt32 | None = None
     return_full_text: bool | None = None

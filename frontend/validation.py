@@ -9,8 +9,13 @@ from dataclasses import dataclass
 import msgspec
 from tokenizers import Tokenizer
 
-from tgi_mp.frontend.protocol import FrontendConfig, GenerateParameters, GenerateRequest
+from tgi_mp.frontend.protocol import U64_MAX, FrontendConfig, GenerateParameters, GenerateRequest
 from tgi_mp.ipc.messages import SamplingParams
+
+# Below this a temperature divides logits into infinities: such a request is greedy
+# (vLLM's rule, and its threshold).
+GREEDY_TEMPERATURE = 1e-5
+INT32_MAX = 2**31 - 1
 
 
 class ValidationError(ValueError):
@@ -77,6 +82,8 @@ def check_parameters(p: GenerateParameters, cfg: FrontendConfig) -> bool:
         or (p.top_p is not None and p.top_p < 1.0)
         or (p.typical_p is not None and p.typical_p < 1.0)
     )
+    if p.seed is not None and p.seed > U64_MAX:  # TGI's u64: a deserialization error there
+        raise ValidationError(f"`seed` must be >= 0 and <= {U64_MAX}. Given: {p.seed}")
     best_of = p.best_of or 1
     if best_of > 1 and not (p.do_sample or warpers):
         raise ValidationError("you must use sampling when `best_of` is > 1")
@@ -136,11 +143,13 @@ def build(
     if (name := _unsupported(p)) is not None:
         raise ValidationError(f"`{name}` is not supported by this server yet")
 
+    temperature = p.temperature if p.temperature is not None else 1.0
+    sampling = sampling and temperature >= GREEDY_TEMPERATURE
     seed = (p.seed if p.seed is not None else random.getrandbits(64)) if sampling else None
     params = SamplingParams(
         max_new_tokens=max_new,
-        temperature=p.temperature if p.temperature is not None else 1.0,
-        top_k=p.top_k or 0,
+        temperature=temperature,
+        top_k=top_k_column(p.top_k, cfg.vocab_size),
         top_p=p.top_p if p.top_p is not None else 1.0,
         do_sample=sampling,
         seed=_to_int64(seed) if seed is not None else None,
@@ -161,6 +170,13 @@ def build(
         return_full_text=bool(p.return_full_text),
         best_of=p.best_of or 1,
     )
+
+
+def top_k_column(top_k: int | None, vocab: int) -> int:
+    """The engine's top_k: 0 when off, and when it keeps the whole vocabulary anyway."""
+    if not top_k or top_k < 0 or (vocab and top_k >= vocab):
+        return 0
+    return min(top_k, INT32_MAX)
 
 
 def with_fresh_seed(v: ValidRequest, seed: int | None = None) -> ValidRequest:

@@ -5,7 +5,7 @@
  scheduler    XPUB  ◀──connect── SUB        executor × N        one plan write, N readers
  executor r   PUSH  ──connect──▶ PULL       scheduler           results, readiness, failures
  scheduler    PUSH  ──connect──▶ PULL       supervisor          SchedulerReady
- supervisor   PUB   ◀──connect── SUB        frontend k          EngineDead
+ supervisor   PUB   ◀──connect── SUB        frontend k          EngineDead, ShuttingDown
 ```
 
 Endpoints are `ipc://` files in a private temporary directory made by the
@@ -165,7 +165,9 @@ class FrontendChannels:
             _socket(ctx, zmq.DEALER, ep.frontend, False, ROUTING_ID=identity),
             m.SchedulerToFrontend,
         )
-        self.events = Channel(_socket(ctx, zmq.SUB, ep.events, False, SUBSCRIBE=b""), m.EngineDead)
+        self.events = Channel(
+            _socket(ctx, zmq.SUB, ep.events, False, SUBSCRIBE=b""), m.SupervisorEvent
+        )
 
     def close(self) -> None:
         self.scheduler.close()

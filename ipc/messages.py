@@ -6,7 +6,7 @@ Three channels, one tagged union each (see `ipc.channels` for the sockets):
 * scheduler -> frontend: `TokenBatch`, `Error`, `SchedulerStats`
 * scheduler -> executors (one broadcast): `StepPlan`, `Shutdown`
 * executor -> scheduler: `StepResult`, `ExecutorReady`, `ExecutorFailed`
-* supervisor -> frontends (one broadcast): `EngineDead`
+* supervisor -> frontends (one broadcast): `EngineDead`, `ShuttingDown`
 
 Per-step messages are columnar: one numpy array per field, carried as
 zero-copy ZeroMQ frames by `ipc.codec`, never one Python object per request.
@@ -249,6 +249,16 @@ class EngineDead(msgspec.Struct, tag=True, array_like=True, gc=False):
     """Published by the supervisor when a child process dies; every pending request fails."""
 
     message: str
+
+
+class ShuttingDown(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """Published by the supervisor when a SIGTERM's grace period is over: every request
+    still in flight is answered that the server is shutting down (503), at once."""
+
+    message: str
+
+
+SupervisorEvent = EngineDead | ShuttingDown
 
 
 class SchedulerReady(msgspec.Struct, tag=True, array_like=True, gc=False):

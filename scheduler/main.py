@@ -148,6 +148,10 @@ class SchedulerProcess:
                     self.core.add(msg, frontend)
                 except RequestRejected as e:
                     self.ch.frontend.send(m.Error(msg.req_id, str(e)), frontend)
+                except Exception as e:  # a request that breaks admission fails alone
+                    log.exception("request %d could not be admitted", msg.req_id)
+                    error = m.Error(msg.req_id, f"{type(e).__name__}: {e}", "generation")
+                    self.ch.frontend.send(error, frontend)
             elif isinstance(msg, m.AbortRequest):
                 for req_id in msg.req_ids:
                     self.core.abort(frontend, req_id)
@@ -160,6 +164,11 @@ class SchedulerProcess:
             return
         by_frontend: dict[bytes, list[Output]] = defaultdict(list)
         for out in outputs:
+            if out.error is not None:  # failed by the engine: an Error, not a token
+                self.ch.frontend.send(
+                    m.Error(out.req.req_id, out.error, "generation"), out.req.frontend
+                )
+                continue
             by_frontend[out.req.frontend].append(out)
         for frontend, outs in by_frontend.items():
             with_token = [o for o in outs if o.token >= 0]

@@ -11,6 +11,7 @@ tokens (prompt and everything it generated), which the client never sees.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -18,9 +19,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tgi_mp.ipc.messages import AddRequest, FinishReason, StepPlan
+from tgi_mp.scheduler.admission import request_problem
 from tgi_mp.scheduler.block_pool import BlockKey, BlockPool, HashFn, chain_hash
 from tgi_mp.scheduler.request import Request, Status
 from tgi_mp.scheduler.step_plan import build_step_plan
+
+log = logging.getLogger("tgi_mp.scheduler")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class Output:
     logprob: float = float("nan")
     row: int = -1  # index of this token in the step's sampled arrays
     prompt_logprobs: np.ndarray | None = None  # with the first token, when asked for
+    error: str | None = None  # the engine failed this request (finish is ERROR)
 
 
 @dataclass
@@ -102,25 +107,9 @@ class Scheduler:
         p = msg.params
         if key in self.requests:
             raise RequestRejected(f"request id {msg.req_id} is already in use")
-        if len(msg.prompt) == 0:
-            raise RequestRejected("the prompt is empty")
-        vocab = self.cfg.vocab_size
-        if vocab is not None and (msg.prompt.min() < 0 or msg.prompt.max() >= vocab):
-            raise RequestRejected(
-                f"the prompt has token ids outside the vocabulary (0..{vocab - 1})"
-            )
-        if vocab is not None and any(not 0 <= i < vocab for i, _ in p.logit_bias):
-            raise RequestRejected(
-                f"logit_bias names token ids outside the vocabulary (0..{vocab - 1})"
-            )
-        if p.max_new_tokens < 1:
-            raise RequestRejected("max_new_tokens must be at least 1")
-        total = len(msg.prompt) + p.max_new_tokens
-        if total > self.capacity_tokens:
-            raise RequestRejected(
-                f"prompt ({len(msg.prompt)} tokens) + max_new_tokens ({p.max_new_tokens}) = "
-                f"{total} exceeds the KV cache capacity of {self.capacity_tokens} tokens"
-            )
+        problem = request_problem(msg.prompt, p, self.cfg.vocab_size, self.capacity_tokens)
+        if problem is not None:
+            raise RequestRejected(problem)
         seed = p.seed if p.seed is not None else random.getrandbits(63)
         self._seq_ids += 1
         req = Request(msg.req_id, frontend, msg.prompt, p, seed, self._seq_ids)
@@ -203,7 +192,12 @@ class Scheduler:
 
         if not reqs:
             return None, ended
-        return ScheduledStep(self._plan(reqs, num_new), reqs, num_new), ended
+        try:
+            plan = self._plan(reqs, num_new)
+        except Exception:
+            # One request's columns broke the plan: fail that one, plan the rest next time.
+            return None, ended + self._fail_unplannable(reqs, num_new)
+        return ScheduledStep(plan, reqs, num_new), ended
 
     def _may_grow(self) -> bool:
         ratio = self.cfg.waiting_served_ratio
@@ -288,9 +282,41 @@ class Scheduler:
         self.stats.preemptions += 1
 
     def _plan(self, reqs: list[Request], num_new: list[int]) -> StepPlan:
+        released = np.array(self._released, dtype=np.int64)
+        plan = build_step_plan(self._step_id + 1, reqs, num_new, released)
         self._step_id += 1
-        released, self._released = self._released, []
-        return build_step_plan(self._step_id, reqs, num_new, np.array(released, dtype=np.int64))
+        self._released = []
+        return plan
+
+    def _fail_unplannable(self, reqs: list[Request], num_new: list[int]) -> list[Output]:
+        """The requests whose own plan fails, each failed alone. None of them: the batch
+        is broken as a whole (a bug, not a request), and that is raised."""
+        failed = []
+        for req, n in zip(reqs, num_new, strict=True):
+            started = req.started
+            try:
+                build_step_plan(0, [req], [n], np.empty(0, np.int64))
+            except Exception as e:
+                failed.append(self._fail(req, e))
+            finally:
+                req.started = started
+        if not failed:
+            raise RuntimeError("a step plan failed, and no request's plan fails alone")
+        return failed
+
+    def _fail(self, req: Request, e: Exception) -> Output:
+        """Ends one request the engine could not serve; its blocks are freed."""
+        log.error(
+            "request %d (sequence %d) failed: %s: %s",
+            req.req_id,
+            req.seq_id,
+            type(e).__name__,
+            e,
+            exc_info=e,
+        )
+        out = self._finish(req, FinishReason.ERROR)
+        out.error = f"{type(e).__name__}: {e}"
+        return out
 
     # ------------------------------------------------------------ results in
 
@@ -335,24 +361,43 @@ class Scheduler:
                 scored_at += scored
             if req.status != Status.RUNNING:  # preempted is impossible mid-step; aborted is not
                 continue
-            if values is not None:
-                start = req.num_computed + 1
-                req.prompt_logprobs[start : start + scored] = values
-            req.num_computed += n
-            if self._caching(req):
-                self._cache_full_blocks(req)
-            if not do_sample:
-                continue
-            token = tokens[k - 1]
-            req.append(token)
-            reason = req.finish_reason(token, self.cfg.eos_token_ids)
-            out = Output(req, token, reason, lps[k - 1], k - 1)
-            if req.num_generated == 1:
-                out.prompt_logprobs = req.prompt_logprobs
-            outputs.append(out)
-            if reason is not None:
-                self._finish(req, reason)
+            sampled_at = k - 1 if do_sample else -1
+            try:
+                out = self._apply(req, n, values, tokens, lps, sampled_at)
+            except Exception as e:  # this request's bookkeeping broke: it alone fails
+                out = self._fail(req, e)
+            if out is not None:
+                outputs.append(out)
         return outputs
+
+    def _apply(
+        self,
+        req: Request,
+        n: int,
+        values: np.ndarray | None,
+        tokens: list[int],
+        lps: list[float],
+        row: int,
+    ) -> Output | None:
+        """One request's part of a step: `n` tokens computed, its prompt logprobs
+        (`values`), and the token sampled at `row` of the step's arrays (-1: none)."""
+        if values is not None:
+            start = req.num_computed + 1
+            req.prompt_logprobs[start : start + len(values)] = values
+        req.num_computed += n
+        if self._caching(req):
+            self._cache_full_blocks(req)
+        if row < 0:
+            return None
+        token = tokens[row]
+        req.append(token)
+        reason = req.finish_reason(token, self.cfg.eos_token_ids)
+        out = Output(req, token, reason, lps[row], row)
+        if req.num_generated == 1:
+            out.prompt_logprobs = req.prompt_logprobs
+        if reason is not None:
+            self._finish(req, reason)
+        return out
 
     def _finish(self, req: Request, reason: FinishReason) -> Output:
         if req.status == Status.RUNNING:

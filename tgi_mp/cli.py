@@ -381,14 +381,27 @@ def _run(engine: Engine, o: dict) -> int:
     return 0
 
 
+SHUTDOWN_MESSAGE = "The server is shutting down"
+
+
 def _drain(engine: Engine, frontend: subprocess.Popen, timeout: float) -> None:
-    """Granian finishes in-flight requests on SIGTERM; then the engine stops."""
+    """Granian stops accepting and finishes in-flight requests on SIGTERM. What is still
+    running when `timeout` ends is answered (503, or a final error event), not cut off;
+    then the engine stops."""
     engine.stop_watching()
+    log.info("draining %s requests in flight, for up to %g s", engine.requests_in_flight(), timeout)
     frontend.send_signal(signal.SIGTERM)
     try:
         frontend.wait(timeout)
     except subprocess.TimeoutExpired:
-        frontend.kill()
+        cut = engine.requests_in_flight()
+        log.warning("grace period of %g s over: cutting %s requests still in flight", timeout, cut)
+        engine.announce_shutdown(SHUTDOWN_MESSAGE)
+        try:
+            frontend.wait(10)  # time to send those answers
+        except subprocess.TimeoutExpired:
+            frontend.kill()
+            frontend.wait()
     engine.shutdown()
 
 

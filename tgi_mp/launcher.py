@@ -10,6 +10,7 @@ loud and quick, never a hang.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -149,6 +150,27 @@ class Engine:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+    def requests_in_flight(self, timeout: float = 5.0) -> int | None:
+        """Waiting + running requests as the scheduler counts them (None: no answer)."""
+        from tgi_mp.frontend.engine_client import EngineClient, EngineError
+
+        async def ask() -> int:
+            client = EngineClient(self.endpoints.root)
+            try:
+                stats = await asyncio.wait_for(client.stats(), timeout)
+                return stats.waiting + stats.running
+            finally:
+                client.close()
+
+        try:
+            return asyncio.run(ask())
+        except (EngineError, TimeoutError):
+            return None
+
+    def announce_shutdown(self, message: str) -> None:
+        """Every frontend answers its requests still in flight with `message` (503)."""
+        self._ch.events.send(m.ShuttingDown(message))
 
     def stop_watching(self) -> None:
         """From now on a child's exit is expected (an orderly shutdown), not a failure."""

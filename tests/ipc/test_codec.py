@@ -24,6 +24,7 @@ UNIONS = [
     m.SchedulerToExecutor,
     m.ExecutorToScheduler,
     m.SupervisorMessage,
+    m.SupervisorEvent,
 ]
 rng = np.random.default_rng(0)
 
@@ -76,6 +77,7 @@ SAMPLES: list[msgspec.Struct] = [
     ),
     m.ExecutorFailed(2, "CUDA error: out of memory"),
     m.EngineDead("executor 1 died (SIGKILL)"),
+    m.ShuttingDown("The server is shutting down"),
     m.SchedulerReady(1000, 16, 16000, "triton", "bfloat16", "cuda:0"),
 ]
 
