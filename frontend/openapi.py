@@ -1,4 +1,5 @@
-"""The OpenAPI 3 document of the TGI-native API, generated from the msgspec types."""
+"""The OpenAPI 3 document of both APIs (TGI's and OpenAI's), generated from the msgspec
+types the handlers decode and encode."""
 
 from __future__ import annotations
 
@@ -7,6 +8,16 @@ from typing import Any
 
 import msgspec
 
+from tgi_mp.frontend.openai_protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorBody,
+    Model,
+    ModelList,
+)
 from tgi_mp.frontend.protocol import (
     ErrorResponse,
     GenerateRequest,
@@ -16,7 +27,22 @@ from tgi_mp.frontend.protocol import (
     TokenizeItem,
 )
 
-_TYPES = [GenerateRequest, GenerateResponse, StreamResponse, ErrorResponse, Info, TokenizeItem]
+_TYPES = [
+    GenerateRequest,
+    GenerateResponse,
+    StreamResponse,
+    ErrorResponse,
+    Info,
+    TokenizeItem,
+    ChatCompletionRequest,
+    ChatCompletion,
+    ChatCompletionChunk,
+    CompletionRequest,
+    Completion,
+    ErrorBody,
+    Model,
+    ModelList,
+]
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -41,6 +67,34 @@ def _generation(ok: dict[str, Any], summary: str) -> dict[str, Any]:
                 "422": _json(error, "Input validation error"),
                 "424": _json(error, "Generation error"),
                 "429": _json(error, "Model is overloaded"),
+            },
+        }
+    }
+
+
+def _openai(request: str, answer: str, chunk: str, summary: str) -> dict[str, Any]:
+    """An OpenAI route: JSON, or server-sent events of `chunk` when `stream` is true."""
+    error = _ref("ErrorBody")
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(request)}},
+            },
+            "responses": {
+                "200": {
+                    "description": "The answer, or its chunks as server-sent events",
+                    "content": {
+                        "application/json": {"schema": _ref(answer)},
+                        "text/event-stream": {"schema": _ref(chunk)},
+                    },
+                },
+                "400": _json(error, "Malformed JSON"),
+                "422": _json(error, "Invalid request"),
+                "424": _json(error, "Generation error"),
+                "429": _json(error, "Model is overloaded"),
+                "503": _json(error, "Shutting down"),
             },
         }
     }
@@ -77,6 +131,35 @@ def openapi_document(version: str) -> bytes:
             "/tokenize": _generation(
                 _json({"type": "array", "items": _ref("TokenizeItem")}, "Tokens"), "Tokenize inputs"
             ),
+            "/v1/chat/completions": _openai(
+                "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk", "OpenAI chat"
+            ),
+            "/v1/completions": _openai(
+                "CompletionRequest", "Completion", "Completion", "OpenAI completions"
+            ),
+            "/v1/models": {
+                "get": {
+                    "summary": "The served model (OpenAI's list)",
+                    "responses": {"200": _json(_ref("ModelList"), "Models")},
+                }
+            },
+            "/v1/models/{model}": {
+                "get": {
+                    "summary": "One model",
+                    "parameters": [
+                        {
+                            "name": "model",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": _json(_ref("Model"), "The model"),
+                        "404": _json(_ref("ErrorBody"), "No such model"),
+                    },
+                }
+            },
             "/info": {
                 "get": {
                     "summary": "Model and limits",

@@ -127,12 +127,12 @@ OPENAI_ERRORS = [
         "messages",
         "`messages` has an unknown role 'wizard'",
     ),
-    ("/v1/chat/completions", {"messages": "hi"}, 422, None, "Failed to deserialize"),
+    ("/v1/chat/completions", {"messages": "hi"}, 422, "messages", "Failed to deserialize"),
     (
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": 5}]},
         422,
-        None,
+        "messages[0].content",
         "Failed to deserialize",
     ),
     (
@@ -146,7 +146,7 @@ OPENAI_ERRORS = [
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "hi"}], "n": 0},
         422,
-        None,
+        "n",
         "Failed to deserialize",
     ),
     (
@@ -182,6 +182,71 @@ OPENAI_ERRORS = [
     ("/v1/completions", {"prompt": [[1, 99999999]]}, 422, "prompt", "`prompt` token ids"),
     ("/v1/completions", {"prompt": "a", "best_of": 1, "n": 2}, 422, "best_of", "`best_of` must"),
     ("/v1/nothing", {}, 404, None, "Unknown route"),
+    # Issue 15's reproducers: each was a 500 (or a 429) before.
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"²": 1}},
+        422,
+        "logit_bias",
+        "`logit_bias` keys must be token ids",
+    ),
+    (
+        "/v1/completions",
+        {"prompt": "a", "logit_bias": {"99999999999999999999999": 1}},
+        422,
+        "logit_bias",
+        "`logit_bias` keys must be token ids",
+    ),
+    (
+        "/v1/completions",
+        {"prompt": "a", "logit_bias": {"49152": 1}},
+        422,
+        "logit_bias",
+        "`logit_bias` token ids must be >= 0 and < 49152",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "n": 1000},
+        422,
+        "n",
+        "`n` must be >= 1 and <= 2. Given: 1000",
+    ),
+    ("/v1/completions", {"prompt": "a", "n": 1000}, 422, "n", "`n` must be >= 1 and <= 2"),
+    ("/v1/completions", {"prompt": "a", "seed": 2**63}, 422, "seed", "Failed to deserialize"),
+    ("/v1/completions", {"prompt": "a", "top_k": -2}, 422, "top_k", "`top_k` must be -1"),
+    (
+        "/v1/completions",
+        {"prompt": "a", "temperature": 1e39},
+        422,
+        "temperature",
+        "Failed to deserialize",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}]},
+        422,
+        "messages",
+        "`messages`[1] has role `tool` but no `tool_call_id`",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "tool_calls": [{"id": "1", "type": "function"}]},
+            ]
+        },
+        422,
+        "messages[1].tool_calls[0]",
+        "Failed to deserialize",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi", "tool_calls": []}]},
+        422,
+        "messages",
+        "`messages`[0] has `tool_calls` but role 'user'",
+    ),
 ]
 
 
@@ -221,3 +286,57 @@ def test_openai_auth_and_missing_template(tmp_path, tokenizer_dir) -> None:
     assert status == 200 and msgspec.json.decode(content)["id"] == "m"
     status, _, content = call(app, "GET", "/v1/models/other")
     assert status == 404 and msgspec.json.decode(content)["error"]["code"] == "model_not_found"
+
+
+# ---------------------------------------------------------------- issue 15's reproducers
+
+POST_ROUTES = ["/generate", "/generate_stream", "/", "/tokenize"]
+
+
+@pytest.mark.parametrize("path", [*POST_ROUTES, "/v1/chat/completions", "/v1/completions"])
+def test_deeply_nested_json_is_a_400_on_every_route(tmp_path, tokenizer_dir, path) -> None:
+    app = make_app(tmp_path, tokenizer_dir)
+    body = b'{"inputs": "x", "prompt": "x", "junk": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    status, headers, content = call(app, "POST", path, body, JSON)
+    assert status == 400 and headers["content-type"] == "application/json"
+    err = msgspec.json.decode(content)["error"]
+    message = err["message"] if path.startswith("/v1/") else err
+    assert message == "Failed to parse the request body as JSON: the JSON is nested too deeply"
+
+
+@pytest.mark.parametrize(
+    ("seed", "accepted"), [(2**64 - 1, True), (2**64, False), (2**64 + 2**63, False)]
+)
+def test_tgi_seeds_are_u64(tmp_path, tokenizer_dir, seed: int, accepted: bool) -> None:
+    from tgi_mp.frontend.protocol import GenerateRequest
+    from tgi_mp.frontend.validation import ValidationError, validate
+
+    app = make_app(tmp_path, tokenizer_dir)
+    app._start()
+    body = f'{{"inputs": "x", "parameters": {{"seed": {seed}, "do_sample": true}}}}'.encode()
+    req = msgspec.json.decode(body, type=GenerateRequest)
+    if accepted:
+        assert validate(req, app.cfg, app.tokenizer).params.seed == seed - 2**64  # same bits
+    else:
+        with pytest.raises(ValidationError, match="`seed` must be >= 0 and <= 1844674407"):
+            validate(req, app.cfg, app.tokenizer)
+        status, _, content = call(app, "POST", "/generate", body, JSON)
+        assert status == 422 and msgspec.json.decode(content)["error_type"] == "validation"
+
+
+def test_tiny_temperatures_are_greedy_and_top_k_beyond_the_vocabulary_is_off(
+    tmp_path, tokenizer_dir
+) -> None:
+    from tgi_mp.frontend.protocol import GenerateParameters, GenerateRequest
+    from tgi_mp.frontend.validation import validate
+
+    app = make_app(tmp_path, tokenizer_dir, vocab_size=49152)
+    app._start()
+
+    def params(**p):
+        req = GenerateRequest(inputs="x", parameters=GenerateParameters(**p))
+        return validate(req, app.cfg, app.tokenizer).params
+
+    assert not params(do_sample=True, temperature=1e-40).do_sample
+    assert params(do_sample=True, temperature=1e-5).do_sample
+    assert params(top_k=2**31 - 1).top_k == 0 and params(top_k=49151).top_k == 49151

@@ -678,6 +678,77 @@ def test_rejections(make) -> None:
     run_all(s, ex)
 
 
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"top_k": 3_000_000_000}, "top_k"),  # issue 15: the int32 column of the plan
+        ({"top_k": -1}, "top_k"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": 1e39}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"typical_p": 1.5}, "typical_p"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"frequency_penalty": float("inf")}, "frequency_penalty"),
+        ({"top_n_tokens": VOCAB + 1}, "top_n_tokens"),
+        ({"seed": 2**63}, "seed"),
+        ({"logit_bias": ((VOCAB, 1.0),)}, "outside the vocabulary"),
+        ({"logit_bias": ((5, float("inf")),)}, "logit_bias values"),
+        ({"stop_token_ids": (-1,)}, "outside the vocabulary"),
+    ],
+)
+def test_admission_refuses_what_the_plan_cannot_carry(make, params: dict, match: str) -> None:
+    s, _ = make(vocab_size=VOCAB)
+    with pytest.raises(RequestRejected, match=match):
+        add(s, 1, [1, 2, 3], max_new_tokens=2, **params)
+    assert not s.has_work() and s.pool.num_free == s.pool.num_blocks
+
+
+def test_a_request_whose_plan_breaks_fails_alone(make, monkeypatch) -> None:
+    """Defence in depth behind admission: a row that breaks the plan builder ends that
+    request alone (an error, its blocks freed); the others run to their reference."""
+    import tgi_mp.scheduler.policy as policy
+
+    s, ex = make()
+    bad = add(s, 1, [5, 6, 7], max_new_tokens=3)
+    good = [add(s, i, list(range(1, 2 + i)), max_new_tokens=4) for i in (2, 3)]
+    real = policy.build_step_plan
+
+    def breaks_on_bad(step_id, reqs, num_new, released):
+        if any(r is bad for r in reqs):
+            raise OverflowError("a column does not fit")
+        return real(step_id, reqs, num_new, released)
+
+    monkeypatch.setattr(policy, "build_step_plan", breaks_on_bad)
+    step, ended = s.schedule()
+    assert step is None
+    assert [(o.req, o.finish, o.error) for o in ended] == [
+        (bad, FinishReason.ERROR, "OverflowError: a column does not fit")
+    ]
+    assert bad.status == Status.FINISHED and not bad.block_ids
+    check_outputs(run_all(s, ex), good)
+
+
+def test_a_request_whose_update_breaks_fails_alone(make) -> None:
+    s, ex = make()
+    bad = add(s, 1, [5, 6, 7], max_new_tokens=3)
+    good = [add(s, i, list(range(1, 2 + i)), max_new_tokens=4) for i in (2, 3)]
+    trace = Trace()
+    step_once(s, ex, trace, lambda: None)  # every prompt computed, first tokens out
+    bad.tokens = bad.tokens[: bad.num_tokens]  # its next append breaks (an IndexError)
+    step, _ = s.schedule()
+    outs = s.update(step, ex.step(step.plan))
+    failed = [o for o in outs if o.error is not None]
+    assert [(o.req, o.finish) for o in failed] == [(bad, FinishReason.ERROR)]
+    assert "IndexError" in failed[0].error and bad.status == Status.FINISHED
+    for out in outs:
+        if out.error is None:
+            trace.saw(out.req.frontend, out.req.req_id, out.token, out.finish)
+    check_bookkeeping(s)
+    check_outputs(run_all(s, ex, trace), good)
+
+
 # ---------------------------------------------------------------- stress
 
 
