@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -18,8 +19,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, *args: str, startup_timeout: float = 180) -> None:
+    def __init__(self, *args: str, startup_timeout: float = 180, log: Path | None = None) -> None:
+        """`log`: a file for the server's output (else it goes to the test's)."""
         self.port = free_port()
+        out = open(log, "wb") if log is not None else None  # noqa: SIM115 (the child's)
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [
@@ -33,7 +36,11 @@ class Server:
                 str(self.port),
                 *args,
             ],
+            stdout=out,
+            stderr=subprocess.STDOUT if out is not None else None,
         )
+        if out is not None:
+            out.close()  # the child holds its own descriptor
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -123,7 +123,8 @@ def test_watermarked_text_is_detected_and_plain_text_is_not(server) -> None:
     async def generate(seed: int, watermark: bool, stream: bool = False) -> str:
         params = {"max_new_tokens": 120, "do_sample": True, "seed": seed, "watermark": watermark}
         body = {"inputs": "Once upon a time", "parameters": params}
-        async with httpx.AsyncClient(timeout=120) as c:
+        # Nine 120-token requests at once: on a busy machine they take minutes, not seconds.
+        async with httpx.AsyncClient(timeout=540) as c:
             r = await c.post(
                 server.url + ("/generate_stream" if stream else "/generate"), json=body
             )

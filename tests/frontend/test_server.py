@@ -482,6 +482,37 @@ def test_unknown_route_and_method(server) -> None:
     assert httpx.delete(server.url + "/generate").status_code == 405
 
 
+def test_hostile_numbers_never_take_the_server_down(server) -> None:
+    """Issue 15's reproducers against the running server, then a normal request."""
+    # top_k beyond int32 killed the scheduler (an OverflowError building the plan): now it
+    # keeps the whole vocabulary, as vLLM's clamp does, and sampling runs.
+    body = {"prompt": "hi", "max_tokens": 4, "top_k": 3_000_000_000, "seed": 3}
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 4
+    untruncated = post(server, "/v1/completions", {**body, "top_k": -1})
+    assert untruncated.json()["choices"][0]["text"] == r.json()["choices"][0]["text"]
+    # A temperature too small to divide by is greedy, with real logprobs (was: NaNs).
+    greedy = post(server, "/generate", _p(max_new_tokens=4, details=True))
+    tiny = post(server, "/generate", _p(max_new_tokens=4, details=True, temperature=1e-40))
+    want = [t["id"] for t in greedy.json()["details"]["tokens"]]
+    got = tiny.json()["details"]["tokens"]
+    assert [t["id"] for t in got] == want and all(t["logprob"] is not None for t in got)
+    # Bad logit_bias keys and seeds beyond u64 are 422s, streamed or not (were 500s).
+    for stream in (False, True):
+        bad = {"prompt": "hi", "max_tokens": 2, "stream": stream}
+        for bias in ({"²": 1}, {"99999999999999999999999": 1}):
+            r = post(server, "/v1/completions", {**bad, "logit_bias": bias})
+            assert r.status_code == 422 and r.json()["error"]["param"] == "logit_bias", r.text
+    for path in ("/generate", "/generate_stream", "/"):
+        r = post(server, path, _p(do_sample=True, seed=2**64 + 2**63))
+        answer = r.json() if path != "/generate_stream" else sse_events(r.text)[0]
+        assert answer["error_type"] == "validation", r.text
+    r = post(server, "/generate", _p(max_new_tokens=3))  # the same server serves on
+    assert r.status_code == 200 and r.json()["generated_text"]
+    assert healthy(server)
+
+
 def test_overload_answers_429(server) -> None:
     # A continuation of prose: greedy decoding does not reach EOS for a long while.
     long = {"inputs": TEXT[:600], "parameters": {"max_new_tokens": 1000}}
