@@ -196,10 +196,7 @@ class ModelRunner:
             )
             return ()
         # No step decodes more sequences than these: bigger graphs would never replay.
-        most = min(
-            self.cfg.max_batch_size or self.cfg.max_batch_prefill_tokens,
-            self.cfg.max_batch_prefill_tokens,
-        )
+        most = self.cfg.sequences_per_step
         return tuple(b for b in buckets if b <= most) or buckets[:1]
 
     def _profile_step(self) -> None:
@@ -232,7 +229,7 @@ class ModelRunner:
         with torch.inference_mode():
             hidden = self.model(meta.extra[0], meta.positions, caches, meta)
             if self.tp.rank == 0:
-                rows = min(tokens, cfg.max_batch_size or tokens)
+                rows = cfg.sequences_per_step
                 logits = self.model.compute_logits(hidden[:rows])
                 n = logits.shape[0]
 

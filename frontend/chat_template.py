@@ -6,6 +6,8 @@ The template comes from the tokenizer directory the launcher exported:
 `default` is used). It runs in Jinja's immutable sandbox with transformers'
 settings (`trim_blocks`, `lstrip_blocks`, loop controls) and helpers
 (`raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII text).
+A missing template or a failed rendering (e.g. the template's own
+`raise_exception`) is an `errors.template` error (422).
 """
 
 from __future__ import annotations
@@ -18,9 +20,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-
-class TemplateError(ValueError):
-    """The template is missing, or rendering it failed (e.g. its own `raise_exception`)."""
+from tgi_mp.frontend import errors
 
 
 def _raise_exception(message: str) -> None:
@@ -92,7 +92,7 @@ class ChatTemplate:
         """The prompt text for `messages`. When the last message is the assistant's, the
         text stops right after its content, so the model continues that message."""
         if self._compiled is None:
-            raise TemplateError(
+            raise errors.template(
                 getattr(self, "_error", "this model has no chat template; use /v1/completions")
             )
         continue_final = bool(messages) and messages[-1].get("role") == "assistant"
@@ -105,11 +105,11 @@ class ChatTemplate:
                 **extra,
             )
         except jinja2.exceptions.TemplateError as e:
-            raise TemplateError(str(e)) from e
+            raise errors.template(str(e)) from e
         if continue_final:
             final = str(messages[-1].get("content") or "").strip()
             at = text.rfind(final) if final else -1
             if at < 0:
-                raise TemplateError("the final assistant message is not in the rendered prompt")
+                raise errors.template("the final assistant message is not in the rendered prompt")
             text = text[: at + len(final)]
         return text

@@ -1,20 +1,21 @@
-"""One request's tokens as TGI reports them: text pieces, stop strings, finish reason."""
+"""One request's tokens as both APIs report them (text pieces, stop strings, finish
+reason), several sequences of one request side by side, and a success in the metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
 
-from tgi_mp.frontend import metrics, tracing
+from tgi_mp.frontend import errors, metrics, tracing
 from tgi_mp.frontend.detokenizer import IncrementalDetokenizer, StopMatcher
-from tgi_mp.frontend.engine_client import EngineClient
+from tgi_mp.frontend.engine_client import EngineClient, EngineError, RequestError, TokenOutput
 from tgi_mp.frontend.http import header
-from tgi_mp.frontend.protocol import PrefillToken, Token
+from tgi_mp.frontend.tgi_protocol import PrefillToken, Token
 from tgi_mp.frontend.validation import ValidRequest
 from tgi_mp.ipc.messages import FinishReason
 
@@ -51,46 +52,61 @@ async def run(
     gen: Generation,
 ) -> AsyncIterator[Token]:
     """Yields each token as it comes; leaving early (a stop string, a client gone)
-    aborts the request in the scheduler, which frees its KV blocks."""
-    detok = IncrementalDetokenizer(tokenizer, v.prompt_ids)
-    stops = StopMatcher(v.stop)
+    aborts the request in the scheduler, which frees its KV blocks. The engine's
+    refusals and failures come out as the `ApiError`s clients are answered."""
+    reader = _TokenReader(tokenizer, special_ids, v, gen)
     start = time.perf_counter()
-    async with contextlib.aclosing(client.generate(v.prompt_ids, v.params)) as outs:
-        async for out in outs:
-            if not gen.tokens:
-                gen.queue_time = time.perf_counter() - start
-            reason = out.finish_reason
-            if out.cached_tokens is not None:
-                gen.cached_tokens = out.cached_tokens
-            if out.prompt_logprobs is not None:
-                gen.prefill = prefill_tokens(tokenizer, v.prompt_ids, out.prompt_logprobs)
-            if out.token_id >= 0:
-                text = detok.add(out.token_id)
-                if reason is None and stops.feed(text) is not None:
-                    reason = FinishReason.STOP_SEQUENCE
-                if reason is not None:  # so the token texts add up to generated_text
-                    text += detok.flush()
-                special = out.token_id in special_ids
-                gen.tokens.append(Token(out.token_id, text, out.logprob, special))
-                if v.params.top_n_tokens and out.top is not None:
-                    gen.top_tokens.append(
-                        [
-                            Token(
-                                i,
-                                tokenizer.decode([i], skip_special_tokens=False),
-                                lp,
-                                i in special_ids,
-                            )
-                            for i, lp in out.top[: v.params.top_n_tokens]
-                        ]
-                    )
-            if reason is not None:
-                gen.finish_reason = FINISH_NAMES.get(reason, "length")
-                gen.text = detok.generated_text()
-            if out.token_id >= 0:
-                yield gen.tokens[-1]
-            if reason is not None:
-                return
+    try:
+        async with contextlib.aclosing(client.generate(v.prompt_ids, v.params)) as outs:
+            async for out in outs:
+                if not gen.tokens:
+                    gen.queue_time = time.perf_counter() - start
+                token, done = reader.take(out)
+                if token is not None:
+                    yield token
+                if done:
+                    return
+    except (EngineError, RequestError) as e:
+        raise errors.from_engine(e) from e
+
+
+class _TokenReader:
+    """Turns the engine's outputs for one request into TGI tokens, into `gen`."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, special_ids: set[int], v: ValidRequest, gen: Generation
+    ) -> None:
+        self.tokenizer, self.special_ids, self.v, self.gen = tokenizer, special_ids, v, gen
+        self.detok = IncrementalDetokenizer(tokenizer, v.prompt_ids)
+        self.stops = StopMatcher(v.stop)
+
+    def take(self, out: TokenOutput) -> tuple[Token | None, bool]:
+        """The new token (None when the request ended without one) and whether it was
+        the last."""
+        gen, reason, token = self.gen, out.finish_reason, None
+        if out.cached_tokens is not None:
+            gen.cached_tokens = out.cached_tokens
+        if out.prompt_logprobs is not None:
+            gen.prefill = prefill_tokens(self.tokenizer, self.v.prompt_ids, out.prompt_logprobs)
+        if out.token_id >= 0:
+            text = self.detok.add(out.token_id)
+            if reason is None and self.stops.feed(text) is not None:
+                reason = FinishReason.STOP_SEQUENCE
+            if reason is not None:  # so the token texts add up to generated_text
+                text += self.detok.flush()
+            token = Token(out.token_id, text, out.logprob, out.token_id in self.special_ids)
+            gen.tokens.append(token)
+            top_n = self.v.params.top_n_tokens
+            if top_n and out.top is not None:
+                gen.top_tokens.append([self._token(i, lp) for i, lp in out.top[:top_n]])
+        if reason is not None:
+            gen.finish_reason = FINISH_NAMES.get(reason, "length")
+            gen.text = self.detok.generated_text()
+        return token, reason is not None
+
+    def _token(self, token_id: int, logprob: float) -> Token:
+        text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return Token(token_id, text, logprob, token_id in self.special_ids)
 
 
 def prefill_tokens(
@@ -105,33 +121,62 @@ def prefill_tokens(
     ]
 
 
-async def run_all(coros: list[Coroutine[object, object, None]]) -> None:
-    """Runs requests side by side; the first error cancels (so aborts) the others and
-    propagates as itself, and so does a cancellation from outside."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
+Sequence = tuple[ValidRequest, Generation]
+TokenSource = Callable[[ValidRequest, Generation], AsyncIterator[Token]]
+
+
+async def fan_out(tokens: TokenSource, runs: list[Sequence]) -> AsyncIterator[tuple[int, Token]]:
+    """The tokens of several sequences of one request (best_of, n, several prompts),
+    interleaved as they come: (index of the sequence, token). An error in one cancels
+    (so aborts) the others and propagates; so does leaving the loop early."""
+    if len(runs) == 1:  # the common case: no tasks, no queue
+        async with contextlib.aclosing(tokens(*runs[0])) as it:
+            async for tok in it:
+                yield 0, tok
+        return
+    queue: asyncio.Queue[tuple[int, Token | BaseException | None]] = asyncio.Queue()
+
+    async def feed(i: int, v: ValidRequest, gen: Generation) -> None:
+        try:
+            async for tok in tokens(v, gen):
+                queue.put_nowait((i, tok))
+            queue.put_nowait((i, None))
+        except Exception as e:
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.ensure_future(feed(i, v, g)) for i, (v, g) in enumerate(runs)]
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            if task.exception() is not None:
-                raise task.exception()
+        left = len(tasks)
+        while left:
+            i, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def report_success(
-    scope: dict,
-    t0: float,
-    t_valid: float,
-    queue_time: float,
-    input_tokens: int,
-    generated: int,
-    max_new_tokens: int,
-) -> None:
-    """A finished request in the metrics, and in a trace when tracing is on."""
+def check_complete(runs: list[Sequence], stream: bool) -> None:
+    """Every sequence ended with a final token (else the engine cut it short)."""
+    if not all(gen.finish_reason for _, gen in runs):
+        raise errors.incomplete(stream)
+
+
+def count_success(scope: dict, t0: float, t_valid: float, runs: list[Sequence]) -> None:
+    """A request answered in full, in the metrics (and a trace when tracing is on): its
+    prompt once, the tokens of all its sequences."""
     end = time.perf_counter()
-    metrics.success(end - t0, t_valid - t0, queue_time, input_tokens, generated, max_new_tokens)
+    first = runs[0][0]
+    queue_time = min(g.queue_time for _, g in runs)
+    input_tokens, generated = len(first.prompt_ids), sum(len(g.tokens) for _, g in runs)
+    metrics.success(
+        end - t0, t_valid - t0, queue_time, input_tokens, generated, first.params.max_new_tokens
+    )
     if tracing.enabled():
         tracing.record(
             scope["path"],

@@ -1,8 +1,8 @@
-"""Just enough ASGI: read a bounded body, answer JSON / text, stream SSE.
+"""Just enough ASGI: read a bounded body, decode JSON, answer JSON, stream SSE.
 
 TGI's transport rules live here: body-size limit (413), content type (415),
-JSON syntax and nesting depth (400) and JSON types (422), with axum's messages.
-Unlike axum they answer a JSON error body, so every client can parse every error.
+JSON syntax and nesting depth (400) and JSON types (422), with axum's messages
+(as `ApiError`s, so every client gets a JSON body it can parse).
 """
 
 from __future__ import annotations
@@ -10,71 +10,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Awaitable
+import logging
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import msgspec
 
+from tgi_mp.frontend import errors, metrics
+from tgi_mp.frontend.errors import Api, ApiError
+
 Scope = dict[str, Any]
 Receive = Any
 Send = Any
+Headers = list[tuple[bytes, bytes]]
 
-SSE_HEADERS = [
+SSE_HEADERS: Headers = [
     (b"content-type", b"text/event-stream"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
 
 _json = msgspec.json.Encoder()
+log = logging.getLogger("tgi_mp.frontend")
 
 
 @functools.cache
 def _decoder(type_: Any) -> msgspec.json.Decoder:
     return msgspec.json.Decoder(type_)
-
-
-class HTTPError(Exception):
-    """An answer short of the handler's normal one."""
-
-    def __init__(self, status: int, body: bytes = b"", content_type: bytes = b"text/plain") -> None:
-        super().__init__(status, body)
-        self.status = status
-        self.body = body
-        self.content_type = content_type
-
-    @classmethod
-    def json(cls, status: int, error: str, error_type: str) -> HTTPError:
-        body = _json.encode({"error": error, "error_type": error_type})
-        return cls(status, body, b"application/json")
-
-
-# What a request is refused for before any handler reads it: TGI's (axum's) messages,
-# with an error_type of tgi-mp's naming (axum gives none).
-def payload_too_large() -> HTTPError:
-    msg = "Failed to buffer the request body: length limit exceeded"
-    return HTTPError.json(413, msg, "payload_too_large")
-
-
-def malformed_json(detail: str) -> HTTPError:
-    msg = f"Failed to parse the request body as JSON: {detail}"
-    return HTTPError.json(400, msg, "invalid_json")
-
-
-def wrong_json_types(detail: str) -> HTTPError:
-    msg = f"Failed to deserialize the JSON body into the target type: {detail}"
-    return HTTPError.json(422, msg, "validation")
-
-
-def not_found(method: str, path: str) -> HTTPError:
-    return HTTPError.json(404, f"No route {method} {path}", "not_found")
-
-
-def method_not_allowed(method: str, path: str) -> HTTPError:
-    return HTTPError.json(405, f"Method {method} is not allowed on {path}", "method_not_allowed")
-
-
-def unauthorized() -> HTTPError:
-    return HTTPError.json(401, "Invalid or missing API key", "unauthorized")
 
 
 def header(scope: Scope, name: bytes) -> str | None:
@@ -87,16 +49,16 @@ def header(scope: Scope, name: bytes) -> str | None:
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     length = header(scope, b"content-length")
     if length is not None and length.isdigit() and int(length) > limit:
-        raise payload_too_large()
+        raise errors.payload_too_large()
     chunks, size = [], 0
     while True:
         msg = await receive()
         if msg["type"] == "http.disconnect":
-            raise HTTPError.json(400, "client disconnected", "dropped")
+            raise ApiError(400, "The client disconnected", "dropped")  # answered to nobody
         chunk = msg.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise payload_too_large()
+            raise errors.payload_too_large()
         chunks.append(chunk)
         if not msg.get("more_body", False):
             return b"".join(chunks)
@@ -105,17 +67,15 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
 def decode_json(scope: Scope, body: bytes, type_: Any) -> Any:
     ctype = header(scope, b"content-type") or ""
     if "application/json" not in ctype.lower():
-        raise HTTPError.json(
-            415, "Expected request with `Content-Type: application/json`", "unsupported_media_type"
-        )
+        raise errors.unsupported_media_type()
     try:
         return _decoder(type_).decode(body)
     except msgspec.ValidationError as e:
-        raise wrong_json_types(str(e)) from e
+        raise errors.wrong_json_types(str(e)) from e
     except msgspec.DecodeError as e:
-        raise malformed_json(str(e)) from e
+        raise errors.malformed_json(str(e)) from e
     except RecursionError as e:  # msgspec's decoder recurses once per nesting level
-        raise malformed_json("the JSON is nested too deeply") from e
+        raise errors.malformed_json("the JSON is nested too deeply") from e
 
 
 async def respond(
@@ -123,7 +83,7 @@ async def respond(
     status: int,
     body: bytes = b"",
     content_type: bytes | None = b"application/json",
-    headers: list[tuple[bytes, bytes]] | None = None,
+    headers: Headers | None = None,
 ) -> None:
     hdrs = list(headers or [])
     if content_type is not None and body:
@@ -133,13 +93,14 @@ async def respond(
     await send({"type": "http.response.body", "body": body})
 
 
-def sse_event(payload: Any) -> bytes:
-    return b"data: " + _json.encode(payload) + b"\n\n"
+async def respond_json(send: Send, payload: Any, headers: Headers) -> None:
+    await respond(send, 200, _json.encode(payload), headers=headers)
 
 
 async def until_disconnect(receive: Receive, work: Awaitable[None]) -> bool:
     """Runs `work` unless the client disconnects first, which cancels it (and so aborts
-    its request in the scheduler). True when `work` completed; its errors propagate."""
+    its requests in the scheduler, and counts them as dropped). True when `work`
+    completed; its errors propagate."""
     task = asyncio.ensure_future(work)
 
     async def watch() -> None:
@@ -153,8 +114,42 @@ async def until_disconnect(receive: Receive, work: Awaitable[None]) -> bool:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            metrics.failure("dropped")
             return False
         task.result()
         return True
     finally:
         watcher.cancel()
+
+
+async def stream_sse(
+    receive: Receive,
+    send: Send,
+    headers: Headers,
+    api: Api,
+    events: AsyncIterator[Any],
+    done: bytes | None = None,
+) -> None:
+    """Streams `events` as server-sent events, status 200 whatever happens: an error
+    raised while producing them is the last event (then `done`, for APIs that end
+    with one). A client that leaves closes `events`, which aborts their requests."""
+    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + headers})
+
+    async def body(data: bytes, more: bool = True) -> None:
+        await send({"type": "http.response.body", "body": data, "more_body": more})
+
+    async def produce() -> None:
+        try:
+            async with contextlib.aclosing(events) as it:
+                async for event in it:
+                    await body(b"data: " + _json.encode(event) + b"\n\n")
+        except ApiError as e:
+            await body(b"data: " + e.render(api) + b"\n\n")
+        except Exception as e:  # a bug: the stream still ends with an error event
+            log.exception("unhandled error in a stream")
+            await body(b"data: " + errors.internal(e).render(api) + b"\n\n")
+        if done is not None:
+            await body(b"data: " + done + b"\n\n")
+        await body(b"", more=False)
+
+    await until_disconnect(receive, produce())

@@ -22,13 +22,6 @@ from tgi_mp.ipc.messages import DURATION_BUCKETS, SchedulerStats
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
-# Our error types -> TGI's `err` label values.
-_FAILURE_LABELS = {
-    "incomplete_generation": "incomplete",
-    "incomplete_generation_stream": "incomplete",
-    "template_error": "template",
-}
-
 
 class Snapshot(msgspec.Struct):
     """One worker's request metrics (histograms: bucket counts, sum, count)."""
@@ -119,7 +112,6 @@ class Metrics:
 
     def failure(self, err: str) -> None:
         self.counters["tgi_request_count"] += 1
-        err = _FAILURE_LABELS.get(err, err)
         self.failures[err] = self.failures.get(err, 0.0) + 1
         self._save()
 

@@ -13,30 +13,26 @@ import contextlib
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from tgi_mp.frontend import metrics
-from tgi_mp.frontend.chat_template import ChatTemplate, TemplateError
-from tgi_mp.frontend.engine_client import EngineError, RequestError
+from tgi_mp.frontend import errors
+from tgi_mp.frontend.chat_template import ChatTemplate
+from tgi_mp.frontend.generation import check_complete, count_success, fan_out
 from tgi_mp.frontend.http import (
-    SSE_HEADERS,
-    HTTPError,
+    Headers,
+    Receive,
+    Scope,
+    Send,
     decode_json,
     read_body,
-    respond,
+    respond_json,
+    stream_sse,
     until_disconnect,
 )
-from tgi_mp.frontend.openai_choice import (
-    Choice,
-    completion_logprobs,
-    count_success,
-    engine_error,
-    interleaved_tokens,
-    usage_of,
-)
+from tgi_mp.frontend.openai_choice import Choice, completion_logprobs, usage_of
 from tgi_mp.frontend.openai_protocol import (
     AssistantMessage,
     ChatChoice,
@@ -54,29 +50,20 @@ from tgi_mp.frontend.openai_protocol import (
     ModelList,
 )
 from tgi_mp.frontend.openai_requests import (
-    as_openai,
     chat_prompt,
     check_n,
     completion_prompts,
     copies,
-    invalid,
-    openai_error,
     sampling_parameters,
     with_extras,
 )
-from tgi_mp.frontend.validation import (
-    ValidationError,
-    build,
-    check_parameters,
-)
+from tgi_mp.frontend.validation import build, check_parameters
 
 if TYPE_CHECKING:
     from tgi_mp.frontend.app import App
 
-_json = msgspec.json.Encoder()
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-# ---------------------------------------------------------------- the routes
+DONE = b"[DONE]"  # the last event of every OpenAI stream
 
 
 class OpenAIRoutes:
@@ -88,82 +75,42 @@ class OpenAIRoutes:
         self.created = int(time.time())
         self.template = ChatTemplate.load(cfg.tokenizer_dir)
 
-    async def handle(self, scope: dict, receive: Any, send: Any, cors: list) -> None:
-        try:
-            await self._route(scope, receive, send, cors)
-        except HTTPError as e:
-            e = as_openai(e)
-            await respond(send, e.status, e.body, e.content_type, cors)
-
-    async def _route(self, scope: dict, receive: Any, send: Any, cors: list) -> None:
+    async def handle(self, scope: Scope, receive: Receive, send: Send, cors: Headers) -> None:
         method, path = scope["method"], scope["path"]
+        model = Model(self.model, "model", self.created, "tgi-mp")
         if method == "GET" and path == "/v1/models":
-            models = ModelList("list", [Model(self.model, "model", self.created, "tgi-mp")])
-            await respond(send, 200, _json.encode(models), headers=cors)
+            await respond_json(send, ModelList("list", [model]), cors)
             return
         if method == "GET" and path.startswith("/v1/models/"):
             name = path[len("/v1/models/") :]
             if name != self.model:
-                raise openai_error(
-                    404, f"The model `{name}` does not exist.", "model", "model_not_found"
-                )
-            model = Model(self.model, "model", self.created, "tgi-mp")
-            await respond(send, 200, _json.encode(model), headers=cors)
+                raise errors.model_not_found(name)
+            await respond_json(send, model, cors)
             return
-        routes: dict[str, Callable] = {
-            "/v1/chat/completions": self._chat,
-            "/v1/completions": self._completions,
-        }
+        routes = {"/v1/chat/completions": self._chat, "/v1/completions": self._completions}
         if path not in routes:
-            raise openai_error(404, f"Unknown route {method} {path}")
+            raise errors.not_found(method, path)
         if method != "POST":
-            raise openai_error(405, f"Method {method} is not allowed on {path}")
-        if not self.app.authorized(scope):
-            raise openai_error(401, "Invalid or missing API key")
+            raise errors.method_not_allowed(method, path)
+        self.app.check_key(scope)
         body = await read_body(scope, receive, self.app.cfg.payload_limit)
         await routes[path](scope, body, receive, send, cors)
 
     # ------------------------------------------------------------ chat
 
-    async def _chat(self, scope: dict, body: bytes, receive: Any, send: Any, cors: list) -> None:
+    async def _chat(
+        self, scope: Scope, body: bytes, receive: Receive, send: Send, cors: Headers
+    ) -> None:
         t0 = time.perf_counter()
         req = decode_json(scope, body, ChatCompletionRequest)
-        cfg = self.app.cfg
-        try:
-            check_n(req.n, req.n, cfg.max_best_of)  # a request never allowed is a 422, not a 429
-        except ValidationError as e:
-            raise invalid(e) from e
-        self.app.permit(req.n)
-        try:
-            if req.top_logprobs and not req.logprobs:
-                raise ValidationError("`top_logprobs` requires `logprobs` to be true")
-            if (req.top_logprobs or 0) > cfg.max_top_n_tokens:
-                raise ValidationError(
-                    f"`top_logprobs` must be >= 0 and <= {cfg.max_top_n_tokens}. "
-                    f"Given: {req.top_logprobs}"
-                )
-            ids = chat_prompt(req, self.template, self.app.tokenizer)
-            p = sampling_parameters(
-                req, req.max_completion_tokens or req.max_tokens, req.top_logprobs or 0
-            )
-            v = with_extras(req, build(ids, p, cfg, check_parameters(p, cfg)), cfg.vocab_size)
-        except (ValidationError, TemplateError) as e:
-            raise invalid(e) from e
-        choices = [
-            Choice(i, one, self.app.special_ids, want_logprobs=req.logprobs)
-            for i, one in enumerate(copies(v, req.n, req.seed))
-        ]
+        choices = self._chat_choices(req)
+        t_valid = time.perf_counter()
         answer_id = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            await self._stream(
-                scope,
-                receive,
-                send,
-                cors,
-                t0,
-                choices,
-                self._chat_events(answer_id, choices, include_usage),
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            events = self._chat_events(answer_id, choices, usage)
+            await stream_sse(
+                receive, send, cors, "openai", _counted(scope, t0, t_valid, choices, events), DONE
             )
             return
         if not await self._run(receive, choices):
@@ -185,12 +132,35 @@ class OpenAIRoutes:
             ],
             usage=usage_of(choices, len(choices)),
         )
-        count_success(scope, t0, choices)
-        await respond(send, 200, _json.encode(out), headers=cors)
+        count_success(scope, t0, t_valid, _runs(choices))
+        await respond_json(send, out, cors)
+
+    def _chat_choices(self, req: ChatCompletionRequest) -> list[Choice]:
+        """The checked request as its `n` sequences (a request never allowed is a 422
+        before the concurrency permit, not a 429 that clients retry)."""
+        cfg = self.app.cfg
+        check_n(req.n, req.n, cfg.max_best_of)
+        self.app.permit(req.n)
+        if req.top_logprobs and not req.logprobs:
+            raise errors.invalid("`top_logprobs` requires `logprobs` to be true", "top_logprobs")
+        if (req.top_logprobs or 0) > cfg.max_top_n_tokens:
+            raise errors.invalid(
+                f"`top_logprobs` must be >= 0 and <= {cfg.max_top_n_tokens}. "
+                f"Given: {req.top_logprobs}",
+                "top_logprobs",
+            )
+        ids = chat_prompt(req, self.template, self.app.tokenizer)
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        p = sampling_parameters(req, max_tokens, req.top_logprobs or 0)
+        v = with_extras(req, build(ids, p, cfg, check_parameters(p, cfg)), cfg.vocab_size)
+        return [
+            Choice(i, one, self.app.special_ids, want_logprobs=req.logprobs)
+            for i, one in enumerate(copies(v, req.n, req.seed))
+        ]
 
     async def _chat_events(
         self, answer_id: str, choices: list[Choice], include_usage: bool
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncIterator[ChatCompletionChunk]:
         created = int(time.time())
 
         def chunk(parts: list[ChatChunkChoice], usage: Any = msgspec.UNSET) -> ChatCompletionChunk:
@@ -208,7 +178,8 @@ class OpenAIRoutes:
 
         for c in choices:  # the role comes once per choice, first
             yield chunk([ChatChunkChoice(c.index, Delta("assistant", ""), None, None)])
-        async for c, tok in interleaved_tokens(self.app, choices):
+        async for i, tok in fan_out(self.app.tokens, _runs(choices)):
+            c = choices[i]
             visible = c.add(tok)
             logprobs = ChoiceLogprobs(c.logprobs[-1:]) if c.want_logprobs else None
             if visible or logprobs is not None:
@@ -221,85 +192,76 @@ class OpenAIRoutes:
     # ------------------------------------------------------------ completions
 
     async def _completions(
-        self, scope: dict, body: bytes, receive: Any, send: Any, cors: list
+        self, scope: Scope, body: bytes, receive: Receive, send: Send, cors: Headers
     ) -> None:
         t0 = time.perf_counter()
         req = decode_json(scope, body, CompletionRequest)
-        cfg = self.app.cfg
-        best_of = req.best_of or req.n
-        try:
-            if req.suffix is not None:
-                raise ValidationError("`suffix` is not supported by this server")
-            if best_of < req.n:
-                raise ValidationError(f"`best_of` must be >= `n`. Given: {best_of} < {req.n}")
-            if req.stream and best_of > req.n:
-                raise ValidationError("`best_of` must equal `n` when streaming")
-            check_n(req.n, best_of, cfg.max_best_of)
-            if (req.logprobs or 0) > cfg.max_top_n_tokens:
-                raise ValidationError(
-                    f"`logprobs` must be >= 0 and <= {cfg.max_top_n_tokens}. Given: {req.logprobs}"
-                )
-            prompts = completion_prompts(req, cfg, self.app.tokenizer)
-            self.app.permit(len(prompts) * best_of)
-            max_tokens = (
-                req.max_tokens if req.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
-            )
-            p = sampling_parameters(req, max_tokens, req.logprobs or 0)
-            sampling = check_parameters(p, cfg)
-            valid = [
-                with_extras(req, build(ids, p, cfg, sampling), cfg.vocab_size) for ids, _ in prompts
-            ]
-        except ValidationError as e:
-            raise invalid(e) from e
-        echo_logprobs = req.echo and req.logprobs is not None
-        if echo_logprobs:  # echo with logprobs scores the prompt too
-            valid = [
-                dataclasses.replace(
-                    v, params=msgspec.structs.replace(v.params, prefill_logprobs=True)
-                )
-                for v in valid
-            ]
-        # Sequence j of prompt i is choice i * n + j (OpenAI's numbering); with best_of > n
-        # the n best of each prompt's best_of sequences are kept.
-        choices = [
-            Choice(
-                i * best_of + j, one, self.app.special_ids, want_logprobs=req.logprobs is not None
-            )
-            for i, v in enumerate(valid)
-            for j, one in enumerate(copies(v, best_of, req.seed))
-        ]
+        choices, texts = self._completion_choices(req)
+        t_valid = time.perf_counter()
         answer_id = f"cmpl-{uuid.uuid4().hex}"
-        texts = [text for _, text in prompts]
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = self._completion_events(answer_id, choices, include_usage, texts, req.echo)
-            await self._stream(scope, receive, send, cors, t0, choices, events)
+            usage = bool(req.stream_options and req.stream_options.include_usage)
+            events = self._completion_events(answer_id, choices, usage, texts, req.echo)
+            await stream_sse(
+                receive, send, cors, "openai", _counted(scope, t0, t_valid, choices, events), DONE
+            )
             return
         if not await self._run(receive, choices):
             return
-        kept: list[CompletionChoice] = []
-        for i in range(len(valid)):
-            group = choices[i * best_of : (i + 1) * best_of]
-            best = sorted(group, key=lambda c: c.mean_logprob(), reverse=True)[: req.n]
-            for j, c in enumerate(sorted(best, key=lambda c: c.index)):
-                text = "".join(c.text)
-                logprobs = None
-                if req.logprobs is not None:
-                    logprobs = completion_logprobs(c, echo_logprobs)
-                if req.echo:
-                    text = texts[i] + text
-                kept.append(CompletionChoice(i * req.n + j, text, logprobs, c.finish_reason))
+        best_of = len(choices) // len(texts)
         out = Completion(
             id=answer_id,
             object="text_completion",
             created=int(time.time()),
             model=self.model,
             system_fingerprint=self.fingerprint,
-            choices=kept,
+            choices=_best_completions(req, choices, texts),
             usage=usage_of(choices, best_of),
         )
-        count_success(scope, t0, choices)
-        await respond(send, 200, _json.encode(out), headers=cors)
+        count_success(scope, t0, t_valid, _runs(choices))
+        await respond_json(send, out, cors)
+
+    def _completion_choices(self, req: CompletionRequest) -> tuple[list[Choice], list[str]]:
+        """The checked request as its sequences (`best_of` per prompt), and the prompts'
+        texts. Sequence j of prompt i is choice i * best_of + j."""
+        cfg = self.app.cfg
+        best_of = req.best_of or req.n
+        if req.suffix is not None:
+            raise errors.invalid("`suffix` is not supported by this server", "suffix")
+        if best_of < req.n:
+            raise errors.invalid(f"`best_of` must be >= `n`. Given: {best_of} < {req.n}", "best_of")
+        if req.stream and best_of > req.n:
+            raise errors.invalid("`best_of` must equal `n` when streaming", "best_of")
+        check_n(req.n, best_of, cfg.max_best_of)
+        if (req.logprobs or 0) > cfg.max_top_n_tokens:
+            raise errors.invalid(
+                f"`logprobs` must be >= 0 and <= {cfg.max_top_n_tokens}. Given: {req.logprobs}",
+                "logprobs",
+            )
+        prompts = completion_prompts(req, cfg, self.app.tokenizer)
+        self.app.permit(len(prompts) * best_of)
+        max_tokens = (
+            req.max_tokens if req.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
+        )
+        p = sampling_parameters(req, max_tokens, req.logprobs or 0)
+        sampling = check_parameters(p, cfg)
+        valid = [
+            with_extras(req, build(ids, p, cfg, sampling), cfg.vocab_size) for ids, _ in prompts
+        ]
+        if req.echo and req.logprobs is not None:  # echo with logprobs scores the prompt too
+            valid = [
+                dataclasses.replace(
+                    v, params=msgspec.structs.replace(v.params, prefill_logprobs=True)
+                )
+                for v in valid
+            ]
+        want_logprobs = req.logprobs is not None
+        choices = [
+            Choice(i * best_of + j, one, self.app.special_ids, want_logprobs=want_logprobs)
+            for i, v in enumerate(valid)
+            for j, one in enumerate(copies(v, best_of, req.seed))
+        ]
+        return choices, [text for _, text in prompts]
 
     async def _completion_events(
         self,
@@ -308,7 +270,7 @@ class OpenAIRoutes:
         include_usage: bool,
         prompt_texts: list[str],
         echo: bool,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncIterator[Completion]:
         created = int(time.time())
         n = len(choices) // len(prompt_texts)
 
@@ -322,7 +284,8 @@ class OpenAIRoutes:
         if echo:
             for c in choices:
                 yield chunk([CompletionChoice(c.index, prompt_texts[c.index // n], None, None)])
-        async for c, tok in interleaved_tokens(self.app, choices):
+        async for i, tok in fan_out(self.app.tokens, _runs(choices)):
+            c = choices[i]
             visible = c.add(tok)
             logprobs = None
             if c.want_logprobs:
@@ -338,53 +301,48 @@ class OpenAIRoutes:
 
     # ------------------------------------------------------------ running
 
-    async def _run(self, receive: Any, choices: list[Choice]) -> bool:
+    async def _run(self, receive: Receive, choices: list[Choice]) -> bool:
         """Runs every choice to its end; False when the client left first (all aborted)."""
 
         async def consume() -> None:
-            async for c, tok in interleaved_tokens(self.app, choices):
-                c.add(tok)
+            async for i, tok in fan_out(self.app.tokens, _runs(choices)):
+                choices[i].add(tok)
 
-        try:
-            if not await until_disconnect(receive, consume()):
-                metrics.failure("dropped")
-                return False
-        except (RequestError, EngineError) as e:
-            raise engine_error(e) from e
-        if not all(c.gen.finish_reason for c in choices):
-            metrics.failure("incomplete_generation")
-            raise openai_error(500, "Incomplete generation")
+        if not await until_disconnect(receive, consume()):
+            return False
+        check_complete(_runs(choices), stream=False)
         return True
 
-    async def _stream(
-        self,
-        scope: dict,
-        receive: Any,
-        send: Any,
-        cors: list,
-        t0: float,
-        choices: list[Choice],
-        events: AsyncIterator[Any],
-    ) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS + cors})
 
-        async def body(data: bytes, more: bool = True) -> None:
-            await send({"type": "http.response.body", "body": data, "more_body": more})
+def _runs(choices: list[Choice]) -> list[tuple[Any, Any]]:
+    return [(c.v, c.gen) for c in choices]
 
-        async def produce() -> None:
-            try:
-                async with contextlib.aclosing(events) as it:
-                    async for event in it:
-                        await body(b"data: " + _json.encode(event) + b"\n\n")
-                if not all(c.gen.finish_reason for c in choices):
-                    metrics.failure("incomplete_generation")
-                    raise openai_error(500, "Incomplete generation stream")
-                count_success(scope, t0, choices)
-            except (RequestError, EngineError) as e:
-                await body(b"data: " + as_openai(engine_error(e)).body + b"\n\n")
-            except HTTPError as e:  # errors arrive as an event, then [DONE]
-                await body(b"data: " + as_openai(e).body + b"\n\n")
-            await body(b"data: [DONE]\n\n", more=False)
 
-        if not await until_disconnect(receive, produce()):
-            metrics.failure("dropped")
+async def _counted(
+    scope: Scope, t0: float, t_valid: float, choices: list[Choice], events: AsyncIterator[Any]
+) -> AsyncIterator[Any]:
+    """A stream's events; once they are all out, the request is complete and counted."""
+    async with contextlib.aclosing(events) as it:
+        async for event in it:
+            yield event
+    check_complete(_runs(choices), stream=True)
+    count_success(scope, t0, t_valid, _runs(choices))
+
+
+def _best_completions(
+    req: CompletionRequest, choices: list[Choice], texts: list[str]
+) -> list[CompletionChoice]:
+    """Of each prompt's `best_of` sequences, the `n` of best mean logprob, renumbered."""
+    best_of = len(choices) // len(texts)
+    echo_logprobs = req.echo and req.logprobs is not None
+    kept: list[CompletionChoice] = []
+    for i, prompt_text in enumerate(texts):
+        group = choices[i * best_of : (i + 1) * best_of]
+        best = sorted(group, key=lambda c: c.mean_logprob(), reverse=True)[: req.n]
+        for j, c in enumerate(sorted(best, key=lambda c: c.index)):
+            text = "".join(c.text)
+            logprobs = completion_logprobs(c, echo_logprobs) if req.logprobs is not None else None
+            if req.echo:
+                text = prompt_text + text
+            kept.append(CompletionChoice(i * req.n + j, text, logprobs, c.finish_reason))
+    return kept

@@ -1,19 +1,12 @@
 """One choice of an OpenAI answer: its sequence, the text its client sees (stop
-strings left out), its logprobs, and the tokens of several choices interleaved."""
+strings left out), its logprobs; and the usage of several."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from tgi_mp.frontend import metrics
 from tgi_mp.frontend.detokenizer import StopTrimmer
-from tgi_mp.frontend.engine_client import RequestError, ShuttingDownError
-from tgi_mp.frontend.generation import Generation, report_success
-from tgi_mp.frontend.http import HTTPError
+from tgi_mp.frontend.generation import Generation
 from tgi_mp.frontend.openai_protocol import (
     CompletionLogprobs,
     PromptTokensDetails,
@@ -21,12 +14,8 @@ from tgi_mp.frontend.openai_protocol import (
     TopLogprob,
     Usage,
 )
-from tgi_mp.frontend.openai_requests import openai_error
-from tgi_mp.frontend.protocol import Token
+from tgi_mp.frontend.tgi_protocol import Token
 from tgi_mp.frontend.validation import ValidRequest
-
-if TYPE_CHECKING:
-    from tgi_mp.frontend.app import App
 
 FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 
@@ -46,7 +35,6 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     want_logprobs: bool = False
     prompt_len: int = 0
-    valid_at: float = field(default_factory=time.perf_counter)  # made right after validation
 
     def __post_init__(self) -> None:
         self.trimmer = StopTrimmer(self.v.stop)
@@ -83,49 +71,6 @@ def finite(x: float | None) -> float:
     return -9999.0 if x is None or x != x else x
 
 
-async def interleaved_tokens(
-    app: App, choices: list[Choice]
-) -> AsyncIterator[tuple[Choice, Token]]:
-    """The tokens of every choice, interleaved as they come. An error in one cancels
-    (so aborts) the others and propagates; so does leaving the loop early."""
-    queue: asyncio.Queue[tuple[Choice, Token | BaseException | None]] = asyncio.Queue()
-
-    async def feed(c: Choice) -> None:
-        try:
-            async for tok in app.tokens(c.v, c.gen):
-                queue.put_nowait((c, tok))
-            queue.put_nowait((c, None))
-        except Exception as e:
-            queue.put_nowait((c, e))
-
-    tasks = [asyncio.ensure_future(feed(c)) for c in choices]
-    try:
-        left = len(tasks)
-        while left:
-            c, item = await queue.get()
-            if item is None:
-                left -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield c, item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def engine_error(e: Exception) -> HTTPError:
-    if isinstance(e, RequestError):
-        metrics.failure("validation")
-        return openai_error(422, str(e))
-    if isinstance(e, ShuttingDownError):
-        metrics.failure("shutting_down")
-        return openai_error(503, str(e), code="shutting_down")
-    metrics.failure("generation")
-    return openai_error(424, f"Request failed during generation: {e}")
-
-
 def usage_of(choices: list[Choice], per_prompt: int) -> Usage:
     """Prompt tokens once per prompt (its choices share it), completion tokens of every
     sequence generated."""
@@ -133,19 +78,6 @@ def usage_of(choices: list[Choice], per_prompt: int) -> Usage:
     cached = sum(c.gen.cached_tokens for c in choices[::per_prompt])
     completion = sum(len(c.gen.tokens) for c in choices)
     return Usage(prompt, completion, prompt + completion, PromptTokensDetails(cached))
-
-
-def count_success(scope: dict, t0: float, choices: list[Choice]) -> None:
-    first = choices[0]
-    report_success(
-        scope,
-        t0,
-        first.valid_at,
-        min(c.gen.queue_time for c in choices),
-        first.prompt_len,
-        sum(len(c.gen.tokens) for c in choices),
-        first.v.params.max_new_tokens,
-    )
 
 
 def completion_logprobs(c: Choice, echo: bool) -> CompletionLogprobs:

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from tgi_mp.frontend.protocol import F32
+from tgi_mp.frontend.tgi_protocol import F32
 
 UNSET = msgspec.UNSET
 Unset = msgspec.UnsetType

@@ -18,7 +18,7 @@ from tgi_mp.frontend.openai_protocol import (
     Model,
     ModelList,
 )
-from tgi_mp.frontend.protocol import (
+from tgi_mp.frontend.tgi_protocol import (
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,

@@ -1,4 +1,5 @@
-"""TGI's request validation: its checks, in its order, with its messages word for word."""
+"""TGI's request validation: its checks, in its order, with its messages word for word
+(each an `errors.invalid`: a 422 naming the field)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,15 @@ from dataclasses import dataclass
 import msgspec
 from tokenizers import Tokenizer
 
-from tgi_mp.frontend.protocol import U64_MAX, FrontendConfig, GenerateParameters, GenerateRequest
+from tgi_mp.frontend import errors
+from tgi_mp.frontend.config import FrontendConfig
+from tgi_mp.frontend.tgi_protocol import U64_MAX, GenerateParameters, GenerateRequest
 from tgi_mp.ipc.messages import SamplingParams
 
 # Below this a temperature divides logits into infinities: such a request is greedy
 # (vLLM's rule, and its threshold).
 GREEDY_TEMPERATURE = 1e-5
 INT32_MAX = 2**31 - 1
-
-
-class ValidationError(ValueError):
-    """422, `{"error": "Input validation error: <msg>", "error_type": "validation"}`."""
 
 
 @dataclass
@@ -50,9 +49,11 @@ def validate_best_of(p: GenerateParameters, cfg: FrontendConfig) -> None:
     n = p.best_of
     if n is not None and n > 1:
         if cfg.max_best_of == 1:
-            raise ValidationError("`best_of` != 1 is not allowed for this endpoint")
+            raise errors.invalid("`best_of` != 1 is not allowed for this endpoint", "best_of")
         if n > cfg.max_best_of:
-            raise ValidationError(f"`best_of` must be > 0 and <= {cfg.max_best_of}. Given: {n}")
+            raise errors.invalid(
+                f"`best_of` must be > 0 and <= {cfg.max_best_of}. Given: {n}", "best_of"
+            )
 
 
 def validate(req: GenerateRequest, cfg: FrontendConfig, tokenizer: Tokenizer) -> ValidRequest:
@@ -61,11 +62,12 @@ def validate(req: GenerateRequest, cfg: FrontendConfig, tokenizer: Tokenizer) ->
     validate_best_of(p, cfg)
     sampling = check_parameters(p, cfg)
     if req.inputs == "":
-        raise ValidationError("`inputs` cannot be empty")
+        raise errors.invalid("`inputs` cannot be empty", "inputs")
     if p.truncate is not None and not 0 < p.truncate <= cfg.max_input_tokens:
-        raise ValidationError(
+        raise errors.invalid(
             "`truncate` must be strictly positive and less than "
-            f"{cfg.max_input_tokens}. Given: {p.truncate}"
+            f"{cfg.max_input_tokens}. Given: {p.truncate}",
+            "truncate",
         )
     ids = encode(tokenizer, req.inputs, add_special_tokens=True)
     if p.truncate is not None:
@@ -83,33 +85,35 @@ def check_parameters(p: GenerateParameters, cfg: FrontendConfig) -> bool:
         or (p.typical_p is not None and p.typical_p < 1.0)
     )
     if p.seed is not None and p.seed > U64_MAX:  # TGI's u64: a deserialization error there
-        raise ValidationError(f"`seed` must be >= 0 and <= {U64_MAX}. Given: {p.seed}")
+        raise errors.invalid(f"`seed` must be >= 0 and <= {U64_MAX}. Given: {p.seed}", "seed")
     best_of = p.best_of or 1
     if best_of > 1 and not (p.do_sample or warpers):
-        raise ValidationError("you must use sampling when `best_of` is > 1")
+        raise errors.invalid("you must use sampling when `best_of` is > 1", "best_of")
     if p.temperature is not None and p.temperature <= 0:
-        raise ValidationError("`temperature` must be strictly positive")
+        raise errors.invalid("`temperature` must be strictly positive", "temperature")
     if p.repetition_penalty is not None and p.repetition_penalty <= 0:
-        raise ValidationError("`repetition_penalty` must be strictly positive")
+        raise errors.invalid("`repetition_penalty` must be strictly positive", "repetition_penalty")
     if p.frequency_penalty is not None and not -2.0 <= p.frequency_penalty <= 2.0:
-        raise ValidationError("`frequency_penalty` must be >= -2.0 and <= 2.0")
+        raise errors.invalid("`frequency_penalty` must be >= -2.0 and <= 2.0", "frequency_penalty")
     if p.top_p is not None and not 0.0 < p.top_p < 1.0:
-        raise ValidationError("`top_p` must be > 0.0 and < 1.0")
+        raise errors.invalid("`top_p` must be > 0.0 and < 1.0", "top_p")
     if p.typical_p is not None and not 0.0 < p.typical_p < 1.0:
-        raise ValidationError("`typical_p` must be > 0.0 and < 1.0")
+        raise errors.invalid("`typical_p` must be > 0.0 and < 1.0", "typical_p")
     if p.top_k is not None and p.top_k <= 0:
-        raise ValidationError("`top_k` must be strictly positive")
+        raise errors.invalid("`top_k` must be strictly positive", "top_k")
     if p.max_new_tokens == 0:
-        raise ValidationError("`max_new_tokens` must be strictly positive")
+        raise errors.invalid("`max_new_tokens` must be strictly positive", "max_new_tokens")
     if len(p.stop) > cfg.max_stop_sequences:
-        raise ValidationError(
-            f"`stop` supports up to {cfg.max_stop_sequences} stop sequences. Given: {len(p.stop)}"
+        raise errors.invalid(
+            f"`stop` supports up to {cfg.max_stop_sequences} stop sequences. Given: {len(p.stop)}",
+            "stop",
         )
     if best_of > 1 and p.seed is not None:
-        raise ValidationError("`seed` must not be set when `best_of` > 1")
+        raise errors.invalid("`seed` must not be set when `best_of` > 1", "seed")
     if (p.top_n_tokens or 0) > cfg.max_top_n_tokens:
-        raise ValidationError(
-            f"`top_n_tokens` must be >= 0 and <= {cfg.max_top_n_tokens}. Given: {p.top_n_tokens}"
+        raise errors.invalid(
+            f"`top_n_tokens` must be >= 0 and <= {cfg.max_top_n_tokens}. Given: {p.top_n_tokens}",
+            "top_n_tokens",
         )
     return p.do_sample or warpers
 
@@ -118,7 +122,7 @@ def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> list[in
     try:
         return tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
     except Exception as e:  # the tokenizers library raises plain Exceptions
-        raise ValidationError(f"tokenizer error {e}") from e
+        raise errors.invalid(f"tokenizer error {e}") from e
 
 
 def build(
@@ -130,18 +134,20 @@ def build(
     if max_new is None:
         max_new = max(cfg.max_total_tokens - n_in, 0)
     if n_in + max_new > cfg.max_total_tokens:
-        raise ValidationError(
+        raise errors.invalid(
             f"`inputs` tokens + `max_new_tokens` must be <= {cfg.max_total_tokens}. "
-            f"Given: {n_in} `inputs` tokens and {max_new} `max_new_tokens`"
+            f"Given: {n_in} `inputs` tokens and {max_new} `max_new_tokens`",
+            "inputs",
         )
     if n_in > cfg.max_input_tokens:
-        raise ValidationError(
-            f"`inputs` must have less than {cfg.max_input_tokens} tokens. Given: {n_in}"
+        raise errors.invalid(
+            f"`inputs` must have less than {cfg.max_input_tokens} tokens. Given: {n_in}",
+            "inputs",
         )
     if p.grammar is not None:
-        raise ValidationError("grammar is not supported")
+        raise errors.invalid("grammar is not supported", "grammar")
     if (name := _unsupported(p)) is not None:
-        raise ValidationError(f"`{name}` is not supported by this server yet")
+        raise errors.invalid(f"`{name}` is not supported by this server yet", name)
 
     temperature = p.temperature if p.temperature is not None else 1.0
     sampling = sampling and temperature >= GREEDY_TEMPERATURE

@@ -16,9 +16,9 @@ import os
 
 import torch
 
-from tgi_mp.config import CHOICES
 from tgi_mp.kernels import attention as reference
 from tgi_mp.kernels.attention import AttentionMetadata
+from tgi_mp.options import CHOICES
 
 log = logging.getLogger("tgi_mp.kernels")
 

@@ -31,8 +31,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
-from tgi_mp.config import DEFAULT_CUDA_GRAPHS
 from tgi_mp.kernels import triton_attention as ta
+from tgi_mp.options import DEFAULT_CUDA_GRAPHS
 
 _KERNELS = ("_write_kv_kernel", "_varlen_kernel", "_decode_split_kernel", "_merge_splits_kernel")
 # Largest shared memory one block may opt into, per compute capability (CUDA guide).

@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tgi_mp.config import CHOICES, EngineConfig, parse_cuda_graphs
+from tgi_mp.config import EngineConfig
 from tgi_mp.executor.runner import ModelRunner, kv_bytes_per_block
 from tgi_mp.ipc.messages import StepPlan
 from tgi_mp.model_source import load_model_config, resolve_model
+from tgi_mp.options import CHOICES, parse_cuda_graphs
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "llama-3.1-8b.json"
 

@@ -63,7 +63,7 @@ class SchedulerProcess:
                 num_blocks=num_blocks,
                 block_size=self.cfg.block_size,
                 max_batch_prefill_tokens=self.cfg.max_batch_prefill_tokens,
-                max_batch_size=self.cfg.max_batch_size or self.cfg.max_batch_prefill_tokens,
+                max_batch_size=self.cfg.max_batch_size,
                 eos_token_ids=frozenset(mc.eos_token_ids),
                 vocab_size=mc.vocab_size,
                 prefix_caching=self.cfg.prefix_caching,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tgi_mp.ipc.messages import AddRequest, FinishReason, StepPlan
+from tgi_mp.options import DEFAULTS, sequences_per_step
 from tgi_mp.scheduler.admission import request_problem
 from tgi_mp.scheduler.block_pool import BlockKey, BlockPool, HashFn, chain_hash
 from tgi_mp.scheduler.request import Request, Status
@@ -29,18 +30,24 @@ log = logging.getLogger("tgi_mp.scheduler")
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """The engine options the policy reads (defaults and meaning: `tgi_mp.options`)."""
+
     num_blocks: int
     block_size: int = 16
-    max_batch_prefill_tokens: int = 4096
-    max_batch_size: int = 256
+    max_batch_prefill_tokens: int = DEFAULTS["max_batch_prefill_tokens"]
+    max_batch_size: int | None = DEFAULTS["max_batch_size"]
     eos_token_ids: frozenset[int] = frozenset()
     vocab_size: int | None = None  # when known, token ids outside it are refused
-    prefix_caching: bool = True
+    prefix_caching: bool = DEFAULTS["prefix_caching"]
     # TGI's batch-growth rule, off unless set (TGI ignores it when prefill is chunked, as
     # it always is here): while requests run, admit new ones only when at least
     # ratio x running are waiting, or after `max_waiting_tokens` steps without admitting.
-    waiting_served_ratio: float | None = None
-    max_waiting_tokens: int = 20
+    waiting_served_ratio: float | None = DEFAULTS["waiting_served_ratio"]
+    max_waiting_tokens: int = DEFAULTS["max_waiting_tokens"]
+
+    @property
+    def sequences_per_step(self) -> int:
+        return sequences_per_step(self.max_batch_size, self.max_batch_prefill_tokens)
 
 
 class RequestRejected(ValueError):
@@ -163,7 +170,7 @@ class Scheduler:
         admitted = 0
         grow = self._may_grow()  # decided once for the step, as TGI sizes a new batch
         while grow and not preempted and self.waiting and budget > 0:
-            if len(self.running) >= self.cfg.max_batch_size:
+            if len(self.running) >= self.cfg.sequences_per_step:
                 break
             req = self.waiting.popleft()
             self._reuse_prefix(req)

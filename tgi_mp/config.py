@@ -11,45 +11,40 @@ import os
 import msgspec
 
 from tgi_mp.model_source import ModelConfig, ModelSource
-
-# The values of the option-like fields (the CLI and perf scripts offer the same).
-CHOICES: dict[str, tuple[str, ...]] = {
-    "dtype": ("auto", "float32", "bfloat16", "float16"),
-    "device": ("auto", "cpu", "cuda"),
-    "attention": ("auto", "torch", "triton", "flash-attn"),
-    "load_format": ("auto", "dummy"),
-}
-# TGI's default --cuda-graphs: the decode batch sizes captured in CUDA graphs.
-DEFAULT_CUDA_GRAPHS = (1, 2, 4, 8, 16, 32, 64, 128)
+from tgi_mp.options import CHOICES, DEFAULTS, sequences_per_step
 
 
 class EngineConfig(msgspec.Struct, frozen=True):
+    """The engine's options (their defaults and help: `tgi_mp.options`) and what the
+    launcher resolved: the model and the IPC directory."""
+
     model: ModelSource
     model_config: ModelConfig
     ipc_root: str
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
-    device: str = "auto"  # auto: CUDA when torch sees a GPU
-    attention: str = "auto"  # auto: flash-attn if it passes its check, Triton on CUDA, torch
-    # Decode batch sizes captured in CUDA graphs (TGI's --cuda-graphs); () disables.
-    cuda_graphs: tuple[int, ...] = DEFAULT_CUDA_GRAPHS
-    cuda_memory_fraction: float = 0.95  # of each GPU: weights + activations + KV cache
-    num_shards: int = 1
+    dtype: str = DEFAULTS["dtype"]
+    device: str = DEFAULTS["device"]
+    attention: str = DEFAULTS["attention"]
+    cuda_graphs: tuple[int, ...] = DEFAULTS["cuda_graphs"]
+    cuda_memory_fraction: float = DEFAULTS["cuda_memory_fraction"]
+    num_shards: int = DEFAULTS["num_shards"]
     block_size: int = 16
-    max_batch_prefill_tokens: int = 4096
-    max_batch_total_tokens: int | None = None  # KV capacity; None = from the memory budget
-    # The KV budget when max_batch_total_tokens is None: these bytes per executor, or
-    # else this fraction of the memory available once the weights are loaded.
-    kv_cache_memory: int | None = None
-    kv_cache_fraction: float = 0.2
-    max_batch_size: int | None = None  # sequences per step; None = up to the token budget
+    max_batch_prefill_tokens: int = DEFAULTS["max_batch_prefill_tokens"]
+    max_batch_total_tokens: int | None = DEFAULTS["max_batch_total_tokens"]
+    kv_cache_memory: int | None = DEFAULTS["kv_cache_memory"]
+    kv_cache_fraction: float = DEFAULTS["kv_cache_fraction"]
+    max_batch_size: int | None = DEFAULTS["max_batch_size"]
     torch_threads: int | None = None
     startup_timeout: float = 600.0
-    prefix_caching: bool = True
-    load_format: str = "auto"  # "dummy": random weights from the config alone (benchmarks)
-    waiting_served_ratio: float | None = None  # TGI's batch-growth rule; None: off
-    max_waiting_tokens: int = 20
-    watermark_gamma: float = 0.5  # green share of the vocabulary for `watermark` requests
-    watermark_delta: float = 2.0  # logit bias of green tokens
+    prefix_caching: bool = DEFAULTS["prefix_caching"]
+    load_format: str = DEFAULTS["load_format"]
+    waiting_served_ratio: float | None = DEFAULTS["waiting_served_ratio"]
+    max_waiting_tokens: int = DEFAULTS["max_waiting_tokens"]
+    watermark_gamma: float = DEFAULTS["watermark_gamma"]
+    watermark_delta: float = DEFAULTS["watermark_delta"]
+
+    @property
+    def sequences_per_step(self) -> int:
+        return sequences_per_step(self.max_batch_size, self.max_batch_prefill_tokens)
 
     def __post_init__(self) -> None:
         for name in ("num_shards", "block_size", "max_batch_prefill_tokens", "max_batch_size"):
@@ -110,14 +105,3 @@ def check_divisible(mc: ModelConfig, n: int) -> None:
             f"heads, {mc.num_kv_heads} KV heads and an MLP of {mc.intermediate_size}, and "
             f"{', '.join(bad)} do not divide by {n}"
         )
-
-
-def parse_cuda_graphs(spec: str) -> tuple[int, ...]:
-    """TGI's `--cuda-graphs` value: comma-separated batch sizes; `0` (or nothing) disables."""
-    try:
-        sizes = sorted({int(x) for x in spec.replace(" ", "").split(",") if x})
-    except ValueError:
-        raise ValueError(f"--cuda-graphs takes comma-separated batch sizes, got {spec!r}") from None
-    if any(s < 0 for s in sizes):
-        raise ValueError(f"--cuda-graphs sizes must be positive, got {spec!r}")
-    return tuple(s for s in sizes if s > 0)

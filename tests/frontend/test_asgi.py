@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from tgi_mp.frontend.app import App
-from tgi_mp.frontend.protocol import FrontendConfig
+from tgi_mp.frontend.config import FrontendConfig
 from tgi_mp.model_source import resolve_model
 from tgi_mp.tokenizer_export import export_tokenizer
 
@@ -46,7 +46,10 @@ def call(app: App, method: str, path: str, body: bytes = b"", headers: dict | No
 
 def make_app(tmp_path, tokenizer_dir: str, **opts) -> App:
     cfg = FrontendConfig(
-        ipc_root=str(tmp_path), tokenizer_dir=tokenizer_dir, model_id="m", eos_token_ids=[2], **opts
+        ipc_root=str(tmp_path),
+        tokenizer_dir=tokenizer_dir,
+        model_id="m",
+        **{"max_input_tokens": 4095, "max_total_tokens": 4096, **opts},
     )
     return App(cfg)
 
@@ -308,8 +311,9 @@ def test_deeply_nested_json_is_a_400_on_every_route(tmp_path, tokenizer_dir, pat
     ("seed", "accepted"), [(2**64 - 1, True), (2**64, False), (2**64 + 2**63, False)]
 )
 def test_tgi_seeds_are_u64(tmp_path, tokenizer_dir, seed: int, accepted: bool) -> None:
-    from tgi_mp.frontend.protocol import GenerateRequest
-    from tgi_mp.frontend.validation import ValidationError, validate
+    from tgi_mp.frontend.errors import ApiError
+    from tgi_mp.frontend.tgi_protocol import GenerateRequest
+    from tgi_mp.frontend.validation import validate
 
     app = make_app(tmp_path, tokenizer_dir)
     app._start()
@@ -318,7 +322,7 @@ def test_tgi_seeds_are_u64(tmp_path, tokenizer_dir, seed: int, accepted: bool) -
     if accepted:
         assert validate(req, app.cfg, app.tokenizer).params.seed == seed - 2**64  # same bits
     else:
-        with pytest.raises(ValidationError, match="`seed` must be >= 0 and <= 1844674407"):
+        with pytest.raises(ApiError, match="`seed` must be >= 0 and <= 1844674407"):
             validate(req, app.cfg, app.tokenizer)
         status, _, content = call(app, "POST", "/generate", body, JSON)
         assert status == 422 and msgspec.json.decode(content)["error_type"] == "validation"
@@ -327,7 +331,7 @@ def test_tgi_seeds_are_u64(tmp_path, tokenizer_dir, seed: int, accepted: bool) -
 def test_tiny_temperatures_are_greedy_and_top_k_beyond_the_vocabulary_is_off(
     tmp_path, tokenizer_dir
 ) -> None:
-    from tgi_mp.frontend.protocol import GenerateParameters, GenerateRequest
+    from tgi_mp.frontend.tgi_protocol import GenerateParameters, GenerateRequest
     from tgi_mp.frontend.validation import validate
 
     app = make_app(tmp_path, tokenizer_dir, vocab_size=49152)

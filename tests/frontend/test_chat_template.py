@@ -8,7 +8,8 @@ import pytest
 
 from tests.engine.oracle import tokenizer
 from tests.frontend.test_asgi import tokenizer_dir  # noqa: F401 (a fixture)
-from tgi_mp.frontend.chat_template import ChatTemplate, TemplateError
+from tgi_mp.frontend.chat_template import ChatTemplate
+from tgi_mp.frontend.errors import ApiError
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is a lighthouse?"}],
@@ -60,7 +61,7 @@ def test_template_sources_helpers_and_errors(tmp_path) -> None:
     t = ChatTemplate.load(str(tmp_path))
     text = t.render([{"role": "user", "content": " hi "}])
     assert text == '<s>[USER] hi</s>\n[ASSISTANT] {"k": "é"}'
-    with pytest.raises(TemplateError, match="no tools here"):
+    with pytest.raises(ApiError, match="no tools here"):
         t.render([{"role": "tool", "content": "x"}])
     # chat_template.jinja wins over the config's template.
     (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}!")
@@ -68,5 +69,5 @@ def test_template_sources_helpers_and_errors(tmp_path) -> None:
     empty = tmp_path / "none"
     empty.mkdir()
     (empty / "tokenizer_config.json").write_text("{}")
-    with pytest.raises(TemplateError, match="no chat template"):
+    with pytest.raises(ApiError, match="no chat template"):
         ChatTemplate.load(str(empty)).render([{"role": "user", "content": "a"}])

@@ -27,8 +27,9 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig
 
 from tgi_mp.frontend.app import App
+from tgi_mp.frontend.config import FrontendConfig
 from tgi_mp.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
-from tgi_mp.frontend.protocol import FrontendConfig, GenerateParameters
+from tgi_mp.frontend.tgi_protocol import GenerateParameters
 from tgi_mp.launcher import Engine
 from tgi_mp.model_source import resolve_model
 from tgi_mp.tokenizer_export import export_tokenizer
@@ -62,7 +63,6 @@ def app(
         ipc_root=engine.endpoints.root,
         tokenizer_dir=export_tokenizer(resolve_model(None)),
         model_id="fuzz",
-        eos_token_ids=[2],
         vocab_size=VOCAB,
         max_input_tokens=MAX_TOTAL - 1,
         max_total_tokens=MAX_TOTAL,
@@ -75,8 +75,8 @@ def app(
     try:
         yield the_app, loop
     finally:
-        if the_app._client is not None:
-            the_app._client.close()
+        if the_app.client is not None:
+            the_app.client.close()
             loop.run_until_complete(asyncio.sleep(0))  # the receiver task takes its cancel
         loop.close()
         engine.shutdown()
@@ -350,7 +350,7 @@ def test_every_field_at_every_extreme(app, path: str) -> None:
                 check_answer(path, *answer)
             except AssertionError as e:
                 raise AssertionError(f"{path} {raw.decode()[:300]}") from e
-            assert the_app._client is None or not the_app._client.dead, raw
+            assert the_app.client is None or not the_app.client.dead, raw
             if i % 50 == 0:
                 await normal_request_succeeds(the_app)
         await normal_request_succeeds(the_app)

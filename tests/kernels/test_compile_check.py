@@ -15,9 +15,9 @@ import sys
 
 import pytest
 
-from tgi_mp.config import DEFAULT_CUDA_GRAPHS
 from tgi_mp.kernels.compile_check import SHAPES
 from tgi_mp.kernels.triton_attention import decode_splits
+from tgi_mp.options import DEFAULT_CUDA_GRAPHS
 
 pytestmark = pytest.mark.kernels
 

@@ -136,7 +136,7 @@ def check_bookkeeping(s: Scheduler) -> None:
     assert s.pool.num_free == s.pool.num_blocks - len(owned)
     assert all(not r.block_ids and r.status == Status.WAITING for r in s.waiting)
     assert all(r.status == Status.RUNNING for r in s.running)
-    assert len(s.running) <= s.cfg.max_batch_size
+    assert len(s.running) <= s.cfg.sequences_per_step
     for r in s.running:  # between steps, a request owns the blocks of what it computed, no more
         assert len(r.block_ids) == s.pool.blocks_for(r.num_computed)
         if s.cfg.prefix_caching and not r.params.prefill_logprobs:  # full blocks are keyed
@@ -159,7 +159,7 @@ def step_once(s: Scheduler, ex: FakeExecutor, trace: Trace, between: Callable[[]
     plan = step.plan
     cfg = s.cfg
     assert plan.query_lens.sum() <= cfg.max_batch_prefill_tokens
-    assert len(plan.query_lens) <= cfg.max_batch_size
+    assert len(plan.query_lens) <= cfg.sequences_per_step
     for i, req in enumerate(step.reqs):
         key = (req.frontend, req.req_id)
         # The sampler's random stream is keyed by (seed, tokens generated so far).

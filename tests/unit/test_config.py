@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tgi_mp.config import EngineConfig, parse_cuda_graphs
+from tgi_mp.config import EngineConfig
 from tgi_mp.executor.device import available_host_memory, cuda_kv_budget
 from tgi_mp.executor.runner import host_kv_budget, kv_bytes_per_block, num_kv_blocks
 from tgi_mp.model_source import load_model_config, resolve_model
+from tgi_mp.options import parse_cuda_graphs
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """TGI's HTTP request and response bodies, as msgspec types (wire order kept).
 
-These are the HTTP schemas only; what crosses to the scheduler is in
-`tgi_mp.ipc.messages`. Unknown request keys are ignored, as TGI does.
+These are the HTTP schemas only (OpenAI's are in `openai_protocol`); what
+crosses to the scheduler is in `tgi_mp.ipc.messages`. Unknown request keys are
+ignored, as TGI does.
 """
 
 from __future__ import annotations
@@ -133,32 +134,3 @@ class Info(msgspec.Struct):
     max_batch_total_tokens: int
     dtype: str
     attention_backend: str
-
-
-class FrontendConfig(msgspec.Struct, frozen=True):
-    """What every HTTP worker needs; written by `tgi-mp serve`, read by each worker."""
-
-    ipc_root: str
-    tokenizer_dir: str
-    model_id: str
-    eos_token_ids: list[int]
-    vocab_size: int = 0  # the model's: token ids must be below it
-    served_model_name: str = ""  # the `model` of OpenAI answers; model_id when empty
-    max_concurrent_requests: int = 128
-    max_best_of: int = 2
-    max_stop_sequences: int = 4
-    max_top_n_tokens: int = 5
-    max_input_tokens: int = 4095
-    max_total_tokens: int = 4096
-    max_client_batch_size: int = 4
-    enable_prefill_logprobs: bool = False
-    payload_limit: int = 2_000_000
-    api_key: str | None = None
-    cors_allow_origin: list[str] = []
-    max_batch_total_tokens: int = 0
-    block_size: int = 16
-    otlp_endpoint: str | None = None
-    otlp_service_name: str = "tgi-mp"
-    dtype: str = "float32"
-    attention_backend: str = "torch"
-    version: str = "0.1.0"
