@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tgi_mp.ipc.messages import StepPlan
+from tgi_mp.ipc.messages import BatchLayout, PenaltyColumns
 
 
 class PenaltyHistory:
@@ -46,37 +46,33 @@ class PenaltyHistory:
         while self.seen.shape[0] < rows:
             self._grow()
 
-    def update(self, plan: StepPlan) -> torch.Tensor | None:
+    def update(self, pen: PenaltyColumns, layout: BatchLayout) -> torch.Tensor | None:
         """Records this step's input tokens; returns each plan row's table row (-1: none),
         or None when no sequence in the step uses a penalty."""
-        for seq_id in plan.released.tolist():
+        for seq_id in pen.released.tolist():
             if (row := self.rows.pop(seq_id, None)) is not None:
                 self.free.append(row)
-        active = (
-            (plan.repetition_penalty != 1.0)
-            | (plan.frequency_penalty != 0.0)
-            | (plan.presence_penalty != 0.0)
-        )
+        active = (pen.repetition != 1.0) | (pen.frequency != 0.0) | (pen.presence != 0.0)
         if not active.any():
             return None
         rows = np.full(len(active), -1, dtype=np.int64)
         for i in np.flatnonzero(active).tolist():
-            rows[i] = self._row(int(plan.seq_ids[i]))
+            rows[i] = self._row(int(pen.seq_ids[i]))
         # A sequence starts over at context 0, or on a cached prefix it is sent.
-        fresh = rows[active & ((plan.context_lens == 0) | (plan.history_counts > 0))]
+        fresh = rows[active & ((layout.context_lens == 0) | (pen.history_counts > 0))]
         if len(fresh):
             self.seen[fresh] = False
             self.counts[fresh] = 0
         # Every token of an active row (its history, then this step's), and its position.
-        hist_rows, hist_pos = _spans(rows, np.zeros_like(plan.context_lens), plan.history_counts)
-        step_rows, step_pos = _spans(rows, plan.context_lens, plan.query_lens)
+        hist_rows, hist_pos = _spans(rows, np.zeros_like(layout.context_lens), pen.history_counts)
+        step_rows, step_pos = _spans(rows, layout.context_lens, layout.query_lens)
         token_rows = np.concatenate([hist_rows, step_rows])
         positions = np.concatenate([hist_pos, step_pos])
-        ids = np.concatenate([plan.history_ids, plan.input_ids])
+        ids = np.concatenate([pen.history_ids, layout.input_ids])
         prompt_lens = np.concatenate(
             [
-                np.repeat(plan.prompt_lens, plan.history_counts),
-                np.repeat(plan.prompt_lens, plan.query_lens),
+                np.repeat(pen.prompt_lens, pen.history_counts),
+                np.repeat(pen.prompt_lens, layout.query_lens),
             ]
         )
         keep = token_rows >= 0

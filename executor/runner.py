@@ -19,14 +19,13 @@ from tgi_mp.executor.device import (
     resolve_device,
     resolve_dtype,
 )
+from tgi_mp.executor.logits import LogitsPipeline, to_device
 from tgi_mp.executor.parallel import join
-from tgi_mp.executor.penalties import PenaltyHistory, apply_penalties
-from tgi_mp.executor.sampler import SamplingTensors, sample
+from tgi_mp.executor.sampler import SamplingTensors
 from tgi_mp.executor.staging import HostStaging
-from tgi_mp.executor.watermark import apply_watermark
 from tgi_mp.executor.weights import load_model
 from tgi_mp.ipc.messages import StepPlan
-from tgi_mp.kernels.attention import AttentionMetadata, allocate_kv_cache
+from tgi_mp.kernels.attention import AttentionInputs, allocate_kv_cache
 from tgi_mp.kernels.backends import select_backend
 
 log = logging.getLogger("tgi_mp.executor")
@@ -82,11 +81,6 @@ def num_kv_blocks(
     return blocks, f"{budget / 2**30:.2f} GiB = {why}"
 
 
-def _tensor(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # Plan arrays are read-only views of ZeroMQ frames; torch wants writable memory.
-    return torch.from_numpy(np.array(a)).to(device=device, dtype=dtype)
-
-
 # A guess at what capturing the decode graphs allocates (their private memory pool:
 # per-bucket activations and attention scratch), kept out of the KV budget.
 _GRAPH_RESERVE = 512 * 2**20
@@ -126,7 +120,9 @@ class ModelRunner:
             dummy=cfg.load_format == "dummy",
             attention=self.attention,
         )
-        self.penalties = PenaltyHistory(cfg.model_config.vocab_size, self.device)
+        self.logits = LogitsPipeline(
+            cfg.model_config.vocab_size, self.device, cfg.watermark_gamma, cfg.watermark_delta
+        )
         graphs = self._graph_buckets()
         reserve = _GRAPH_RESERVE if graphs else 0
 
@@ -201,9 +197,8 @@ class ModelRunner:
 
     def _profile_step(self) -> None:
         """The largest step the scheduler may plan: a full prefill budget of tokens
-        through the model, then logits, penalties and sampling (every filter on) for as
-        many rows as a step may sample. Uses a throw-away KV cache of just the blocks it
-        needs; the penalty tables it grows are kept (their memory is budgeted)."""
+        through the model, then the logits pipeline at its costliest for as many rows
+        as a step may sample. Uses a throw-away KV cache of just the blocks it needs."""
         cfg, mc = self.cfg, self.cfg.model_config
         tokens = cfg.max_batch_prefill_tokens
         blocks = -(-tokens // cfg.block_size)
@@ -216,129 +211,62 @@ class ModelRunner:
             self.dtype,
             self.device,
         )
-        meta = AttentionMetadata.build(
+        attn = AttentionInputs.plan(
             np.array([tokens]),
             np.array([0]),
             np.arange(blocks)[None, :],
             cfg.block_size,
-            self.device,
-            self.staging.upload,
-            [np.zeros(tokens, dtype=np.int64)],
             reference=self.attention.reference_plan,
         )
+        uploaded = self.staging.upload([*attn.arrays, np.zeros(tokens, dtype=np.int64)])
+        meta = attn.on_device(uploaded[:-1])
         with torch.inference_mode():
-            hidden = self.model(meta.extra[0], meta.positions, caches, meta)
+            hidden = self.model(uploaded[-1], meta.positions, caches, meta)
             if self.tp.rank == 0:
-                rows = cfg.sequences_per_step
-                logits = self.model.compute_logits(hidden[:rows])
-                n = logits.shape[0]
-
-                def full(value: float, dtype: torch.dtype) -> torch.Tensor:
-                    return torch.full((n,), value, dtype=dtype, device=self.device)
-
-                # Every row penalised: the tables stay allocated across steps, and
-                # applying them costs a few [rows, vocab] temporaries.
-                self.penalties.grow_to(n)
-                t = torch.arange(n, device=self.device)
-                logits = apply_penalties(
-                    logits,
-                    self.penalties.seen[t],
-                    self.penalties.counts[t],
-                    full(1.1, torch.float32),
-                    full(0.1, torch.float32),
-                    full(0.1, torch.float32),
-                )
-
-                columns = SamplingTensors(
-                    # A flat distribution: the best 1024 tokens hold less than top_p, so
-                    # top-p takes its costliest path (every token of every row sorted).
-                    temperature=full(1e4, torch.float32),
-                    top_k=full(0, torch.int64),
-                    top_p=full(0.999, torch.float32),
-                    typical_p=full(0.95, torch.float32),
-                    min_p=full(0.01, torch.float32),
-                    seeds=full(0, torch.int64),
-                    sample_index=full(0, torch.int64),
-                )
-                sample(logits, columns, 5)
-
-    def _penalise(
-        self, logits: torch.Tensor, plan: StepPlan, rows: np.ndarray, history_rows: torch.Tensor
-    ) -> None:
-        """Applies penalties in place to the sampled rows that use them."""
-        table_rows = history_rows[_tensor(rows, torch.int64, self.device)]
-        sel = (table_rows >= 0).nonzero().squeeze(1)
-        if sel.numel() == 0:
-            return
-        picked = rows[sel.cpu().numpy()]
-        t = table_rows[sel]
-        logits[sel] = apply_penalties(
-            logits[sel],
-            self.penalties.seen[t],
-            self.penalties.counts[t],
-            _tensor(plan.repetition_penalty[picked], torch.float32, self.device),
-            _tensor(plan.frequency_penalty[picked], torch.float32, self.device),
-            _tensor(plan.presence_penalty[picked], torch.float32, self.device),
-        )
+                logits = self.model.compute_logits(hidden[: cfg.sequences_per_step])
+                self.logits(logits, self.logits.costliest_inputs(logits.shape[0]))
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepOutput:
         """Sampled token ids and logprobs (and top-n alternatives), one per sampled row."""
-        counts = plan.block_counts
+        layout, s = plan.layout, plan.sampling
+        counts = layout.block_counts
         tables = np.zeros((len(counts), int(counts.max())), dtype=np.int32)
-        tables[np.arange(tables.shape[1])[None, :] < counts[:, None]] = plan.block_tables
-        rows = np.flatnonzero(plan.sample)
-        last_token = (np.cumsum(plan.query_lens) - 1)[rows]
-        # Float sampling columns travel as the bits of float64s inside the int64 upload.
-        floats = np.stack(
-            [plan.temperature[rows], plan.top_p[rows], plan.typical_p[rows], plan.min_p[rows]]
-        ).astype(np.float64)
-        meta = AttentionMetadata.build(
-            plan.query_lens,
-            plan.context_lens,
+        tables[np.arange(tables.shape[1])[None, :] < counts[:, None]] = layout.block_tables
+        rows = np.flatnonzero(s.sample)
+        last_token = (np.cumsum(layout.query_lens) - 1)[rows]
+        attn = AttentionInputs.plan(
+            layout.query_lens,
+            layout.context_lens,
             tables,
             self.cfg.block_size,
-            self.device,
-            self.staging.upload,
-            [
-                plan.input_ids,
-                last_token,
-                plan.top_k[rows],
-                plan.seeds[rows],
-                plan.sample_index[rows],
-                floats.view(np.int64),
-            ],
             reference=self.attention.reference_plan,
         )
-        input_ids, last_token_d, top_k, seeds, sample_index, float_bits = meta.extra
+        # The step's integers in one copy, its float sampling columns in another.
+        ints = [layout.input_ids, last_token, s.top_k[rows], s.seeds[rows], s.sample_index[rows]]
+        uploaded = self.staging.upload(attn.arrays + ints)
+        meta = attn.on_device(uploaded[: len(attn.arrays)])
+        input_ids, last_token_d, top_k, seeds, sample_index = uploaded[len(attn.arrays) :]
+        floats = [s.temperature[rows], s.top_p[rows], s.typical_p[rows], s.min_p[rows]]
+        temperature, top_p, typical_p, min_p = self.staging.upload(floats, torch.float32)
         if self.graphs is not None and self.graphs.fits(meta):
             hidden = self.graphs.run(meta, input_ids)
         else:
             hidden = self.model(input_ids, meta.positions, self.kv_caches, meta)
         if self.tp.rank != 0:  # rank 0 alone computes logits and samples
             return StepOutput(np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32))
-        history_rows = self.penalties.update(plan)  # every step: chunks feed the history too
-        prompt_logprobs = (
-            self._prompt_logprobs(hidden, plan) if plan.prompt_logprobs.any() else None
-        )
+        # Every step: prompt chunks feed the penalty histories too.
+        history_rows = self.logits.history.update(plan.penalties, layout)
+        prompt_logprobs = None
+        if plan.prompt_logprobs.counts.any():
+            prompt_logprobs = self._prompt_logprobs(hidden, plan)
         if len(rows) == 0:
             empty = np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32)
             return StepOutput(*empty, prompt_logprobs=prompt_logprobs)
+        sampling = SamplingTensors(temperature, top_k, top_p, typical_p, min_p, seeds, sample_index)
+        inputs = self.logits.inputs_from_plan(plan, rows, sampling, history_rows)
         logits = self.model.compute_logits(hidden[last_token_d])
-        if len(plan.bias_ids):
-            self._bias(logits, plan)
-        if history_rows is not None:
-            self._penalise(logits, plan, rows, history_rows)
-        marked = np.flatnonzero(plan.watermark[rows])
-        if len(marked):
-            sel = _tensor(marked, torch.int64, self.device)
-            prev = _tensor(plan.input_ids[last_token[marked]], torch.int64, self.device)
-            logits[sel] = apply_watermark(
-                logits[sel], prev, self.cfg.watermark_gamma, self.cfg.watermark_delta
-            )
-        temperature, top_p, typical_p, min_p = float_bits.view(torch.float64).float()
-        columns = SamplingTensors(temperature, top_k, top_p, typical_p, min_p, seeds, sample_index)
-        tokens, logprobs, top_ids, top_lps = sample(logits, columns, int(plan.top_n.max()))
+        tokens, logprobs, top_ids, top_lps = self.logits(logits, inputs)
         wanted = [tokens.to(torch.int32), logprobs]
         if top_ids is not None:
             wanted += [top_ids.to(torch.int32), top_lps]
@@ -348,30 +276,19 @@ class ModelRunner:
             out.top_ids, out.top_logprobs = host[2], host[3]
         return out
 
-    def _bias(self, logits: torch.Tensor, plan: StepPlan) -> None:
-        """Adds each sampled row's logit biases in place, in one scatter."""
-        owner = np.repeat(np.arange(len(plan.bias_counts)), plan.bias_counts)
-        keep = plan.sample[owner]
-        logit_row = (np.cumsum(plan.sample) - 1)[owner[keep]]
-        index = (
-            _tensor(logit_row, torch.int64, self.device),
-            _tensor(plan.bias_ids[keep], torch.int64, self.device),
-        )
-        values = _tensor(plan.bias_values[keep], logits.dtype, self.device)
-        logits.index_put_(index, values, accumulate=True)
-
     def _prompt_logprobs(self, hidden: torch.Tensor, plan: StepPlan) -> np.ndarray:
         """Logprob of each next prompt token, from the raw logits (no temperature or
         penalty, as TGI's prefill details), for the rows that asked."""
-        starts = np.cumsum(plan.query_lens) - plan.query_lens
-        counts = plan.prompt_logprobs
+        query_lens = plan.layout.query_lens
+        starts = np.cumsum(query_lens) - query_lens
+        counts = plan.prompt_logprobs.counts
         positions = np.concatenate(
             [np.arange(s, s + c) for s, c in zip(starts, counts, strict=True) if c]
         )
-        targets = _tensor(plan.prompt_targets, torch.int64, self.device)
+        targets = to_device(plan.prompt_logprobs.targets, torch.int64, self.device)
         out = torch.empty(len(positions), dtype=torch.float32, device=self.device)
         for i in range(0, len(positions), _PROMPT_LOGPROB_CHUNK):
-            pos = _tensor(positions[i : i + _PROMPT_LOGPROB_CHUNK], torch.int64, self.device)
+            pos = to_device(positions[i : i + _PROMPT_LOGPROB_CHUNK], torch.int64, self.device)
             logp = self.model.compute_logits(hidden[pos]).float().log_softmax(dim=-1)
             out[i : i + len(pos)] = logp.gather(1, targets[i : i + len(pos), None]).squeeze(1)
         return out.cpu().numpy()

@@ -1,12 +1,13 @@
 """Every message that crosses a process boundary in tgi-mp.
 
-Three channels, one tagged union each (see `ipc.channels` for the sockets):
+Five channels, one tagged union each (see `ipc.channels` for the sockets):
 
 * frontend -> scheduler: `AddRequest`, `AbortRequest`, `GetStats`
 * scheduler -> frontend: `TokenBatch`, `Error`, `SchedulerStats`
 * scheduler -> executors (one broadcast): `StepPlan`, `Shutdown`
 * executor -> scheduler: `StepResult`, `ExecutorReady`, `ExecutorFailed`
 * supervisor -> frontends (one broadcast): `EngineDead`, `ShuttingDown`
+* scheduler -> supervisor: `SchedulerReady` (or `EngineDead`, at start)
 
 Per-step messages are columnar: one numpy array per field, carried as
 zero-copy ZeroMQ frames by `ipc.codec`, never one Python object per request.
@@ -19,8 +20,6 @@ from enum import IntEnum
 
 import msgspec
 import numpy as np
-
-PROTOCOL_VERSION = 1
 
 
 class FinishReason(IntEnum):
@@ -62,7 +61,6 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True, gc=False):
     req_id: int  # unique per frontend socket; replies are routed by socket identity
     prompt: np.ndarray  # int32 token ids
     params: SamplingParams
-    arrival_time: float = 0.0
 
 
 class AbortRequest(msgspec.Struct, tag=True, array_like=True, gc=False):
@@ -148,57 +146,84 @@ SchedulerToFrontend = TokenBatch | Error | SchedulerStats
 # ---------------------------------------------------------------- scheduler -> executors
 
 
-class StepPlan(msgspec.Struct, tag=True, array_like=True, gc=False):
-    """One forward pass over a flattened batch, self-contained.
+class BatchLayout(msgspec.Struct, array_like=True, gc=False):
+    """Which tokens the forward computes, and where their KV lives.
 
     Sequence i contributes `query_lens[i]` new tokens (a prefill chunk, or 1
     for decode) on top of `context_lens[i]` tokens already in its KV blocks.
     `input_ids` is the concatenation of every sequence's new tokens. Block
-    tables are flattened: sequence i owns `block_counts[i]` entries. Only rows
-    with `sample[i]` set produce a token (a non-final prefill chunk does not).
-    Sampling columns are per sequence; `sample_index[i]` is how many tokens
-    the sequence has generated before, which keys its random stream so a
-    seeded request samples identically whatever batch it lands in.
+    tables are flattened: sequence i owns `block_counts[i]` entries.
     """
 
-    step_id: int
     query_lens: np.ndarray  # int32 [B]
     context_lens: np.ndarray  # int32 [B]
     input_ids: np.ndarray  # int32 [sum(query_lens)]
     block_counts: np.ndarray  # int32 [B]
     block_tables: np.ndarray  # int32 [sum(block_counts)]
+
+
+class SamplingColumns(msgspec.Struct, array_like=True, gc=False):
+    """How each row picks its token. Only rows with `sample` set produce one (a
+    non-final prefill chunk does not). `sample_index[i]` is how many tokens the
+    sequence generated before: it keys the random stream, so a seeded request
+    samples identically whatever batch it lands in."""
+
     sample: np.ndarray  # bool [B]
     temperature: np.ndarray  # float32 [B]; 0 means greedy
-    top_k: np.ndarray  # int32 [B]
-    top_p: np.ndarray  # float32 [B]
+    top_k: np.ndarray  # int32 [B]; 0 = off
+    top_p: np.ndarray  # float32 [B]; 1 = off
+    typical_p: np.ndarray  # float32 [B]; 1 = off
+    min_p: np.ndarray  # float32 [B]; 0 = off
     seeds: np.ndarray  # int64 [B]
     sample_index: np.ndarray  # int32 [B]
-    typical_p: np.ndarray  # float32 [B]
-    min_p: np.ndarray  # float32 [B]
     top_n: np.ndarray  # int32 [B]: alternatives to report for the sampled token
-    # Penalties need each sequence's token history, which executors keep per
-    # `seq_ids` (unique in the scheduler) from the tokens they compute; a sequence
-    # starting at context 0 starts a fresh history. `released` ends histories.
+    watermark: np.ndarray  # bool [B]: bias the row's logits to its green list
+
+
+class PenaltyColumns(msgspec.Struct, array_like=True, gc=False):
+    """Repetition, frequency and presence penalties need each sequence's token history,
+    which executors keep per `seq_ids` (unique in the scheduler) from the tokens they
+    compute. A sequence at context 0 starts a fresh history (so a preempted one,
+    recomputed, rebuilds its own); one that starts on a prefix-cache hit gets the
+    `history_counts[i]` tokens it did not compute; `released` ends histories."""
+
     seq_ids: np.ndarray  # int64 [B]
     prompt_lens: np.ndarray  # int32 [B]: tokens at positions >= this are generated
-    repetition_penalty: np.ndarray  # float32 [B]
-    frequency_penalty: np.ndarray  # float32 [B]
-    presence_penalty: np.ndarray  # float32 [B]
+    repetition: np.ndarray  # float32 [B]; 1 = off
+    frequency: np.ndarray  # float32 [B]; 0 = off
+    presence: np.ndarray  # float32 [B]; 0 = off
     released: np.ndarray  # int64: seq ids that finished since the last plan
-    watermark: np.ndarray  # bool [B]: bias the sampled row's logits to its green list
-    # Prompt logprobs: row i's first `prompt_logprobs[i]` positions each score the next
-    # prompt token; `prompt_targets` holds those tokens, rows concatenated.
-    prompt_logprobs: np.ndarray  # int32 [B]
-    prompt_targets: np.ndarray  # int32 [sum(prompt_logprobs)]
-    # Logit biases, sparse: row i adds `bias_values` to `bias_ids` for its next
-    # `bias_counts[i]` entries (rows concatenated).
-    bias_counts: np.ndarray  # int32 [B]
-    bias_ids: np.ndarray  # int32 [sum(bias_counts)]
-    bias_values: np.ndarray  # float32 [sum(bias_counts)]
-    # A sequence that starts on a prefix-cache hit: its first `history_counts[i]`
-    # tokens (positions 0.., computed by an earlier request) for penalty histories.
     history_counts: np.ndarray  # int32 [B]
     history_ids: np.ndarray  # int32 [sum(history_counts)]
+
+
+class PromptLogprobColumns(msgspec.Struct, array_like=True, gc=False):
+    """Row i's first `counts[i]` positions each score the next prompt token; `targets`
+    holds those tokens, rows concatenated."""
+
+    counts: np.ndarray  # int32 [B]
+    targets: np.ndarray  # int32 [sum(counts)]
+
+
+class LogitBiasColumns(msgspec.Struct, array_like=True, gc=False):
+    """Sparse: row i adds `values` to the logits of `ids`, its next `counts[i]` entries
+    (rows concatenated)."""
+
+    counts: np.ndarray  # int32 [B]
+    ids: np.ndarray  # int32 [sum(counts)]
+    values: np.ndarray  # float32 [sum(counts)]
+
+
+class StepPlan(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """One forward pass over a flattened batch, self-contained: every column is per
+    sequence (or ragged per token, with its counts), grouped by who reads it."""
+
+    step_id: int
+    layout: BatchLayout
+    sampling: SamplingColumns
+    penalties: PenaltyColumns
+    prompt_logprobs: PromptLogprobColumns
+    bias: LogitBiasColumns
 
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True, gc=False):
@@ -259,6 +284,9 @@ class ShuttingDown(msgspec.Struct, tag=True, array_like=True, gc=False):
 
 
 SupervisorEvent = EngineDead | ShuttingDown
+
+
+# ---------------------------------------------------------------- scheduler -> supervisor
 
 
 class SchedulerReady(msgspec.Struct, tag=True, array_like=True, gc=False):

@@ -49,7 +49,6 @@ class AttentionMetadata:
     block_size: int
     all_decode: bool  # every sequence has one new token: rows are already in order
     host: ReferencePlan | None = None  # built only for backends that use it
-    extra: list[torch.Tensor] | None = None  # the caller's `extra` arrays, uploaded alongside
 
     @property
     def num_tokens(self) -> int:
@@ -64,12 +63,33 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device | str,
         upload: Upload | None = None,
-        extra: list[np.ndarray] | tuple[()] = (),
         reference: bool = True,
     ) -> AttentionMetadata:
-        """From the host plan; `upload` moves every integer array of the step (these and
-        the caller's `extra`) to the device in one go (default: a copy each).
-        `reference`: also plan for the torch reference (`host`)."""
+        """From the host plan; `upload` moves the integer arrays to the device in one
+        go (default: a copy each). `reference`: also plan for the torch reference."""
+        inputs = AttentionInputs.plan(query_lens, context_lens, block_tables, block_size, reference)
+        return inputs.on_device((upload or _copy_each(device))(inputs.arrays))
+
+
+@dataclass
+class AttentionInputs:
+    """The host side of `AttentionMetadata`: the int64 arrays to upload (a caller may
+    send them in one copy with its own), and what the reference plans from them."""
+
+    arrays: list[np.ndarray]  # positions, slots, query starts, seq lens, block tables[, ref]
+    block_size: int
+    all_decode: bool
+    reference: ReferencePlan | None  # its two tensors are filled in by `on_device`
+
+    @classmethod
+    def plan(
+        cls,
+        query_lens: np.ndarray,
+        context_lens: np.ndarray,
+        block_tables: np.ndarray,
+        block_size: int,
+        reference: bool = True,
+    ) -> AttentionInputs:
         query_lens = np.asarray(query_lens, dtype=np.int64)
         context_lens = np.asarray(context_lens, dtype=np.int64)
         block_tables = np.asarray(block_tables, dtype=np.int64).reshape(len(query_lens), -1)
@@ -82,8 +102,8 @@ class AttentionMetadata:
         positions = context_lens[seq_idx] + (np.arange(num_tokens) - qsl[:-1][seq_idx])
         slots = block_tables[seq_idx, positions // block_size] * block_size + positions % block_size
         decode = np.flatnonzero(query_lens == 1)
-
         arrays = [positions, slots, qsl, seq_lens, block_tables]
+        plan = None
         if reference:
             d_lens = seq_lens[decode]
             d_max = int(d_lens.max()) if len(decode) else 0
@@ -92,23 +112,25 @@ class AttentionMetadata:
             # point them at block 0 so the gather is in range; the mask hides them.
             used = np.arange(nb)[None, :] < -(-d_lens[:, None] // block_size)
             arrays += [qsl[decode], np.where(used, block_tables[decode, :nb], 0)]
-        tensors = (upload or _copy_each(device))(arrays + list(extra))
-        meta = cls(
-            *tensors[:5],
-            block_size=block_size,
-            all_decode=len(decode) == len(query_lens),
-            extra=tensors[len(arrays) :],
-        )
-        if reference:
-            meta.host = ReferencePlan(
+            plan = ReferencePlan(
                 query_lens=query_lens.tolist(),
                 seq_lens=seq_lens.tolist(),
                 query_start=qsl.tolist(),
-                decode_rows=tensors[5],
-                decode_blocks=tensors[6],
+                decode_rows=torch.empty(0),
+                decode_blocks=torch.empty(0),
                 decode_max_len=d_max,
                 prefill_seqs=np.flatnonzero(query_lens > 1).tolist(),
             )
+        return cls(arrays, block_size, len(decode) == len(query_lens), plan)
+
+    def on_device(self, tensors: list[torch.Tensor]) -> AttentionMetadata:
+        """The metadata from `arrays` uploaded (in their order)."""
+        meta = AttentionMetadata(
+            *tensors[:5], block_size=self.block_size, all_decode=self.all_decode
+        )
+        if self.reference is not None:
+            self.reference.decode_rows, self.reference.decode_blocks = tensors[5], tensors[6]
+            meta.host = self.reference
         return meta
 
 

@@ -28,7 +28,14 @@ import torch
 
 from tgi_mp.config import EngineConfig
 from tgi_mp.executor.runner import ModelRunner, kv_bytes_per_block
-from tgi_mp.ipc.messages import StepPlan
+from tgi_mp.ipc.messages import (
+    BatchLayout,
+    LogitBiasColumns,
+    PenaltyColumns,
+    PromptLogprobColumns,
+    SamplingColumns,
+    StepPlan,
+)
 from tgi_mp.model_source import load_model_config, resolve_model
 from tgi_mp.options import CHOICES, parse_cuda_graphs
 
@@ -65,34 +72,37 @@ def decode_plan(step: int, batch: int, context: int, blocks_per_seq: int, vocab:
     empty = np.empty(0, dtype=i32)
     return StepPlan(
         step_id=step,
-        query_lens=full(1, i32),
-        context_lens=full(context, i32),
-        input_ids=((np.arange(batch) * 7919 + step) % vocab).astype(i32),
-        block_counts=full(blocks_per_seq, i32),
-        block_tables=np.arange(batch * blocks_per_seq, dtype=i32),
-        sample=full(True, bool),
-        temperature=full(0.0, f32),
-        top_k=full(0, i32),
-        top_p=full(1.0, f32),
-        seeds=full(0, np.int64),
-        sample_index=full(step, i32),
-        typical_p=full(1.0, f32),
-        min_p=full(0.0, f32),
-        top_n=full(0, i32),
-        seq_ids=np.arange(batch, dtype=np.int64),
-        prompt_lens=full(context, i32),
-        repetition_penalty=full(1.0, f32),
-        frequency_penalty=full(0.0, f32),
-        presence_penalty=full(0.0, f32),
-        released=np.empty(0, dtype=np.int64),
-        watermark=full(False, bool),
-        prompt_logprobs=full(0, i32),
-        prompt_targets=empty,
-        bias_counts=full(0, i32),
-        bias_ids=empty,
-        bias_values=np.empty(0, dtype=f32),
-        history_counts=full(0, i32),
-        history_ids=empty,
+        layout=BatchLayout(
+            query_lens=full(1, i32),
+            context_lens=full(context, i32),
+            input_ids=((np.arange(batch) * 7919 + step) % vocab).astype(i32),
+            block_counts=full(blocks_per_seq, i32),
+            block_tables=np.arange(batch * blocks_per_seq, dtype=i32),
+        ),
+        sampling=SamplingColumns(
+            sample=full(True, bool),
+            temperature=full(0.0, f32),
+            top_k=full(0, i32),
+            top_p=full(1.0, f32),
+            typical_p=full(1.0, f32),
+            min_p=full(0.0, f32),
+            seeds=full(0, np.int64),
+            sample_index=full(step, i32),
+            top_n=full(0, i32),
+            watermark=full(False, bool),
+        ),
+        penalties=PenaltyColumns(
+            seq_ids=np.arange(batch, dtype=np.int64),
+            prompt_lens=full(context, i32),
+            repetition=full(1.0, f32),
+            frequency=full(0.0, f32),
+            presence=full(0.0, f32),
+            released=np.empty(0, dtype=np.int64),
+            history_counts=full(0, i32),
+            history_ids=empty,
+        ),
+        prompt_logprobs=PromptLogprobColumns(full(0, i32), empty),
+        bias=LogitBiasColumns(full(0, i32), empty, np.empty(0, dtype=f32)),
     )
 
 

@@ -98,7 +98,7 @@ class SchedulerProcess:
             t2 = time.perf_counter()
             prefill_before = self.core.stats.prefill_tokens
             self._emit(
-                self.core.update(step, result.token_ids, result.logprobs, result.prompt_logprobs),
+                self.core.update(step, result.token_ids, result.prompt_logprobs),
                 result,
             )
             t3 = time.perf_counter()
@@ -172,17 +172,16 @@ class SchedulerProcess:
             by_frontend[out.req.frontend].append(out)
         for frontend, outs in by_frontend.items():
             with_token = [o for o in outs if o.token >= 0]
-            top_ids = top_logprobs = None
-            if result is not None and result.top_ids is not None:
-                rows = [o.row for o in with_token]
-                top_ids, top_logprobs = result.top_ids[rows], result.top_logprobs[rows]
+            # Each token's columns are its row of the step's result arrays.
+            rows = np.array([o.row for o in with_token], dtype=np.int64)
+            tokens, logprobs = np.empty(0, np.int32), np.empty(0, np.float32)
+            if result is not None:  # else the news are requests that ended between steps
+                tokens, logprobs = result.token_ids[rows], result.logprobs[rows]
             batch = m.TokenBatch(
                 req_ids=np.array([o.req.req_id for o in with_token], dtype=np.int64),
-                token_ids=np.array([o.token for o in with_token], dtype=np.int32),
-                logprobs=np.array([o.logprob for o in with_token], dtype=np.float32),
+                token_ids=tokens,
+                logprobs=logprobs,
                 finished=[(o.req.req_id, int(o.finish)) for o in outs if o.finish is not None],
-                top_ids=top_ids,
-                top_logprobs=top_logprobs,
                 num_cached_tokens=[
                     (o.req.req_id, o.req.num_cached) for o in with_token if o.req.num_generated == 1
                 ],
@@ -192,6 +191,8 @@ class SchedulerProcess:
                     if o.prompt_logprobs is not None
                 ],
             )
+            if result is not None and result.top_ids is not None:
+                batch.top_ids, batch.top_logprobs = result.top_ids[rows], result.top_logprobs[rows]
             self.ch.frontend.send(batch, frontend)
 
     def _stats(self) -> m.SchedulerStats:

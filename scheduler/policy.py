@@ -68,8 +68,7 @@ class Output:
     req: Request
     token: int
     finish: FinishReason | None
-    logprob: float = float("nan")
-    row: int = -1  # index of this token in the step's sampled arrays
+    row: int = -1  # index of this token in the step's sampled arrays (its logprob's too)
     prompt_logprobs: np.ndarray | None = None  # with the first token, when asked for
     error: str | None = None  # the engine failed this request (finish is ERROR)
 
@@ -293,6 +292,8 @@ class Scheduler:
         plan = build_step_plan(self._step_id + 1, reqs, num_new, released)
         self._step_id += 1
         self._released = []
+        for req in reqs:  # their first plan carried their cached-prefix history
+            req.started = True
         return plan
 
     def _fail_unplannable(self, reqs: list[Request], num_new: list[int]) -> list[Output]:
@@ -300,13 +301,10 @@ class Scheduler:
         is broken as a whole (a bug, not a request), and that is raised."""
         failed = []
         for req, n in zip(reqs, num_new, strict=True):
-            started = req.started
             try:
                 build_step_plan(0, [req], [n], np.empty(0, np.int64))
             except Exception as e:
                 failed.append(self._fail(req, e))
-            finally:
-                req.started = started
         if not failed:
             raise RuntimeError("a step plan failed, and no request's plan fails alone")
         return failed
@@ -331,18 +329,16 @@ class Scheduler:
         self,
         step: ScheduledStep,
         sampled: np.ndarray,
-        logprobs: np.ndarray | None = None,
         prompt_logprobs: np.ndarray | None = None,
     ) -> list[Output]:
         """Applies a step's sampled tokens (one per row with `plan.sample` set), and the
         prompt logprobs of the rows that asked for them."""
         outputs: list[Output] = []
         tokens = sampled.tolist()
-        lps = logprobs.tolist() if logprobs is not None else [float("nan")] * len(tokens)
-        if len(tokens) != int(step.plan.sample.sum()):
+        sample = step.plan.sampling.sample
+        if len(tokens) != int(sample.sum()):
             raise ValueError(
-                f"step {step.plan.step_id}: {len(tokens)} tokens for "
-                f"{int(step.plan.sample.sum())} sampled rows"
+                f"step {step.plan.step_id}: {len(tokens)} tokens, {int(sample.sum())} sampled rows"
             )
         k = 0
         scored_at = 0  # offset of the current row's entries in `prompt_logprobs`
@@ -350,8 +346,8 @@ class Scheduler:
         for req, n, do_sample, scored in zip(
             step.reqs,
             step.num_new,
-            step.plan.sample.tolist(),
-            step.plan.prompt_logprobs.tolist(),
+            sample.tolist(),
+            step.plan.prompt_logprobs.counts.tolist(),
             strict=True,
         ):
             # Decode = the one token sampled last step; a preempted request's recompute
@@ -370,7 +366,7 @@ class Scheduler:
                 continue
             sampled_at = k - 1 if do_sample else -1
             try:
-                out = self._apply(req, n, values, tokens, lps, sampled_at)
+                out = self._apply(req, n, values, tokens, sampled_at)
             except Exception as e:  # this request's bookkeeping broke: it alone fails
                 out = self._fail(req, e)
             if out is not None:
@@ -383,7 +379,6 @@ class Scheduler:
         n: int,
         values: np.ndarray | None,
         tokens: list[int],
-        lps: list[float],
         row: int,
     ) -> Output | None:
         """One request's part of a step: `n` tokens computed, its prompt logprobs
@@ -399,7 +394,7 @@ class Scheduler:
         token = tokens[row]
         req.append(token)
         reason = req.finish_reason(token, self.cfg.eos_token_ids)
-        out = Output(req, token, reason, lps[row], row)
+        out = Output(req, token, reason, row)
         if req.num_generated == 1:
             out.prompt_logprobs = req.prompt_logprobs
         if reason is not None:

@@ -58,7 +58,7 @@ def test_profile_step_takes_the_costliest_paths(tmp_path: Path, monkeypatch) -> 
     runner._profile_step()
     assert widths == [VOCAB], "top-p must have sorted the whole vocabulary"
     # Penalty tables for all 20 sampled rows, grown as sequences grow them (8, 16, 32).
-    assert runner.penalties.seen.shape == (32, VOCAB) and len(runner.penalties.free) == 32
-    assert not runner.penalties.rows
+    assert runner.logits.history.seen.shape == (32, VOCAB) and len(runner.logits.history.free) == 32
+    assert not runner.logits.history.rows
     # The profile used its own KV blocks: the engine's cache is untouched.
     assert all(not k.any() and not v.any() for k, v in runner.kv_caches)

@@ -18,10 +18,12 @@ from tgi_mp.ipc.channels import Endpoints, ExecutorChannels
 
 def checksum(plan: m.StepPlan) -> int:
     h = hashlib.blake2b(str(plan.step_id).encode(), digest_size=4)
-    for name in plan.__struct_fields__[1:]:
-        arr = getattr(plan, name)
-        h.update(f"{name}:{arr.dtype.str}:{arr.shape}".encode())
-        h.update(arr.tobytes())
+    for group in plan.__struct_fields__[1:]:
+        columns = getattr(plan, group)
+        for name in columns.__struct_fields__:
+            arr = getattr(columns, name)
+            h.update(f"{group}.{name}:{arr.dtype.str}:{arr.shape}".encode())
+            h.update(arr.tobytes())
     return int.from_bytes(h.digest(), "little", signed=True)
 
 

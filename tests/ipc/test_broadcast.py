@@ -37,8 +37,8 @@ def plan_for(rng: np.random.Generator, step_id: int) -> m.StepPlan:
 def test_broadcast_reaches_every_executor_in_order() -> None:
     rng = np.random.default_rng(0)
     plans = [plan_for(rng, i + 1) for i in range(NUM_PLANS)]
-    assert any(p.input_ids.nbytes >= INLINE_LIMIT for p in plans)  # some frames...
-    assert any(p.input_ids.nbytes < INLINE_LIMIT for p in plans)  # ...and some inline
+    assert any(p.layout.input_ids.nbytes >= INLINE_LIMIT for p in plans)  # some frames...
+    assert any(p.layout.input_ids.nbytes < INLINE_LIMIT for p in plans)  # ...and some inline
     want = [peer.checksum(p) for p in plans]
 
     ep = Endpoints.create()

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from tgi_mp.kernels.attention import AttentionMetadata, allocate_kv_cache, paged_attention, write_kv
+from tgi_mp.kernels.attention import (
+    AttentionInputs,
+    AttentionMetadata,
+    allocate_kv_cache,
+    paged_attention,
+    write_kv,
+)
 
 BS = 4  # small blocks: many block boundaries, partly filled last blocks
 
@@ -109,11 +115,13 @@ def test_build_positions_and_slots() -> None:
     assert meta.seq_lens.tolist() == [8, 6, 10]
     assert meta.host.decode_rows.tolist() == [9] and meta.host.prefill_seqs == [0, 1]
     assert not meta.all_decode
-    # Kernels need no host plan; the caller's extra arrays ride along either way.
+    # Kernels need no host plan; a caller may upload the arrays with its own.
     for reference in (True, False):
-        m = AttentionMetadata.build(qlen, ctx, tables, BS, "cpu", extra=[np.array([5, 6])],
-                                    reference=reference)  # fmt: skip
-        assert (m.host is not None) == reference and m.extra[0].tolist() == [5, 6]
+        inputs = AttentionInputs.plan(qlen, ctx, tables, BS, reference=reference)
+        mine = np.array([5, 6])
+        tensors = [torch.from_numpy(a) for a in [*inputs.arrays, mine]]
+        m = inputs.on_device(tensors[:-1])
+        assert (m.host is not None) == reference and tensors[-1].tolist() == [5, 6]
         assert torch.equal(m.slot_mapping, meta.slot_mapping)
     with pytest.raises(ValueError, match="reference=True"):
         cache = torch.zeros(8, BS, 2, 8)

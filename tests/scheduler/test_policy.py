@@ -67,24 +67,25 @@ class FakeExecutor:
         return table[pos // self.bs].astype(np.int64) * self.bs + pos % self.bs
 
     def step(self, plan: StepPlan) -> np.ndarray:
-        b = len(plan.query_lens)
-        for name in ("context_lens", "block_counts", "sample", "temperature", "seeds"):
-            assert len(getattr(plan, name)) == b, name
-        assert len(plan.input_ids) == plan.query_lens.sum()
-        assert len(plan.block_tables) == plan.block_counts.sum()
-        assert plan.query_lens.min() >= 1
-        assert ((plan.block_tables >= 0) & (plan.block_tables < self.num_blocks)).all()
-        tables = np.split(plan.block_tables, np.cumsum(plan.block_counts)[:-1])
-        starts = np.concatenate([[0], np.cumsum(plan.query_lens)])
+        lay, smp = plan.layout, plan.sampling
+        b = len(lay.query_lens)
+        per_row = (lay.context_lens, lay.block_counts, smp.sample, smp.temperature, smp.seeds)
+        assert all(len(column) == b for column in (*per_row, plan.penalties.seq_ids))
+        assert len(lay.input_ids) == lay.query_lens.sum()
+        assert len(lay.block_tables) == lay.block_counts.sum()
+        assert lay.query_lens.min() >= 1
+        assert ((lay.block_tables >= 0) & (lay.block_tables < self.num_blocks)).all()
+        tables = np.split(lay.block_tables, np.cumsum(lay.block_counts)[:-1])
+        starts = np.concatenate([[0], np.cumsum(lay.query_lens)])
         # Write every row's KV first, then read: as in a real forward pass, a block
         # shared by two rows of one step corrupts one of them.
         for i in range(b):
-            c, q = int(plan.context_lens[i]), int(plan.query_lens[i])
-            self.kv[self._slots(tables[i], c, c + q)] = plan.input_ids[starts[i] : starts[i + 1]]
+            c, q = int(lay.context_lens[i]), int(lay.query_lens[i])
+            self.kv[self._slots(tables[i], c, c + q)] = lay.input_ids[starts[i] : starts[i + 1]]
         out = []
         for i in range(b):
-            if plan.sample[i]:
-                end = int(plan.context_lens[i] + plan.query_lens[i])
+            if smp.sample[i]:
+                end = int(lay.context_lens[i] + lay.query_lens[i])
                 history = self.kv[self._slots(tables[i], 0, end)]
                 assert (history >= 0).all(), "read a slot that was never written"
                 out.append(self.fn(history))
@@ -93,16 +94,16 @@ class FakeExecutor:
     @staticmethod
     def score_prompt(plan: StepPlan) -> np.ndarray:
         """Prompt 'logprobs' that name what they score: target id * 1000 + position."""
-        starts = np.cumsum(plan.query_lens) - plan.query_lens
+        starts = np.cumsum(plan.layout.query_lens) - plan.layout.query_lens
         values = []
-        for i, n in enumerate(plan.prompt_logprobs.tolist()):
-            assert n <= plan.query_lens[i]
+        for i, n in enumerate(plan.prompt_logprobs.counts.tolist()):
+            assert n <= plan.layout.query_lens[i]
             # Within the chunk, position j's target is the input token at j + 1.
-            row_inputs = plan.input_ids[starts[i] : starts[i] + plan.query_lens[i]]
-            targets = plan.prompt_targets[len(values) : len(values) + n]
-            assert (targets[: plan.query_lens[i] - 1] == row_inputs[1 : n + 1]).all()
-            values += [t * 1000.0 + plan.context_lens[i] + j for j, t in enumerate(targets)]
-        assert len(values) == len(plan.prompt_targets)
+            row_inputs = plan.layout.input_ids[starts[i] : starts[i] + plan.layout.query_lens[i]]
+            targets = plan.prompt_logprobs.targets[len(values) : len(values) + n]
+            assert (targets[: plan.layout.query_lens[i] - 1] == row_inputs[1 : n + 1]).all()
+            values += [t * 1000.0 + plan.layout.context_lens[i] + j for j, t in enumerate(targets)]
+        assert len(values) == len(plan.prompt_logprobs.targets)
         return np.array(values, dtype=np.float32)
 
 
@@ -158,17 +159,17 @@ def step_once(s: Scheduler, ex: FakeExecutor, trace: Trace, between: Callable[[]
         return False
     plan = step.plan
     cfg = s.cfg
-    assert plan.query_lens.sum() <= cfg.max_batch_prefill_tokens
-    assert len(plan.query_lens) <= cfg.sequences_per_step
+    assert plan.layout.query_lens.sum() <= cfg.max_batch_prefill_tokens
+    assert len(plan.layout.query_lens) <= cfg.sequences_per_step
     for i, req in enumerate(step.reqs):
         key = (req.frontend, req.req_id)
         # The sampler's random stream is keyed by (seed, tokens generated so far).
-        assert plan.sample_index[i] == len(trace.tokens.get(key, []))
-        assert plan.seeds[i] == req.seed
+        assert plan.sampling.sample_index[i] == len(trace.tokens.get(key, []))
+        assert plan.sampling.seeds[i] == req.seed
     trace.plans.append((plan, list(step.reqs)))
     sampled = ex.step(plan)
     between()  # e.g. a client aborts while the step is in flight
-    for out in s.update(step, sampled, None, ex.score_prompt(plan)):
+    for out in s.update(step, sampled, ex.score_prompt(plan)):
         trace.saw(out.req.frontend, out.req.req_id, out.token, out.finish)
         if out.prompt_logprobs is not None:
             key = (out.req.frontend, out.req.req_id)
@@ -262,9 +263,11 @@ def test_budget_and_batch_size_respected(make) -> None:
     reqs = [add(s, i, prompt_of(rng, 10), max_new_tokens=6) for i in range(10)]
     trace = run_all(s, ex)  # `step_once` asserts both limits on every plan
     check_outputs(trace, reqs)
-    assert max(len(p.query_lens) for p, _ in trace.plans) == 3  # the cap was actually reached
-    assert max(int(p.query_lens.sum()) for p, _ in trace.plans) == 16
-    total = sum(int(p.query_lens.sum()) for p, _ in trace.plans)
+    assert (
+        max(len(p.layout.query_lens) for p, _ in trace.plans) == 3
+    )  # the cap was actually reached
+    assert max(int(p.layout.query_lens.sum()) for p, _ in trace.plans) == 16
+    total = sum(int(p.layout.query_lens.sum()) for p, _ in trace.plans)
     assert s.stats.prefill_tokens + s.stats.decode_tokens == total
 
 
@@ -275,7 +278,8 @@ def test_long_prompt_is_chunked(make) -> None:
     trace = run_all(s, ex)
     check_outputs(trace, [r])
     rows = [
-        (int(p.context_lens[0]), int(p.query_lens[0]), bool(p.sample[0])) for p, _ in trace.plans
+        (int(p.layout.context_lens[0]), int(p.layout.query_lens[0]), bool(p.sampling.sample[0]))
+        for p, _ in trace.plans
     ]
     assert rows[:4] == [(0, 32, False), (32, 32, False), (64, 32, False), (96, 4, True)]
     assert rows[4:] == [(100, 1, True), (101, 1, True)]
@@ -294,11 +298,13 @@ def test_decode_rows_mix_with_prefill_chunks(make) -> None:
 
     trace = run_all(s, ex, before=before)
     check_outputs(trace, [a, b])
-    mixed = [p for p, reqs in trace.plans if len(reqs) == 2 and not p.sample[1]]
+    mixed = [p for p, reqs in trace.plans if len(reqs) == 2 and not p.sampling.sample[1]]
     assert len(mixed) >= 3  # `b` took several chunks, each beside a decode row of `a`
     for p in mixed:
-        assert p.query_lens[0] == 1 and p.sample[0]  # `a` kept decoding: never stalled
-        assert p.query_lens.sum() == 16  # the chunk filled the rest of the budget
+        assert (
+            p.layout.query_lens[0] == 1 and p.sampling.sample[0]
+        )  # `a` kept decoding: never stalled
+        assert p.layout.query_lens.sum() == 16  # the chunk filled the rest of the budget
 
 
 def test_preempted_requests_resume_invisibly(make) -> None:
@@ -312,12 +318,12 @@ def test_preempted_requests_resume_invisibly(make) -> None:
     check_outputs(trace, reqs)
     # A resumed request recomputes prompt + generated tokens in one prefill row and samples
     # its next token at once; that recompute is prefill work, not decode.
-    total = sum(int(p.query_lens.sum()) for p, _ in trace.plans)
+    total = sum(int(p.layout.query_lens.sum()) for p, _ in trace.plans)
     decode_rows = sum(
         1
         for p, rs in trace.plans
         for i, r in enumerate(rs)
-        if p.query_lens[i] == 1 and p.context_lens[i] + 1 > r.num_prompt
+        if p.layout.query_lens[i] == 1 and p.layout.context_lens[i] + 1 > r.num_prompt
     )
     assert s.stats.decode_tokens == decode_rows
     assert s.stats.prefill_tokens == total - decode_rows
@@ -332,9 +338,9 @@ def test_prefill_chunk_shrinks_to_free_blocks(make) -> None:
     a = add(s, 2, list(range(101, 121)), max_new_tokens=1)
     trace = Trace()
     step_once(s, ex, trace, lambda: None)
-    assert trace.plans[0][0].query_lens.tolist() == [4, 12]
+    assert trace.plans[0][0].layout.query_lens.tolist() == [4, 12]
     step_once(s, ex, trace, lambda: None)
-    assert trace.plans[1][0].query_lens.tolist() == [1, 4]
+    assert trace.plans[1][0].layout.query_lens.tolist() == [1, 4]
     assert s.stats.preemptions == 0
     check_outputs(run_all(s, ex, trace), [a, b])
 
@@ -379,8 +385,8 @@ def test_prompt_logprobs_follow_chunks_and_preemption(make) -> None:
     # Scoring stops with the first generated token, recompute included.
     for plan, rs in trace.plans:
         for i, r in enumerate(rs):
-            if plan.prompt_logprobs[i]:
-                assert plan.context_lens[i] + plan.prompt_logprobs[i] < r.num_prompt
+            if plan.prompt_logprobs.counts[i]:
+                assert plan.layout.context_lens[i] + plan.prompt_logprobs.counts[i] < r.num_prompt
 
 
 # ---------------------------------------------------------------- prefix cache
@@ -391,7 +397,7 @@ def first_row(trace: Trace, req: Request) -> tuple[int, int]:
     for plan, rs in trace.plans:
         for i, r in enumerate(rs):
             if r is req:
-                return int(plan.context_lens[i]), int(plan.query_lens[i])
+                return int(plan.layout.context_lens[i]), int(plan.layout.query_lens[i])
     raise AssertionError("never planned")
 
 
@@ -522,10 +528,10 @@ def test_penalised_requests_get_their_cached_history(make) -> None:
     trace = run_all(s, ex, trace)
     plan, rs = next((p, rs) for p, rs in trace.plans if r in rs)
     i = rs.index(r)
-    assert plan.context_lens[i] == 8 and plan.history_counts[i] == 8
-    assert plan.history_ids.tolist() == prompt[:8]
+    assert plan.layout.context_lens[i] == 8 and plan.penalties.history_counts[i] == 8
+    assert plan.penalties.history_ids.tolist() == prompt[:8]
     later = [p for p, rs in trace.plans if r in rs][1:]
-    assert later and all(p.history_counts.sum() == 0 for p in later)  # sent once
+    assert later and all(p.penalties.history_counts.sum() == 0 for p in later)  # sent once
 
 
 # ---------------------------------------------------------------- aborts

@@ -1,0 +1,162 @@
+"""From a step's logits to its tokens, in one order for every step:
+
+logit bias -> penalties -> watermark -> (a grammar mask, when there is one) ->
+sampling -> logprobs and top-n alternatives.
+
+`LogitsPipeline` runs it over `RowInputs` (the sampled rows' columns, on the
+device). The real step builds them from its plan; the memory-profiling step
+builds the costliest ones a step may have, and runs the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tgi_mp.executor.penalties import PenaltyHistory, apply_penalties
+from tgi_mp.executor.sampler import SamplingTensors, sample
+from tgi_mp.executor.watermark import apply_watermark
+from tgi_mp.ipc.messages import StepPlan
+
+
+def to_device(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # Plan arrays are read-only views of ZeroMQ frames; torch wants writable memory.
+    return torch.from_numpy(np.array(a)).to(device=device, dtype=dtype)
+
+
+@dataclass
+class Penalised:
+    """The rows that use a penalty: their positions among the sampled rows, their rows of
+    the history tables, and their three penalties."""
+
+    rows: torch.Tensor  # int64 [P]
+    table_rows: torch.Tensor  # int64 [P]
+    repetition: torch.Tensor  # float32 [P]
+    frequency: torch.Tensor
+    presence: torch.Tensor
+
+
+@dataclass
+class RowInputs:
+    """What the pipeline needs for a step's sampled rows, on the device."""
+
+    sampling: SamplingTensors
+    top_n: int  # alternatives to compute (the most any row asked for)
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # row, id, value
+    penalised: Penalised | None = None
+    watermarked: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, their previous token
+
+
+class LogitsPipeline:
+    def __init__(
+        self, vocab: int, device: torch.device, watermark_gamma: float, watermark_delta: float
+    ) -> None:
+        self.device = device
+        self.history = PenaltyHistory(vocab, device)
+        self.watermark_gamma = watermark_gamma
+        self.watermark_delta = watermark_delta
+
+    def __call__(
+        self, logits: torch.Tensor, inputs: RowInputs
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Token ids and their logprobs, and the top-n (ids, logprobs) when asked."""
+        if inputs.bias is not None:
+            row, ids, values = inputs.bias
+            logits.index_put_((row, ids), values.to(logits.dtype), accumulate=True)
+        if (p := inputs.penalised) is not None:
+            logits[p.rows] = apply_penalties(
+                logits[p.rows],
+                self.history.seen[p.table_rows],
+                self.history.counts[p.table_rows],
+                p.repetition,
+                p.frequency,
+                p.presence,
+            )
+        if inputs.watermarked is not None:
+            rows, prev = inputs.watermarked
+            logits[rows] = apply_watermark(
+                logits[rows], prev, self.watermark_gamma, self.watermark_delta
+            )
+        return sample(logits, inputs.sampling, inputs.top_n)
+
+    # ------------------------------------------------------------ the step's inputs
+
+    def inputs_from_plan(
+        self,
+        plan: StepPlan,
+        rows: np.ndarray,
+        sampling: SamplingTensors,
+        history_rows: torch.Tensor | None,
+    ) -> RowInputs:
+        """The sampled rows' (`rows` of the plan) inputs; `history_rows`: each plan row's
+        penalty table row (from `history.update`), or None."""
+        s, dev = plan.sampling, self.device
+        inputs = RowInputs(sampling, int(s.top_n.max()))
+        b = plan.bias
+        if len(b.ids):
+            owner = np.repeat(np.arange(len(b.counts)), b.counts)
+            keep = s.sample[owner]
+            logit_row = (np.cumsum(s.sample) - 1)[owner[keep]]
+            inputs.bias = (
+                to_device(logit_row, torch.int64, dev),
+                to_device(b.ids[keep], torch.int64, dev),
+                to_device(b.values[keep], torch.float32, dev),
+            )
+        if history_rows is not None:
+            table_rows = history_rows[to_device(rows, torch.int64, dev)]
+            sel = (table_rows >= 0).nonzero().squeeze(1)
+            if sel.numel():
+                picked = rows[sel.cpu().numpy()]
+                pen = plan.penalties
+                inputs.penalised = Penalised(
+                    sel,
+                    table_rows[sel],
+                    to_device(pen.repetition[picked], torch.float32, dev),
+                    to_device(pen.frequency[picked], torch.float32, dev),
+                    to_device(pen.presence[picked], torch.float32, dev),
+                )
+        marked = np.flatnonzero(s.watermark[rows])
+        if len(marked):
+            layout = plan.layout
+            last_token = (np.cumsum(layout.query_lens) - 1)[rows[marked]]
+            inputs.watermarked = (
+                to_device(marked, torch.int64, dev),
+                to_device(layout.input_ids[last_token], torch.int64, dev),
+            )
+        return inputs
+
+    def costliest_inputs(self, n: int) -> RowInputs:
+        """The most expensive inputs `n` rows can have: every row biased, penalised
+        (the history tables grown to `n` rows, kept: their memory is budgeted) and
+        watermarked, every filter on, and a flat distribution, so that top-p takes its
+        full-vocabulary path."""
+        dev = self.device
+
+        def full(value: float, dtype: torch.dtype) -> torch.Tensor:
+            return torch.full((n,), value, dtype=dtype, device=dev)
+
+        self.history.grow_to(n)
+        rows = torch.arange(n, device=dev)
+        return RowInputs(
+            sampling=SamplingTensors(
+                temperature=full(1e4, torch.float32),
+                top_k=full(0, torch.int64),
+                top_p=full(0.999, torch.float32),
+                typical_p=full(0.95, torch.float32),
+                min_p=full(0.01, torch.float32),
+                seeds=full(0, torch.int64),
+                sample_index=full(0, torch.int64),
+            ),
+            top_n=5,
+            bias=(rows, rows, full(1.0, torch.float32)),
+            penalised=Penalised(
+                rows,
+                rows,
+                full(1.1, torch.float32),
+                full(0.1, torch.float32),
+                full(0.1, torch.float32),
+            ),
+            watermarked=(rows, rows),
+        )
