@@ -101,57 +101,16 @@ class ModelRunner:
         )
         log.info("rank %d: attention backend %s (%s)", rank, self.attention.name, why_attention)
         t0 = time.perf_counter()
-        last = [0.0]
-
-        def progress(done: int, total: int) -> None:
-            now = time.perf_counter()
-            if done == total or now - last[0] > 2.0:
-                last[0] = now
-                log.info("loading weights: %d/%d tensors", done, total)
-
         self.tp = join(rank, cfg.num_shards, cfg.ipc_root, self.device)
-        self.model = load_model(
-            cfg.model,
-            cfg.model_config,
-            self.dtype,
-            self.device,
-            progress,
-            self.tp,
-            dummy=cfg.load_format == "dummy",
-            attention=self.attention,
-        )
+        self.model = self._load_model()
         self.logits = LogitsPipeline(
             cfg.model_config.vocab_size, self.device, cfg.watermark_gamma, cfg.watermark_delta
         )
         graphs = self._graph_buckets()
-        reserve = _GRAPH_RESERVE if graphs else 0
-
-        def measure() -> tuple[int, str]:
-            if self.device.type != "cuda":
-                return host_kv_budget(cfg)
-            if self.attention.reference_plan:
-                # Its attention gathers each decode batch's K/V into padded copies whose
-                # size depends on context lengths the profile does not know.
-                log.warning(
-                    "rank %d: the %s attention backend's K/V copies are not in the memory "
-                    "profile; lower --cuda-memory-fraction if steps run out of memory",
-                    rank,
-                    self.attention.name,
-                )
-            return profile_cuda_budget(cfg, self.device, self._profile_step, reserve)
-
-        per_block = kv_bytes_per_block(cfg, self.dtype)
-        self.num_blocks, why = num_kv_blocks(cfg, per_block, measure)
-        mc = cfg.model_config
-        self.kv_caches = allocate_kv_cache(
-            mc.num_layers,
-            self.num_blocks,
-            cfg.block_size,
-            mc.num_kv_heads // cfg.num_shards,
-            mc.head_dim,
-            self.dtype,
-            self.device,
+        self.num_blocks, why = num_kv_blocks(
+            cfg, kv_bytes_per_block(cfg, self.dtype), lambda: self._kv_budget(bool(graphs))
         )
+        self.kv_caches = self._kv_cache(self.num_blocks)
         log.info(
             "rank %d: %s loaded in %.1fs (%s, %s); KV cache %d blocks x %d tokens = %d tokens (%s)",
             rank,
@@ -164,17 +123,59 @@ class ModelRunner:
             self.num_blocks * cfg.block_size,
             why,
         )
-        self.graphs = (
-            DecodeGraphs(
-                self.model,
-                self.kv_caches,
-                graphs,
-                -(-mc.max_position_embeddings // cfg.block_size),
-                cfg.block_size,
-                self.device,
+        self.graphs = None
+        if graphs:
+            max_blocks = -(-cfg.model_config.max_position_embeddings // cfg.block_size)
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_caches, graphs, max_blocks, cfg.block_size, self.device
             )
-            if graphs
-            else None
+
+    def _load_model(self) -> torch.nn.Module:
+        cfg, last = self.cfg, [0.0]
+
+        def progress(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if done == total or now - last[0] > 2.0:
+                last[0] = now
+                log.info("loading weights: %d/%d tensors", done, total)
+
+        return load_model(
+            cfg.model,
+            cfg.model_config,
+            self.dtype,
+            self.device,
+            progress,
+            self.tp,
+            dummy=cfg.load_format == "dummy",
+            attention=self.attention,
+        )
+
+    def _kv_budget(self, graphs: bool) -> tuple[int, str]:
+        """Bytes for the KV cache when no option gives them, and how they were found."""
+        if self.device.type != "cuda":
+            return host_kv_budget(self.cfg)
+        if self.attention.reference_plan:
+            # Its attention gathers each decode batch's K/V into padded copies whose
+            # size depends on context lengths the profile does not know.
+            log.warning(
+                "rank %d: the %s attention backend's K/V copies are not in the memory "
+                "profile; lower --cuda-memory-fraction if steps run out of memory",
+                self.tp.rank,
+                self.attention.name,
+            )
+        reserve = _GRAPH_RESERVE if graphs else 0
+        return profile_cuda_budget(self.cfg, self.device, self._profile_step, reserve)
+
+    def _kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        mc = self.cfg.model_config
+        return allocate_kv_cache(
+            mc.num_layers,
+            num_blocks,
+            self.cfg.block_size,
+            mc.num_kv_heads // self.cfg.num_shards,
+            mc.head_dim,
+            self.dtype,
+            self.device,
         )
 
     @property
@@ -199,18 +200,10 @@ class ModelRunner:
         """The largest step the scheduler may plan: a full prefill budget of tokens
         through the model, then the logits pipeline at its costliest for as many rows
         as a step may sample. Uses a throw-away KV cache of just the blocks it needs."""
-        cfg, mc = self.cfg, self.cfg.model_config
+        cfg = self.cfg
         tokens = cfg.max_batch_prefill_tokens
         blocks = -(-tokens // cfg.block_size)
-        caches = allocate_kv_cache(
-            mc.num_layers,
-            blocks,
-            cfg.block_size,
-            mc.num_kv_heads // cfg.num_shards,
-            mc.head_dim,
-            self.dtype,
-            self.device,
-        )
+        caches = self._kv_cache(blocks)
         attn = AttentionInputs.plan(
             np.array([tokens]),
             np.array([0]),

@@ -159,134 +159,27 @@ class Metrics:
     # ------------------------------------------------------------ exposition
 
     def render(self, stats: SchedulerStats | None, in_flight: int, block_size: int) -> bytes:
-        out: list[str] = []
         snap = self._all_workers()
-
-        def family(name: str, kind: str, help_: str) -> None:
-            out.append(f"# HELP {name} {help_}")
-            out.append(f"# TYPE {name} {kind}")
-
-        def histogram(name: str, help_: str, buckets: list[float], series: list) -> None:
-            """One family; `series` is [(label text or "", (bucket counts, sum, count))]."""
-            family(name, "histogram", help_)
-            for label, (counts, s, n) in series:
-                cumulative = 0
-                sep = "," if label else ""
-                for b, c in zip(buckets, counts, strict=True):
-                    cumulative += c
-                    out.append(f'{name}_bucket{{{label}{sep}le="{b:.6g}"}} {cumulative}')
-                out.append(f'{name}_bucket{{{label}{sep}le="+Inf"}} {n}')
-                labels = f"{{{label}}}" if label else ""
-                out.append(f"{name}_sum{labels} {s!r}")
-                out.append(f"{name}_count{labels} {n}")
-
-        family("tgi_request_count", "counter", "Requests received")
-        out.append(f"tgi_request_count {snap.counters.get('tgi_request_count', 0.0)!r}")
-        family("tgi_request_success", "counter", "Requests that succeeded")
-        out.append(f"tgi_request_success {snap.counters.get('tgi_request_success', 0.0)!r}")
-        family("tgi_request_failure", "counter", "Requests that failed, by error type")
+        text = _Text()
+        text.counter(
+            "tgi_request_count", "Requests received", snap.counters.get("tgi_request_count", 0.0)
+        )
+        text.counter(
+            "tgi_request_success",
+            "Requests that succeeded",
+            snap.counters.get("tgi_request_success", 0.0),
+        )
+        text.family("tgi_request_failure", "counter", "Requests that failed, by error type")
         for err in sorted(snap.failures):
-            out.append(f'tgi_request_failure{{err="{err}"}} {snap.failures[err]!r}')
+            text.lines.append(f'tgi_request_failure{{err="{err}"}} {snap.failures[err]!r}')
         for name, help_ in REQUEST_HISTOGRAMS.items():
-            histogram(name, help_, self.histograms[name].buckets, [("", snap.histograms[name])])
-
-        def gauge(name: str, help_: str, value: float) -> None:
-            family(name, "gauge", help_)
-            out.append(f"{name} {float(value)!r}")
-
-        def counter(name: str, help_: str, value: float) -> None:
-            family(name, "counter", help_)
-            out.append(f"{name} {float(value)!r}")
-
-        gauge("tgi_mp_http_in_flight", "Requests this HTTP worker is serving", in_flight)
+            text.histogram(
+                name, help_, self.histograms[name].buckets, [("", snap.histograms[name])]
+            )
+        text.gauge("tgi_mp_http_in_flight", "Requests this HTTP worker is serving", in_flight)
         if stats is not None:
-            used = stats.blocks_total - stats.blocks_free
-            gauge("tgi_queue_size", "Requests waiting in the scheduler", stats.waiting)
-            gauge("tgi_batch_current_size", "Requests running in the scheduler", stats.running)
-            gauge(
-                "tgi_batch_current_max_tokens",
-                "KV tokens held by the running batch",
-                used * block_size,
-            )
-            gauge(
-                "tgi_batch_max_total_tokens",
-                "KV cache capacity in tokens",
-                stats.blocks_total * block_size,
-            )
-            sizes = list(range(1, 1025))  # TGI's buckets: 1..1024, step 1
-            counts = [stats.admissions.get(n, 0) for n in sizes]
-            histogram(
-                "tgi_batch_next_size",
-                "Requests admitted by a step that admitted any",
-                [float(n) for n in sizes],
-                [("", (counts, float(sum(n * c for n, c in stats.admissions.items())),
-                       sum(stats.admissions.values())))],
-            )  # fmt: skip
-            methods = list(enumerate(("prefill", "decode")))
-            for name, help_ in (
-                ("tgi_batch_inference_count", "Forward passes, by method"),
-                ("tgi_batch_inference_success", "Forward passes that succeeded, by method"),
-            ):
-                family(name, "counter", help_)
-                for i, method in methods:
-                    out.append(f'{name}{{method="{method}"}} {stats.forward_counts[i]}')
-            for name, help_, buckets, sums in (
-                (
-                    "tgi_batch_inference_duration",
-                    "One step as the scheduler sees it: plan sent to tokens back (s), by method",
-                    stats.step_buckets,
-                    stats.step_sums,
-                ),
-                (
-                    "tgi_batch_forward_duration",
-                    "Executor time of one step (s), by method",
-                    stats.forward_buckets,
-                    stats.forward_sums,
-                ),
-            ):
-                series = [
-                    (f'method="{m}"', (buckets[i], sums[i], stats.forward_counts[i]))
-                    for i, m in methods
-                ]
-                histogram(name, help_, DURATION_BUCKETS, series)
-            gauge(
-                "tgi_mp_kv_blocks_free", "Free KV blocks (incl. unused cached)", stats.blocks_free
-            )
-            gauge("tgi_mp_kv_blocks_used", "KV blocks held by requests", used)
-            gauge("tgi_mp_kv_blocks_total", "KV blocks", stats.blocks_total)
-            counter("tgi_mp_preemptions", "Requests preempted since start", stats.preemptions)
-            counter(
-                "tgi_mp_prefix_cache_admitted_tokens",
-                "Tokens of requests admitted since start (again after a preemption)",
-                stats.admitted_tokens,
-            )
-            counter(
-                "tgi_mp_prefix_cache_hit_tokens",
-                "Admitted tokens served from the prefix cache since start",
-                stats.cache_hit_tokens,
-            )
-            gauge(
-                "tgi_mp_prefix_cache_hit_rate",
-                "hit tokens / admitted tokens since start",
-                stats.cache_hit_tokens / max(stats.admitted_tokens, 1),
-            )
-            gauge(
-                "tgi_mp_prefix_cache_blocks",
-                "KV blocks holding a cached prefix",
-                stats.cached_blocks,
-            )
-            counter("tgi_mp_scheduler_steps", "Steps run since start", stats.steps)
-            counter(
-                "tgi_mp_scheduler_time_seconds",
-                "Scheduler time (planning, cache, results) since start",
-                stats.schedule_time,
-            )
-            counter(
-                "tgi_mp_ipc_time_seconds",
-                "Step time outside the executors' forward (plan broadcast, results) since start",
-                max(stats.step_time - stats.forward_time, 0.0),
-            )
-        return ("\n".join(out) + "\n").encode()
+            _engine_metrics(text, stats, block_size)
+        return ("\n".join(text.lines) + "\n").encode()
 
 
 _metrics = Metrics()
@@ -294,3 +187,124 @@ configure = _metrics.configure
 success = _metrics.success
 failure = _metrics.failure
 render = _metrics.render
+
+
+class _Text:
+    """Prometheus' text format, written family by family."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_: str) -> None:
+        self.lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+
+    def gauge(self, name: str, help_: str, value: float) -> None:
+        self.family(name, "gauge", help_)
+        self.lines.append(f"{name} {float(value)!r}")
+
+    def counter(self, name: str, help_: str, value: float) -> None:
+        self.family(name, "counter", help_)
+        self.lines.append(f"{name} {float(value)!r}")
+
+    def histogram(self, name: str, help_: str, buckets: list[float], series: list) -> None:
+        """One family; `series` is [(label text or "", (bucket counts, sum, count))]."""
+        self.family(name, "histogram", help_)
+        for label, (counts, total, n) in series:
+            cumulative = 0
+            sep = "," if label else ""
+            for b, c in zip(buckets, counts, strict=True):
+                cumulative += c
+                self.lines.append(f'{name}_bucket{{{label}{sep}le="{b:.6g}"}} {cumulative}')
+            self.lines.append(f'{name}_bucket{{{label}{sep}le="+Inf"}} {n}')
+            labels = f"{{{label}}}" if label else ""
+            self.lines.append(f"{name}_sum{labels} {total!r}")
+            self.lines.append(f"{name}_count{labels} {n}")
+
+
+def _engine_metrics(text: _Text, stats: SchedulerStats, block_size: int) -> None:
+    """What the scheduler reports: queue, batch, steps, KV blocks, prefix cache."""
+    used = stats.blocks_total - stats.blocks_free
+    text.gauge("tgi_queue_size", "Requests waiting in the scheduler", stats.waiting)
+    text.gauge("tgi_batch_current_size", "Requests running in the scheduler", stats.running)
+    text.gauge(
+        "tgi_batch_current_max_tokens", "KV tokens held by the running batch", used * block_size
+    )
+    text.gauge(
+        "tgi_batch_max_total_tokens", "KV cache capacity in tokens", stats.blocks_total * block_size
+    )
+    sizes = list(range(1, 1025))  # TGI's buckets: 1..1024, step 1
+    admitted = (
+        [stats.admissions.get(n, 0) for n in sizes],
+        float(sum(n * c for n, c in stats.admissions.items())),
+        sum(stats.admissions.values()),
+    )
+    text.histogram(
+        "tgi_batch_next_size",
+        "Requests admitted by a step that admitted any",
+        [float(n) for n in sizes],
+        [("", admitted)],
+    )
+    _step_metrics(text, stats)
+    text.gauge("tgi_mp_kv_blocks_free", "Free KV blocks (incl. unused cached)", stats.blocks_free)
+    text.gauge("tgi_mp_kv_blocks_used", "KV blocks held by requests", used)
+    text.gauge("tgi_mp_kv_blocks_total", "KV blocks", stats.blocks_total)
+    text.counter("tgi_mp_preemptions", "Requests preempted since start", stats.preemptions)
+    text.counter(
+        "tgi_mp_prefix_cache_admitted_tokens",
+        "Tokens of requests admitted since start (again after a preemption)",
+        stats.admitted_tokens,
+    )
+    text.counter(
+        "tgi_mp_prefix_cache_hit_tokens",
+        "Admitted tokens served from the prefix cache since start",
+        stats.cache_hit_tokens,
+    )
+    text.gauge(
+        "tgi_mp_prefix_cache_hit_rate",
+        "hit tokens / admitted tokens since start",
+        stats.cache_hit_tokens / max(stats.admitted_tokens, 1),
+    )
+    text.gauge(
+        "tgi_mp_prefix_cache_blocks", "KV blocks holding a cached prefix", stats.cached_blocks
+    )
+    text.counter("tgi_mp_scheduler_steps", "Steps run since start", stats.steps)
+    text.counter(
+        "tgi_mp_scheduler_time_seconds",
+        "Scheduler time (planning, cache, results) since start",
+        stats.schedule_time,
+    )
+    text.counter(
+        "tgi_mp_ipc_time_seconds",
+        "Step time outside the executors' forward (plan broadcast, results) since start",
+        max(stats.step_time - stats.forward_time, 0.0),
+    )
+
+
+def _step_metrics(text: _Text, stats: SchedulerStats) -> None:
+    """Steps by method (prefill: any prompt work; decode): counts and durations."""
+    methods = list(enumerate(("prefill", "decode")))
+    for name, help_ in (
+        ("tgi_batch_inference_count", "Forward passes, by method"),
+        ("tgi_batch_inference_success", "Forward passes that succeeded, by method"),
+    ):
+        text.family(name, "counter", help_)
+        for i, method in methods:
+            text.lines.append(f'{name}{{method="{method}"}} {stats.forward_counts[i]}')
+    for name, help_, buckets, sums in (
+        (
+            "tgi_batch_inference_duration",
+            "One step as the scheduler sees it: plan sent to tokens back (s), by method",
+            stats.step_buckets,
+            stats.step_sums,
+        ),
+        (
+            "tgi_batch_forward_duration",
+            "Executor time of one step (s), by method",
+            stats.forward_buckets,
+            stats.forward_sums,
+        ),
+    ):
+        series = [
+            (f'method="{m}"', (buckets[i], sums[i], stats.forward_counts[i])) for i, m in methods
+        ]
+        text.histogram(name, help_, DURATION_BUCKETS, series)

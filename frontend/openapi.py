@@ -100,6 +100,89 @@ def _openai(request: str, answer: str, chunk: str, summary: str) -> dict[str, An
     }
 
 
+def _paths(sse: dict[str, Any]) -> dict[str, Any]:
+    return {**_tgi_paths(sse), **_openai_paths()}
+
+
+def _openai_paths() -> dict[str, Any]:
+    return {
+        "/v1/chat/completions": _openai(
+            "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk", "OpenAI chat"
+        ),
+        "/v1/completions": _openai(
+            "CompletionRequest", "Completion", "Completion", "OpenAI completions"
+        ),
+        "/v1/models": {
+            "get": {
+                "summary": "The served model (OpenAI's list)",
+                "responses": {"200": _json(_ref("ModelList"), "Models")},
+            }
+        },
+        "/v1/models/{model}": {
+            "get": {
+                "summary": "One model",
+                "parameters": [
+                    {
+                        "name": "model",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {
+                    "200": _json(_ref("Model"), "The model"),
+                    "404": _json(_ref("ErrorBody"), "No such model"),
+                },
+            }
+        },
+    }
+
+
+def _tgi_paths(sse: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "/generate": _generation(
+            _json(_ref("GenerateResponse"), "Generated text"), "Generate tokens"
+        ),
+        "/generate_stream": _generation(sse, "Generate a stream of tokens"),
+        "/": _generation(
+            _json(
+                {"type": "array", "items": _ref("GenerateResponse")},
+                "Generated text (or events when `stream` is true)",
+            ),
+            "Generate tokens (compatibility route)",
+        ),
+        "/tokenize": _generation(
+            _json({"type": "array", "items": _ref("TokenizeItem")}, "Tokens"), "Tokenize inputs"
+        ),
+        "/info": {
+            "get": {
+                "summary": "Model and limits",
+                "responses": {"200": _json(_ref("Info"), "Info")},
+            }
+        },
+        "/health": {
+            "get": {
+                "summary": "Health",
+                "responses": {
+                    "200": {"description": "Healthy"},
+                    "503": _json(_ref("ErrorResponse"), "Unhealthy"),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+    }
+
+
 @functools.cache
 def openapi_document(version: str) -> bytes:
     _, components = msgspec.json.schema_components(
@@ -116,77 +199,7 @@ def openapi_document(version: str) -> bytes:
             "version": version,
             "description": "Text Generation Inference's API, served by tgi-mp",
         },
-        "paths": {
-            "/generate": _generation(
-                _json(_ref("GenerateResponse"), "Generated text"), "Generate tokens"
-            ),
-            "/generate_stream": _generation(sse, "Generate a stream of tokens"),
-            "/": _generation(
-                _json(
-                    {"type": "array", "items": _ref("GenerateResponse")},
-                    "Generated text (or events when `stream` is true)",
-                ),
-                "Generate tokens (compatibility route)",
-            ),
-            "/tokenize": _generation(
-                _json({"type": "array", "items": _ref("TokenizeItem")}, "Tokens"), "Tokenize inputs"
-            ),
-            "/v1/chat/completions": _openai(
-                "ChatCompletionRequest", "ChatCompletion", "ChatCompletionChunk", "OpenAI chat"
-            ),
-            "/v1/completions": _openai(
-                "CompletionRequest", "Completion", "Completion", "OpenAI completions"
-            ),
-            "/v1/models": {
-                "get": {
-                    "summary": "The served model (OpenAI's list)",
-                    "responses": {"200": _json(_ref("ModelList"), "Models")},
-                }
-            },
-            "/v1/models/{model}": {
-                "get": {
-                    "summary": "One model",
-                    "parameters": [
-                        {
-                            "name": "model",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        }
-                    ],
-                    "responses": {
-                        "200": _json(_ref("Model"), "The model"),
-                        "404": _json(_ref("ErrorBody"), "No such model"),
-                    },
-                }
-            },
-            "/info": {
-                "get": {
-                    "summary": "Model and limits",
-                    "responses": {"200": _json(_ref("Info"), "Info")},
-                }
-            },
-            "/health": {
-                "get": {
-                    "summary": "Health",
-                    "responses": {
-                        "200": {"description": "Healthy"},
-                        "503": _json(_ref("ErrorResponse"), "Unhealthy"),
-                    },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics",
-                    "responses": {
-                        "200": {
-                            "description": "Prometheus text",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        }
-                    },
-                }
-            },
-        },
+        "paths": _paths(sse),
         "components": {"schemas": components},
     }
     return msgspec.json.encode(doc)

@@ -1,4 +1,5 @@
-"""A scheduled step as the executors receive it: one `StepPlan` of column groups.
+"""A scheduled step: the `StepPlan` (column groups) executors receive, and the
+`Output` each request gets from it.
 
 Everything an executor needs to run the step and sample from it travels as numpy
 arrays (one entry per sequence, or per token for the ragged ones with their
@@ -8,10 +9,13 @@ plan changes nothing: the scheduler marks what it planned afterwards.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from tgi_mp.ipc.messages import (
     BatchLayout,
+    FinishReason,
     LogitBiasColumns,
     PenaltyColumns,
     PromptLogprobColumns,
@@ -20,6 +24,25 @@ from tgi_mp.ipc.messages import (
     StepPlan,
 )
 from tgi_mp.scheduler.request import Request
+
+
+@dataclass
+class ScheduledStep:
+    plan: StepPlan
+    reqs: list[Request]
+    num_new: list[int]
+
+
+@dataclass
+class Output:
+    """One request's news from a step: a token (or -1) and maybe a finish reason."""
+
+    req: Request
+    token: int
+    finish: FinishReason | None
+    row: int = -1  # index of this token in the step's sampled arrays (its logprob's too)
+    prompt_logprobs: np.ndarray | None = None  # with the first token, when asked for
+    error: str | None = None  # the engine failed this request (finish is ERROR)
 
 
 def build_step_plan(

@@ -13,12 +13,16 @@ import subprocess
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import click
 import msgspec
 
 from tgi_mp.launcher import Engine, EngineStartupError
 from tgi_mp.options import click_options, split
+
+if TYPE_CHECKING:
+    from tgi_mp.frontend.config import FrontendConfig
 
 log = logging.getLogger("tgi_mp.serve")
 
@@ -96,37 +100,44 @@ def check_token_limits(
         )
 
 
-def _run(engine: Engine, s: dict, f: dict) -> int:
+def _frontend_config(engine: Engine, s: dict, f: dict) -> FrontendConfig:
+    """The frontend options, with what the engine resolved (token limits, model, KV)."""
     from tgi_mp.frontend.config import FrontendConfig
     from tgi_mp.tokenizer_export import export_tokenizer
 
     ready, mc = engine.ready, engine.cfg.model_config
+    capacity = ready.max_batch_total_tokens
+    max_total = f["max_total_tokens"] or min(capacity, mc.max_position_embeddings)
+    max_input = f["max_input_tokens"] or max_total - 1
+    check_token_limits(max_input, max_total, capacity, engine.cfg.max_batch_prefill_tokens)
+    return FrontendConfig(
+        **{
+            **f,
+            "served_model_name": f["served_model_name"] or engine.cfg.model.model_id,
+            "max_concurrent_requests": max(
+                1, f["max_concurrent_requests"] // s["frontend_workers"]
+            ),
+            "max_input_tokens": max_input,
+            "max_total_tokens": max_total,
+        },
+        ipc_root=engine.endpoints.root,
+        tokenizer_dir=export_tokenizer(engine.cfg.model, s["tokenizer_config_path"]),
+        model_id=engine.cfg.model.model_id,
+        vocab_size=mc.vocab_size,
+        max_batch_total_tokens=capacity,
+        block_size=ready.block_size,
+        dtype=ready.dtype,
+        attention_backend=ready.attention_backend,
+    )
+
+
+def _run(engine: Engine, s: dict, f: dict) -> int:
+    ready = engine.ready
     try:
-        capacity = ready.max_batch_total_tokens
-        max_total = f["max_total_tokens"] or min(capacity, mc.max_position_embeddings)
-        max_input = f["max_input_tokens"] or max_total - 1
-        check_token_limits(max_input, max_total, capacity, engine.cfg.max_batch_prefill_tokens)
-        workers = s["frontend_workers"]
-        fcfg = FrontendConfig(
-            **{
-                **f,
-                "served_model_name": f["served_model_name"] or engine.cfg.model.model_id,
-                "max_concurrent_requests": max(1, f["max_concurrent_requests"] // workers),
-                "max_input_tokens": max_input,
-                "max_total_tokens": max_total,
-            },
-            ipc_root=engine.endpoints.root,
-            tokenizer_dir=export_tokenizer(engine.cfg.model, s["tokenizer_config_path"]),
-            model_id=engine.cfg.model.model_id,
-            vocab_size=mc.vocab_size,
-            max_batch_total_tokens=capacity,
-            block_size=ready.block_size,
-            dtype=ready.dtype,
-            attention_backend=ready.attention_backend,
-        )
+        fcfg = _frontend_config(engine, s, f)
         path = os.path.join(engine.endpoints.root, "frontend.msgpack")
-        with open(path, "wb") as f:
-            f.write(msgspec.msgpack.encode(fcfg))
+        with open(path, "wb") as out:
+            out.write(msgspec.msgpack.encode(fcfg))
         host, port = s["hostname"], s["port"]
         proc = subprocess.Popen(
             [
@@ -136,7 +147,7 @@ def _run(engine: Engine, s: dict, f: dict) -> int:
                 path,
                 host,
                 str(port),
-                str(workers),
+                str(s["frontend_workers"]),
                 str(os.getpid()),
             ]
         )

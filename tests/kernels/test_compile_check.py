@@ -12,12 +12,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tgi_mp.kernels.compile_check import SHAPES
 from tgi_mp.kernels.triton_attention import decode_splits
 from tgi_mp.options import DEFAULT_CUDA_GRAPHS
+from tools.compile_check import SHAPES
 
 pytestmark = pytest.mark.kernels
 
@@ -31,7 +32,7 @@ def builds() -> list[dict]:
     # Interpreted kernels cannot be compiled: the children run without TRITON_INTERPRET.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    cmd = [sys.executable, "-m", "tgi_mp.kernels.compile_check", "--json"]
+    cmd = [sys.executable, "-m", "tools.compile_check", "--json"]
     cmd += [arg for dtype in DTYPES for arg in ("--dtype", dtype)]
     # One child per architecture, side by side: compiling is CPU-bound and single-threaded.
     children = [
@@ -41,6 +42,7 @@ def builds() -> list[dict]:
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            cwd=Path(__file__).parents[2],  # `tools` is a folder of the repository
         )
         for arch in ARCHS
     ]

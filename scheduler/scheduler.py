@@ -23,7 +23,7 @@ from tgi_mp.options import DEFAULTS, sequences_per_step
 from tgi_mp.scheduler.admission import request_problem
 from tgi_mp.scheduler.block_pool import BlockKey, BlockPool, HashFn, chain_hash
 from tgi_mp.scheduler.request import Request, Status
-from tgi_mp.scheduler.step_plan import build_step_plan
+from tgi_mp.scheduler.step_plan import Output, ScheduledStep, build_step_plan
 
 log = logging.getLogger("tgi_mp.scheduler")
 
@@ -52,25 +52,6 @@ class SchedulerConfig:
 
 class RequestRejected(ValueError):
     pass
-
-
-@dataclass
-class ScheduledStep:
-    plan: StepPlan
-    reqs: list[Request]
-    num_new: list[int]
-
-
-@dataclass
-class Output:
-    """One request's news from a step: a token (or -1) and maybe a finish reason."""
-
-    req: Request
-    token: int
-    finish: FinishReason | None
-    row: int = -1  # index of this token in the step's sampled arrays (its logprob's too)
-    prompt_logprobs: np.ndarray | None = None  # with the first token, when asked for
-    error: str | None = None  # the engine failed this request (finish is ERROR)
 
 
 @dataclass
@@ -139,11 +120,26 @@ class Scheduler:
             if r.status != Status.FINISHED
         ]
         self._aborts.clear()
-
-        budget = self.cfg.max_batch_prefill_tokens
         reqs: list[Request] = []
         num_new: list[int] = []
-        preempted = False  # if anyone was, admit nobody new this step
+        budget, preempted = self._serve_running(reqs, num_new)
+        if not preempted:  # if anyone was, admit nobody new this step
+            self._admit_waiting(reqs, num_new, budget)
+        if not reqs:
+            return None, ended
+        try:
+            plan = self._plan(reqs, num_new)
+        except Exception:
+            # One request's columns broke the plan: fail that one, plan the rest next time.
+            return None, ended + self._fail_unplannable(reqs, num_new)
+        return ScheduledStep(plan, reqs, num_new), ended
+
+    def _serve_running(self, reqs: list[Request], num_new: list[int]) -> tuple[int, bool]:
+        """A decode token, or the next prompt chunk, for each running request in order,
+        preempting from the tail when blocks run out: (budget left, whether anyone was
+        preempted)."""
+        budget = self.cfg.max_batch_prefill_tokens
+        preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -160,7 +156,11 @@ class Scheduler:
             num_new.append(n)
             budget -= n
             i += 1
+        return budget, preempted
 
+    def _admit_waiting(self, reqs: list[Request], num_new: list[int], budget: int) -> None:
+        """Waiting requests in arrival order into what is left of the budget, the last
+        one chunked to fit."""
         # Full blocks this step computes: a waiting request whose next block is among them
         # waits a step and then reuses it (the `n` choices of one prompt, a burst of
         # requests sharing a system prompt) instead of computing it twice.
@@ -168,7 +168,7 @@ class Scheduler:
         deferred: list[Request] = []
         admitted = 0
         grow = self._may_grow()  # decided once for the step, as TGI sizes a new batch
-        while grow and not preempted and self.waiting and budget > 0:
+        while grow and self.waiting and budget > 0:
             if len(self.running) >= self.cfg.sequences_per_step:
                 break
             req = self.waiting.popleft()
@@ -195,15 +195,6 @@ class Scheduler:
         self._steps_without_admission = 0 if admitted else self._steps_without_admission + 1
         if admitted:
             self.stats.admissions[admitted] = self.stats.admissions.get(admitted, 0) + 1
-
-        if not reqs:
-            return None, ended
-        try:
-            plan = self._plan(reqs, num_new)
-        except Exception:
-            # One request's columns broke the plan: fail that one, plan the rest next time.
-            return None, ended + self._fail_unplannable(reqs, num_new)
-        return ScheduledStep(plan, reqs, num_new), ended
 
     def _may_grow(self) -> bool:
         ratio = self.cfg.waiting_served_ratio

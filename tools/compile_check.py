@@ -8,7 +8,7 @@ over "meta" tensors (shapes and dtypes, no memory) with its kernel call routed t
 `JITFunction.warmup` under a driver that only names the target, and each build's
 registers, local memory (spills) and shared memory are read back with cuobjdump.
 
-    python -m tgi_mp.kernels.compile_check --arch 80 --arch 90
+    python -m tools.compile_check --arch 80 --arch 90
 
 Run without TRITON_INTERPRET (interpreted kernels cannot be compiled).
 """

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from tgi_mp.ipc.messages import AddRequest, FinishReason, SamplingParams, StepPlan
-from tgi_mp.scheduler.policy import RequestRejected, Scheduler, SchedulerConfig
 from tgi_mp.scheduler.request import Request, Status
+from tgi_mp.scheduler.scheduler import RequestRejected, Scheduler, SchedulerConfig
 
 EOS = 0
 VOCAB = 1000
@@ -714,19 +714,19 @@ def test_admission_refuses_what_the_plan_cannot_carry(make, params: dict, match:
 def test_a_request_whose_plan_breaks_fails_alone(make, monkeypatch) -> None:
     """Defence in depth behind admission: a row that breaks the plan builder ends that
     request alone (an error, its blocks freed); the others run to their reference."""
-    import tgi_mp.scheduler.policy as policy
+    import tgi_mp.scheduler.scheduler as scheduler
 
     s, ex = make()
     bad = add(s, 1, [5, 6, 7], max_new_tokens=3)
     good = [add(s, i, list(range(1, 2 + i)), max_new_tokens=4) for i in (2, 3)]
-    real = policy.build_step_plan
+    real = scheduler.build_step_plan
 
     def breaks_on_bad(step_id, reqs, num_new, released):
         if any(r is bad for r in reqs):
             raise OverflowError("a column does not fit")
         return real(step_id, reqs, num_new, released)
 
-    monkeypatch.setattr(policy, "build_step_plan", breaks_on_bad)
+    monkeypatch.setattr(scheduler, "build_step_plan", breaks_on_bad)
     step, ended = s.schedule()
     assert step is None
     assert [(o.req, o.finish, o.error) for o in ended] == [
