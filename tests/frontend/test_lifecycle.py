@@ -72,7 +72,6 @@ def test_at_the_end_of_the_grace_period_every_request_is_told(tmp_path) -> None:
     prose = TEXT[:600]  # greedy continuations of prose run long before an EOS
     tgi = {"inputs": prose, "parameters": {"max_new_tokens": 3000}}
     completion = {"prompt": prose, "max_tokens": 3000, "temperature": 0, "stream": True}
-    chat = {"messages": [{"role": "user", "content": prose}], "max_tokens": 3000}
     try:
 
         async def main() -> tuple[list[list[bytes]], list[httpx.Response]]:
@@ -95,7 +94,11 @@ def test_at_the_end_of_the_grace_period_every_request_is_told(tmp_path) -> None:
                 ]
                 plain = [
                     asyncio.create_task(http.post(server.url + "/generate", json=tgi)),
-                    asyncio.create_task(http.post(server.url + "/v1/chat/completions", json=chat)),
+                    asyncio.create_task(
+                        http.post(
+                            server.url + "/v1/completions", json={**completion, "stream": False}
+                        )
+                    ),
                 ]
                 for _ in streams:
                     await asyncio.wait_for(started.acquire(), 60)
@@ -103,7 +106,7 @@ def test_at_the_end_of_the_grace_period_every_request_is_told(tmp_path) -> None:
                 server.proc.send_signal(signal.SIGTERM)
                 return await asyncio.gather(*streams), await asyncio.gather(*plain)
 
-        (tgi_events, openai_events), (generate, chat_answer) = asyncio.run(main())
+        (tgi_events, openai_events), (generate, completed) = asyncio.run(main())
         assert json.loads(tgi_events[-1]) == {
             "error": "The server is shutting down",
             "error_type": "shutting_down",
@@ -113,8 +116,8 @@ def test_at_the_end_of_the_grace_period_every_request_is_told(tmp_path) -> None:
         err = json.loads(openai_events[-2])["error"]
         assert err["message"] == "The server is shutting down" and err["code"] == "shutting_down"
         assert generate.status_code == 503 and generate.json()["error_type"] == "shutting_down"
-        assert chat_answer.status_code == 503
-        assert chat_answer.json()["error"]["type"] == "service_unavailable"
+        assert completed.status_code == 503
+        assert completed.json()["error"]["type"] == "service_unavailable"
         assert server.proc.wait(30) == 0  # a requested shutdown is a clean one
         text = log.read_text()
         assert re.search(r"grace period of 3 s over: cutting 4 requests still in flight", text)
