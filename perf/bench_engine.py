@@ -165,6 +165,10 @@ def main() -> None:
         base = run_baseline(prompts[: args.baseline_requests], args.new_tokens, args.dtype)
         print(f"  baseline: {base:.1f} tok/s\n")
 
+    print_table(results, base)
+
+
+def print_table(results: dict[int, dict], base: float) -> None:
     head = (
         "| concurrency | engine tok/s | x baseline | TTFT p50 / p99 ms | ITL p50 / p99 ms "
         "| scheduler share | IPC share |"

@@ -131,6 +131,10 @@ def main() -> None:
                 )
                 distinct[cache].append(r)
                 report(f"distinct #{k + 1}", cache, r)
+    summarize(shared, distinct, args.rounds)
+
+
+def summarize(shared: dict[bool, dict], distinct: dict[bool, list[dict]], rounds: int) -> None:
     on, off = shared[True], shared[False]
     print(
         f"\nshared prefix: TTFT p50 {off['ttft_p50'] / on['ttft_p50']:.1f}x better with the "
@@ -143,7 +147,7 @@ def main() -> None:
     change = mean(True, "tok_s") / mean(False, "tok_s") - 1
     print(
         f"0% hit rate: throughput with the cache {change:+.1%} vs without "
-        f"(mean of {args.rounds} rounds); scheduler time "
+        f"(mean of {rounds} rounds); scheduler time "
         f"{mean(True, 'schedule_ms'):.0f} vs {mean(False, 'schedule_ms'):.0f} ms per round"
     )
 

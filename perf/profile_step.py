@@ -81,6 +81,20 @@ def main() -> None:
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
+    report(args, model, times, sampler_times)
+    if args.profile:
+        from torch.profiler import profile
+
+        with profile() as prof:
+            for _ in range(3):
+                step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def report(
+    args: argparse.Namespace, model: torch.nn.Module, times: list[float], sampler_times: list[float]
+) -> None:
+    b = args.batch
     weight_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
     print(
         f"batch {b}, context {args.context}, {args.dtype}, {torch.get_num_threads()} threads: "
@@ -92,13 +106,6 @@ def main() -> None:
     print(
         f"sampler ({kind}): {sampler * 1e3:.2f} ms = {sampler / np.median(times):.1%} of the step"
     )
-    if args.profile:
-        from torch.profiler import profile
-
-        with profile() as prof:
-            for _ in range(3):
-                step()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 if __name__ == "__main__":
