@@ -90,7 +90,8 @@ class ModelRunner:
     def __init__(self, cfg: EngineConfig, rank: int) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device, rank)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.dtype, why_dtype = resolve_dtype(cfg.dtype, self.device)
+        log.info("rank %d: dtype %s (%s)", rank, self.dtype_name, why_dtype)
         self.staging = HostStaging(self.device)
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)

@@ -68,7 +68,7 @@ async def _stats(engine: Engine):
 
 @pytest.fixture(scope="module")
 def default_engine():
-    with Engine.start(None, max_batch_total_tokens=8192) as engine:
+    with Engine.start(None, dtype="float32", max_batch_total_tokens=8192) as engine:
         yield engine
 
 
@@ -89,7 +89,11 @@ def test_concurrent(default_engine, cases):
 
 def test_chunked_prefill(cases):
     with Engine.start(
-        None, max_batch_total_tokens=8192, max_batch_prefill_tokens=64, prefix_caching=False
+        None,
+        dtype="float32",
+        max_batch_total_tokens=8192,
+        max_batch_prefill_tokens=64,
+        prefix_caching=False,
     ) as engine:
         _check("chunked prefill (64), no prefix cache", cases, _run(engine, cases, True))
         _check("again, no prefix cache", cases, _run(engine, cases, concurrent=True))
@@ -102,7 +106,9 @@ def test_chunked_prefill(cases):
 
 def test_preemption(cases):
     # Room for the longest request (640 + 32 tokens) but not for all of them at once.
-    with Engine.start(None, max_batch_total_tokens=1024, max_batch_prefill_tokens=256) as engine:
+    with Engine.start(
+        None, dtype="float32", max_batch_total_tokens=1024, max_batch_prefill_tokens=256
+    ) as engine:
         _check("preemption", cases, _run(engine, cases, concurrent=True))
         first = asyncio.run(_stats(engine))
         # 64 blocks cannot keep every prompt's blocks: some were evicted, some remain.
@@ -125,3 +131,33 @@ def test_concurrent_stats_requests_all_answered(default_engine) -> None:
 
     stats = asyncio.run(main())
     assert len(stats) == 5 and all(s.blocks_total > 0 for s in stats)
+
+
+# bf16 weights and activations move logits by a few tenths against float32: where the
+# reference's two best logits are closer than this, either greedy pick is right.
+BF16_NEAR_TIE = 0.5
+
+
+def test_auto_dtype_is_native_bf16_and_follows_the_oracle(cases) -> None:
+    """`--dtype auto` on the CPU: bfloat16 where the CPU multiplies it natively (its
+    greedy tokens are float32 transformers' until a near-tie), float32 elsewhere."""
+    from tgi_mp.executor.device import native_bf16_isa
+
+    with Engine.start(None, max_batch_total_tokens=8192) as engine:
+        dtype = engine.ready.dtype
+        outputs = _run(engine, cases, concurrent=True)
+    if native_bf16_isa() is None:
+        assert dtype == "float32"
+        _check("auto dtype (float32 here)", cases, outputs)
+        return
+    assert dtype == "bfloat16"
+    whole = 0
+    for (prompt, want, margins), got in zip(cases, outputs, strict=True):
+        ok, n = compare(got, want, margins, BF16_NEAR_TIE)
+        assert ok, (
+            f"bf16: prompt of {len(prompt)} tokens diverges at new token {n}: engine "
+            f"{got[n]} vs transformers {want[n]}, whose two best logits are {margins[n]:.3f} apart"
+        )
+        whole += n == NEW_TOKENS
+    print(f"\n[oracle] auto dtype bf16: {whole} of {len(cases)} prompts agree on all tokens")
+    assert whole >= len(cases) // 4

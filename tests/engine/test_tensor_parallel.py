@@ -58,7 +58,9 @@ def test_two_shards_give_the_tokens_of_one(tiny_dir) -> None:
     batch = [rng.integers(3, 256, n).tolist() for n in (1, 5, 17, 40, 77)]
     results = {}
     for n in (1, 2):
-        with Engine.start(tiny_dir, num_shards=n, max_batch_total_tokens=2048) as engine:
+        with Engine.start(
+            tiny_dir, dtype="float32", num_shards=n, max_batch_total_tokens=2048
+        ) as engine:
             results[n] = (generate(engine, batch, False), generate(engine, batch, True))
     assert results[1][0] == results[1][1]
     assert results[2] == results[1]
@@ -133,7 +135,7 @@ def test_gguf_slices(tmp_path) -> None:
 
 def test_three_shards_match_transformers() -> None:
     ps = prompts()[:6]  # up to 257 tokens
-    with Engine.start(None, num_shards=3, max_batch_total_tokens=4096) as engine:
+    with Engine.start(None, dtype="float32", num_shards=3, max_batch_total_tokens=4096) as engine:
         got = generate(engine, ps, concurrent=True)
     for p, g, (want, margins) in zip(ps, got, reference_greedy(ps), strict=True):
         ok, n = compare(g, want[:16], margins[:16])

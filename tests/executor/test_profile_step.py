@@ -39,6 +39,7 @@ def test_profile_step_takes_the_costliest_paths(tmp_path: Path, monkeypatch) -> 
         ipc_root=str(tmp_path),
         load_format="dummy",
         device="cpu",
+        dtype="float32",
         max_batch_prefill_tokens=48,
         max_batch_size=20,
         max_batch_total_tokens=256,

@@ -106,6 +106,7 @@ def test_engine_on_triton_gives_the_tokens_of_torch(tiny) -> None:
         with Engine.start(
             directory,
             attention=attention,
+            dtype="float32",
             max_batch_total_tokens=2048,
             max_batch_prefill_tokens=48,
         ) as engine:

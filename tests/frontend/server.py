@@ -34,6 +34,9 @@ class Server:
                 "127.0.0.1",
                 "--port",
                 str(self.port),
+                # The tests compare with transformers in float32: never the bf16 `auto`
+                # picks on CPUs with native bf16, unless a test asks for another dtype.
+                *([] if "--dtype" in args else ["--dtype", "float32"]),
                 *args,
             ],
             stdout=out,

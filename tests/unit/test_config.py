@@ -99,3 +99,18 @@ def test_cuda_graph_buckets(spec: str, want: tuple[int, ...]) -> None:
 def test_cuda_graph_buckets_invalid(spec: str) -> None:
     with pytest.raises(ValueError, match="--cuda-graphs"):
         parse_cuda_graphs(spec)
+
+
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "want"),
+    [(True, True, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")],
+)
+def test_auto_dtype_follows_the_cpus_native_bf16(monkeypatch, amx, avx512_bf16, want) -> None:
+    from tgi_mp.executor import device
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    dtype, why = device.resolve_dtype("auto", torch.device("cpu"))
+    assert str(dtype) == f"torch.{want}"
+    assert ("AMX" if amx else "AVX512_BF16" if avx512_bf16 else "no native bf16") in why
+    assert device.resolve_dtype("float32", torch.device("cpu")) == (torch.float32, "--dtype")
