@@ -28,8 +28,8 @@ def test_bench_step_prints_a_row_per_batch(tmp_path: Path) -> None:
     path.write_text(json.dumps(config))
     out = subprocess.run(
         [sys.executable, str(ROOT / "perf" / "bench_step.py"), "--config", str(path),
-         "--device", "cpu", "--batches", "1,3", "--context", "20", "--steps", "2",
-         "--warmup", "1", "--bandwidth-bytes", "10000000"],
+         "--device", "cpu", "--dtype", "float32", "--batches", "1,3", "--context", "20",
+         "--steps", "2", "--warmup", "1", "--bandwidth-bytes", "10000000"],
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout  # fmt: skip
     rows = re.findall(
