@@ -110,7 +110,12 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         engines = {
             cache: stack.enter_context(
-                Engine.start(None, max_batch_total_tokens=args.kv_tokens, prefix_caching=cache)
+                Engine.start(
+                    None,
+                    dtype="float32",
+                    max_batch_total_tokens=args.kv_tokens,
+                    prefix_caching=cache,
+                )
             )
             for cache in (True, False)
         }

@@ -95,7 +95,9 @@ def main() -> None:
         )
         print("|---|---|---|---|---|---|")
         for n in (1, 2):
-            with Engine.start(directory, num_shards=n, max_batch_total_tokens=8192) as engine:
+            with Engine.start(
+                directory, dtype="float32", num_shards=n, max_batch_total_tokens=8192
+            ) as engine:
                 asyncio.run(run(engine, 2, 8, 4))  # warm-up
                 r = asyncio.run(run(engine, args.concurrency, args.prompt_len, args.new_tokens))
             print(
