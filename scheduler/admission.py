@@ -19,6 +19,10 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
+class RequestRejected(ValueError):
+    """A request the scheduler will not admit (its frontend answers a 422)."""
+
+
 def _finite32(x: float) -> bool:
     return math.isfinite(x) and abs(x) <= FLOAT32_MAX
 

@@ -20,7 +20,8 @@ from tgi_mp.config import EngineConfig
 from tgi_mp.ipc import messages as m
 from tgi_mp.ipc.channels import Endpoints, SchedulerChannels
 from tgi_mp.process import bind_to_parent, exit_on_sigterm, setup_logging
-from tgi_mp.scheduler.scheduler import RequestRejected, Scheduler, SchedulerConfig
+from tgi_mp.scheduler.admission import RequestRejected
+from tgi_mp.scheduler.scheduler import Scheduler, SchedulerConfig
 from tgi_mp.scheduler.step_plan import Output
 
 log = setup_logging("scheduler")

@@ -20,7 +20,7 @@ import numpy as np
 
 from tgi_mp.ipc.messages import AddRequest, FinishReason, StepPlan
 from tgi_mp.options import DEFAULTS, sequences_per_step
-from tgi_mp.scheduler.admission import request_problem
+from tgi_mp.scheduler.admission import RequestRejected, request_problem
 from tgi_mp.scheduler.block_pool import BlockKey, BlockPool, HashFn, chain_hash
 from tgi_mp.scheduler.request import Request, Status
 from tgi_mp.scheduler.step_plan import Output, ScheduledStep, build_step_plan
@@ -48,10 +48,6 @@ class SchedulerConfig:
     @property
     def sequences_per_step(self) -> int:
         return sequences_per_step(self.max_batch_size, self.max_batch_prefill_tokens)
-
-
-class RequestRejected(ValueError):
-    pass
 
 
 @dataclass
@@ -94,8 +90,7 @@ class Scheduler:
         p = msg.params
         if key in self.requests:
             raise RequestRejected(f"request id {msg.req_id} is already in use")
-        problem = request_problem(msg.prompt, p, self.cfg.vocab_size, self.capacity_tokens)
-        if problem is not None:
+        if problem := request_problem(msg.prompt, p, self.cfg.vocab_size, self.capacity_tokens):
             raise RequestRejected(problem)
         seed = p.seed if p.seed is not None else random.getrandbits(63)
         self._seq_ids += 1
@@ -302,14 +297,7 @@ class Scheduler:
 
     def _fail(self, req: Request, e: Exception) -> Output:
         """Ends one request the engine could not serve; its blocks are freed."""
-        log.error(
-            "request %d (sequence %d) failed: %s: %s",
-            req.req_id,
-            req.seq_id,
-            type(e).__name__,
-            e,
-            exc_info=e,
-        )
+        log.error("request %d (sequence %d) failed: %r", req.req_id, req.seq_id, e, exc_info=e)
         out = self._finish(req, FinishReason.ERROR)
         out.error = f"{type(e).__name__}: {e}"
         return out
