@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from tgi_mp.ipc.messages import AddRequest, FinishReason, SamplingParams, StepPlan
-from tgi_mp.scheduler.request import Request, Status
 from tgi_mp.scheduler.admission import RequestRejected
+from tgi_mp.scheduler.request import Request, Status
 from tgi_mp.scheduler.scheduler import Scheduler, SchedulerConfig
 
 EOS = 0
