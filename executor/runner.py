@@ -21,6 +21,7 @@ from tgi_mp.executor.device import (
 )
 from tgi_mp.executor.logits import LogitsPipeline, to_device
 from tgi_mp.executor.parallel import join
+from tgi_mp.executor.quant import quantize_model
 from tgi_mp.executor.sampler import SamplingTensors
 from tgi_mp.executor.staging import HostStaging
 from tgi_mp.executor.weights import load_model
@@ -132,6 +133,21 @@ class ModelRunner:
             )
 
     def _load_model(self) -> torch.nn.Module:
+        model = self._load_weights()
+        if self.cfg.quantize is not None:
+            if self.device.type != "cpu":
+                raise RuntimeError(f"--quantize {self.cfg.quantize} runs on the CPU only")
+            before, after = quantize_model(model, self.cfg.quantize)
+            log.info(
+                "rank %d: %s weights, linears %.0f MB -> %.0f MB",
+                self.tp.rank,
+                self.cfg.quantize,
+                before / 1e6,
+                after / 1e6,
+            )
+        return model
+
+    def _load_weights(self) -> torch.nn.Module:
         cfg, last = self.cfg, [0.0]
 
         def progress(done: int, total: int) -> None:

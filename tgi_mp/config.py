@@ -37,6 +37,7 @@ class EngineConfig(msgspec.Struct, frozen=True):
     startup_timeout: float = 600.0
     prefix_caching: bool = DEFAULTS["prefix_caching"]
     load_format: str = DEFAULTS["load_format"]
+    quantize: str | None = DEFAULTS["quantize"]  # weight-only quantization method, or None
     waiting_served_ratio: float | None = DEFAULTS["waiting_served_ratio"]
     max_waiting_tokens: int = DEFAULTS["max_waiting_tokens"]
     watermark_gamma: float = DEFAULTS["watermark_gamma"]
@@ -63,7 +64,8 @@ class EngineConfig(msgspec.Struct, frozen=True):
         if not 0.0 < self.watermark_gamma < 1.0:
             raise ValueError(f"watermark_gamma must be in (0, 1), got {self.watermark_gamma}")
         for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
+            value = getattr(self, name)
+            if value not in allowed and not (name == "quantize" and value is None):
                 raise ValueError(
                     f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
                 )

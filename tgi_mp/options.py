@@ -22,6 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "attention": ("auto", "torch", "triton", "flash-attn"),
     "load_format": ("auto", "dummy"),
+    "quantize": ("int8",),  # weight-only, at load (executor/quant.py)
 }
 # TGI's default --cuda-graphs: the decode batch sizes captured in CUDA graphs.
 DEFAULT_CUDA_GRAPHS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -155,6 +156,15 @@ OPTIONS: tuple[Option, ...] = (
         "engine",
         int,
         field="num_shards",
+    ),
+    Option(
+        "--quantize",
+        None,
+        "Weight-only quantization at load: int8 (one int8 scale per output channel, from "
+        "any float checkpoint; CPU). Other methods (gptq, awq, fp8, bitsandbytes, ...) are "
+        "not supported and refused.",
+        "engine",
+        _choice("quantize"),
     ),
     Option(
         "--trust-remote-code",

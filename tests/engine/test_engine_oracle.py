@@ -161,3 +161,24 @@ def test_auto_dtype_is_native_bf16_and_follows_the_oracle(cases) -> None:
         whole += n == NEW_TOKENS
     print(f"\n[oracle] auto dtype bf16: {whole} of {len(cases)} prompts agree on all tokens")
     assert whole >= len(cases) // 4
+
+
+# int8 weights (one scale per output channel) move logits a little more than bf16 does.
+INT8_NEAR_TIE = 1.0
+
+
+def test_int8_weights_follow_the_oracle_up_to_near_ties(cases) -> None:
+    with Engine.start(
+        None, dtype="float32", quantize="int8", max_batch_total_tokens=8192
+    ) as engine:
+        outputs = _run(engine, cases, concurrent=True)
+    whole = 0
+    for (prompt, want, margins), got in zip(cases, outputs, strict=True):
+        ok, n = compare(got, want, margins, INT8_NEAR_TIE)
+        assert ok, (
+            f"int8: prompt of {len(prompt)} tokens diverges at new token {n}: engine "
+            f"{got[n]} vs transformers {want[n]}, whose two best logits are {margins[n]:.3f} apart"
+        )
+        whole += n == NEW_TOKENS
+    print(f"\n[oracle] int8 weights: {whole} of {len(cases)} prompts agree on all tokens")
+    assert whole >= len(cases) // 4

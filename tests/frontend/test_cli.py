@@ -137,6 +137,8 @@ def test_no_process_outlives_a_killed_server() -> None:
             },
         ),
         (["--cuda-graphs", "4,1"], {}, {"cuda_graphs": (1, 4)}),
+        ([], {}, {"quantize": None}),
+        ([], {"QUANTIZE": "int8"}, {"quantize": "int8"}),
     ],
 )
 def test_engine_options_reach_the_engine(monkeypatch, args, env, want) -> None:
@@ -164,3 +166,12 @@ def test_bad_cuda_graphs_is_a_usage_error() -> None:
 
     result = CliRunner().invoke(cli.main, ["serve", "--cuda-graphs", "1,two"])
     assert result.exit_code == 2 and "--cuda-graphs takes comma-separated" in result.output
+
+
+def test_unsupported_quantization_is_refused_naming_what_is() -> None:
+    from click.testing import CliRunner
+
+    from tgi_mp import cli
+
+    result = CliRunner().invoke(cli.main, ["serve", "--quantize", "gptq"])
+    assert result.exit_code == 2 and "'gptq' is not 'int8'" in result.output, result.output
