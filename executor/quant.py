@@ -1,11 +1,13 @@
 """Weight-only quantization of a loaded model's linear layers (`--quantize`).
 
 `int8`: each output channel's weights scaled into -127..127 (symmetric, one scale
-per row), from any float checkpoint, at load. A decode step reads a quarter of
-float32's bytes (half of bf16's). Small batches run torch's int8 x float kernel
-(`_weight_int8pack_mm`, int8 -> float inside its tiles); above `SMALL_BATCH` rows
-that kernel falls behind a float GEMM (cpu-speed.md measures it), so big steps
-(prompt chunks) dequantize the weight once per call and run `F.linear`.
+per row), from any float checkpoint, at load. A decode step reads half of bf16's
+bytes. Small batches run torch's int8 x float kernel (`_weight_int8pack_mm`,
+int8 -> float inside its tiles); above `SMALL_BATCH` rows that kernel falls behind
+a float GEMM (cpu-speed.md measures it), so big steps dequantize the weight once
+per call and run `F.linear`. Measured (perf/RESULTS.md): with bf16 activations
+int8 is faster than bf16 weights; with float32 ones it is slower than float32
+weights, so the runner warns about that combination.
 """
 
 from __future__ import annotations

@@ -137,6 +137,12 @@ class ModelRunner:
         if self.cfg.quantize is not None:
             if self.device.type != "cpu":
                 raise RuntimeError(f"--quantize {self.cfg.quantize} runs on the CPU only")
+            if self.dtype == torch.float32:
+                log.warning(
+                    "--quantize %s with float32 activations runs slower than float32 weights "
+                    "(torch's int8 kernel is fast for bf16 only): prefer --dtype bfloat16",
+                    self.cfg.quantize,
+                )
             before, after = quantize_model(model, self.cfg.quantize)
             log.info(
                 "rank %d: %s weights, linears %.0f MB -> %.0f MB",

@@ -127,6 +127,7 @@ def main() -> None:
         choices=["float32", "bfloat16"],
         help="for the engine and the baseline alike",
     )
+    ap.add_argument("--quantize", default=None, choices=["int8"], help="engine weights only")
     ap.add_argument(
         "--sampling",
         action="store_true",
@@ -136,8 +137,9 @@ def main() -> None:
 
     prompts = make_prompts(args.requests, args.prompt_tokens)
     levels = [int(c) for c in args.concurrency.split(",")]
+    weights = f", {args.quantize} weights" if args.quantize else ""
     print(
-        f"model: bundled SmolLM2-135M-Instruct ({args.dtype}, CPU, "
+        f"model: bundled SmolLM2-135M-Instruct ({args.dtype}{weights}, CPU, "
         f"{torch.get_num_threads()} threads)"
     )
     print(
@@ -149,6 +151,7 @@ def main() -> None:
     with Engine.start(
         None,
         dtype=args.dtype,
+        quantize=args.quantize,
         max_batch_total_tokens=capacity,
         max_batch_prefill_tokens=args.max_batch_prefill_tokens,
     ) as engine:
