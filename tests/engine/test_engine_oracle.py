@@ -136,6 +136,7 @@ def test_concurrent_stats_requests_all_answered(default_engine) -> None:
 # bf16 weights and activations move logits by a few tenths against float32: where the
 # reference's two best logits are closer than this, either greedy pick is right.
 BF16_NEAR_TIE = 0.5
+SHORT = 6  # the other dtypes run the prompts of up to 257 tokens (the suite's time)
 
 
 def test_auto_dtype_is_native_bf16_and_follows_the_oracle(cases) -> None:
@@ -143,6 +144,7 @@ def test_auto_dtype_is_native_bf16_and_follows_the_oracle(cases) -> None:
     greedy tokens are float32 transformers' until a near-tie), float32 elsewhere."""
     from tgi_mp.executor.device import native_bf16_isa
 
+    cases = cases[:SHORT]
     with Engine.start(None, max_batch_total_tokens=8192) as engine:
         dtype = engine.ready.dtype
         outputs = _run(engine, cases, concurrent=True)
@@ -151,16 +153,7 @@ def test_auto_dtype_is_native_bf16_and_follows_the_oracle(cases) -> None:
         _check("auto dtype (float32 here)", cases, outputs)
         return
     assert dtype == "bfloat16"
-    whole = 0
-    for (prompt, want, margins), got in zip(cases, outputs, strict=True):
-        ok, n = compare(got, want, margins, BF16_NEAR_TIE)
-        assert ok, (
-            f"bf16: prompt of {len(prompt)} tokens diverges at new token {n}: engine "
-            f"{got[n]} vs transformers {want[n]}, whose two best logits are {margins[n]:.3f} apart"
-        )
-        whole += n == NEW_TOKENS
-    print(f"\n[oracle] auto dtype bf16: {whole} of {len(cases)} prompts agree on all tokens")
-    assert whole >= len(cases) // 4
+    _check_near("auto dtype bf16", cases, outputs, BF16_NEAR_TIE)
 
 
 # int8 weights (one scale per output channel) move logits a little more than bf16 does.
@@ -168,17 +161,24 @@ INT8_NEAR_TIE = 1.0
 
 
 def test_int8_weights_follow_the_oracle_up_to_near_ties(cases) -> None:
+    cases = cases[:SHORT]
     with Engine.start(
         None, dtype="float32", quantize="int8", max_batch_total_tokens=8192
     ) as engine:
         outputs = _run(engine, cases, concurrent=True)
-    whole = 0
+    _check_near("int8 weights", cases, outputs, INT8_NEAR_TIE)
+
+
+def _check_near(label: str, cases, outputs: list[list[int]], near_tie: float) -> None:
+    """Each output is the reference's until a near-tie; together they agree on at least a
+    quarter of the tokens (a broken path diverges at once, at clear margins)."""
+    agreed = 0
     for (prompt, want, margins), got in zip(cases, outputs, strict=True):
-        ok, n = compare(got, want, margins, INT8_NEAR_TIE)
+        ok, n = compare(got, want, margins, near_tie)
         assert ok, (
-            f"int8: prompt of {len(prompt)} tokens diverges at new token {n}: engine "
+            f"{label}: prompt of {len(prompt)} tokens diverges at new token {n}: engine "
             f"{got[n]} vs transformers {want[n]}, whose two best logits are {margins[n]:.3f} apart"
         )
-        whole += n == NEW_TOKENS
-    print(f"\n[oracle] int8 weights: {whole} of {len(cases)} prompts agree on all tokens")
-    assert whole >= len(cases) // 4
+        agreed += n
+    print(f"\n[oracle] {label}: {agreed} of {len(cases) * NEW_TOKENS} tokens before a near-tie")
+    assert agreed >= len(cases) * NEW_TOKENS // 4

@@ -360,7 +360,7 @@ def test_every_field_at_every_extreme(app, path: str) -> None:
 
 @pytest.mark.parametrize("path", list(ROUTES))
 def test_fuzz_every_route(app, path: str) -> None:
-    fuzz(app, path, examples=100)
+    fuzz(app, path, examples=60)
 
 
 @pytest.mark.fuzz
