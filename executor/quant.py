@@ -8,19 +8,39 @@ a float GEMM (cpu-speed.md measures it), so big steps dequantize the weight once
 per call and run `F.linear`. Measured (perf/RESULTS.md): with bf16 activations
 int8 is faster than bf16 weights; with float32 ones it is slower than float32
 weights, so the runner warns about that combination.
+
+`int4`: groups of `INT4_GROUP` weights along the input share a scale and a zero,
+w = (q - 8) * scale + zero with q in 0..15 — torch's int4pack layout, into which a
+GGUF's Q4_0 / Q4_1 blocks map bit for bit (`GroupQuantized.from_gguf`), so those
+are served as shipped; other weights are quantized min-max at load. torch's int4
+kernel computes in bf16 only and re-dequantizes the weight per 4 rows, so it wins
+up to `SMALL_BATCH` rows and loses well above (cpu-speed.md: 12 vs 15 ms at 16
+rows, 22 vs 19 at 32); dequantizing 4-bit weights per call costs more than the
+GEMM, so bigger steps use a dense copy kept at load: int4 on the CPU is a latency
+mode, its weights take 1.25x the dense ones' memory.
+
+`gguf`: a GGUF's 4-bit linears as shipped (as `int4`); the rest stay dense.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tgi_mp.options import CHOICES
 
-SMALL_BATCH = 16  # rows up to which the int8 kernel beats dequantize + float GEMM
+log = logging.getLogger("tgi_mp.executor")
+
+SMALL_BATCH = 16  # rows up to which the int8 / int4 kernels beat a dense GEMM
+INT4_GROUP = 32  # weights per scale/zero: llama.cpp's Q4 block, and it divides every K here
 # The linears of each decoder layer that are quantized (embeddings and LM head are not).
-_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 class Int8Linear(nn.Module):
@@ -44,6 +64,9 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.weight_int8.to(self.scales.dtype) * self.scales[:, None]
 
+    def nbytes(self) -> int:
+        return self.weight_int8.numel() + self.scales.numel() * self.scales.element_size()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] <= SMALL_BATCH:
@@ -53,17 +76,168 @@ class Int8Linear(nn.Module):
         return F.linear(x, self.dequantized(), self.bias)
 
 
-def quantize_model(model: nn.Module, method: str) -> tuple[int, int]:
-    """Replaces the decoder layers' linears in place; (bytes before, bytes after)."""
+@dataclass
+class GroupQuantized:
+    """A 4-bit weight before packing: w[n, k] = (codes[n, k] - 8) * scales[n, k // g] +
+    zeros[n, k // g], g = `group`."""
+
+    codes: torch.Tensor  # uint8 [N, K], values 0..15
+    scales: torch.Tensor  # float32 [N, K // group]
+    zeros: torch.Tensor  # float32 [N, K // group]
+    group: int
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, group: int = INT4_GROUP) -> GroupQuantized:
+        """Min-max per group: the group's extremes are codes 0 and 15."""
+        n, k = w.shape
+        g = w.float().reshape(n, k // group, group)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scales = ((hi - lo) / 15).clamp(min=1e-10)
+        codes = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15)
+        return cls(codes.to(torch.uint8).reshape(n, k), scales, lo + 8 * scales, group)
+
+    @classmethod
+    def from_gguf(cls, blocks: np.ndarray, kind: str, shape: tuple[int, int]) -> GroupQuantized:
+        """A GGUF tensor's raw `Q4_0` / `Q4_1` blocks (uint8 `[rows, bytes]`) as they are.
+
+        Each block of 32 weights is an fp16 `d` (Q4_1: then an fp16 `m`) and 16 bytes of
+        nibbles: byte j holds weight j (low nibble) and weight j + 16 (high). Q4_0 reads
+        d * (q - 8), Q4_1 d * q + m = (q - 8) * d + (m + 8d): scale d, zero 0 or m + 8d.
+        """
+        n, k = shape
+        head = 2 if kind == "Q4_0" else 4
+        b = blocks.reshape(n, k // 32, head + 16)
+        d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        nibbles = b[..., head:]
+        codes = np.concatenate([nibbles & 15, nibbles >> 4], axis=-1).reshape(n, k)
+        if kind == "Q4_0":
+            zeros = np.zeros_like(d)
+        else:
+            zeros = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * d
+        return cls(torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(zeros), 32)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def rows(self, index: np.ndarray | slice) -> GroupQuantized:
+        return GroupQuantized(self.codes[index], self.scales[index], self.zeros[index], self.group)
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.shape
+        g = self.codes.reshape(n, k // self.group, self.group).float() - 8
+        return (g * self.scales[..., None] + self.zeros[..., None]).reshape(n, k)
+
+    @staticmethod
+    def concat(parts: list[GroupQuantized]) -> GroupQuantized:
+        """Row blocks (the shards of a fused projection) as one weight."""
+        if len({p.group for p in parts}) != 1:
+            raise ValueError("shards of one projection quantized with different group sizes")
+        return GroupQuantized(
+            torch.cat([p.codes for p in parts]),
+            torch.cat([p.scales for p in parts]),
+            torch.cat([p.zeros for p in parts]),
+            parts[0].group,
+        )
+
+
+def int4_fits(out_features: int, in_features: int, group: int = INT4_GROUP) -> bool:
+    """torch's int4pack needs whole groups along K and output rows in sixteens."""
+    return out_features % 16 == 0 and in_features % group == 0
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T + b: packed 4-bit W for small batches, a dense copy for big ones."""
+
+    def __init__(self, q: GroupQuantized, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        if not int4_fits(*q.shape, q.group):
+            raise ValueError(f"int4 needs out % 16 == 0 and in % {q.group} == 0, got {q.shape}")
+        self.group = q.group
+        self.register_buffer(
+            "weight_int4", torch._convert_weight_to_int4pack_for_cpu(q.codes.to(torch.int32), 8)
+        )
+        # [K / g, N, 2] of (scale, zero), bf16: the kernel's only fast dtype on the CPU.
+        self.register_buffer(
+            "scale_zeros",
+            torch.stack([q.scales.t(), q.zeros.t()], dim=-1).to(torch.bfloat16).contiguous(),
+        )
+        self.register_buffer("dense", q.dequantize().to(dtype))
+        self.bias = bias
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> Int4Linear:
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(GroupQuantized.from_float(linear.weight), bias, linear.weight.dtype)
+
+    def nbytes(self) -> int:
+        """Bytes the small-batch path reads (the dense copy aside)."""
+        return self.weight_int4.numel() + self.scale_zeros.numel() * 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] > SMALL_BATCH:
+            return F.linear(x, self.dense, self.bias)
+        a = flat.to(torch.bfloat16).contiguous()
+        y = torch._weight_int4pack_mm_for_cpu(a, self.weight_int4, self.group, self.scale_zeros)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+# A module path (e.g. "model.layers.3.self_attn.qkv_proj") -> its weight's 4-bit row
+# blocks as the checkpoint shipped them, in the fused order; None where a shard is not.
+Shipped = dict[str, list[GroupQuantized | None]]
+Refill = Callable[[str, int, torch.Tensor], None]  # (module path, shard, float rows) -> None
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module, method: str, shipped: Shipped | None = None, refill: Refill | None = None
+) -> tuple[int, int]:
+    """Replaces the decoder layers' linears in place; (bytes before, bytes after).
+
+    `shipped`: 4-bit weights read from the checkpoint as they are. A projection all of
+    whose shards are there is packed from them; otherwise `refill` first writes the
+    shipped shards' float values into its weight, which is then quantized (int8 /
+    int4) or kept dense (gguf)."""
     if method not in CHOICES["quantize"]:
         raise ValueError(f"--quantize {method!r}: supported: {', '.join(CHOICES['quantize'])}")
+    shipped = shipped or {}
     before = after = 0
-    for module in list(model.modules()):
-        for name in _TARGETS:
+    kept = requantized = 0
+    for path, module in list(model.named_modules()):
+        for name in TARGETS:
             linear = getattr(module, name, None)
-            if isinstance(linear, nn.Linear):
-                q = Int8Linear.from_linear(linear)
-                before += linear.weight.numel() * linear.weight.element_size()
-                after += q.weight_int8.numel() + q.scales.numel() * q.scales.element_size()
-                setattr(module, name, q)
+            if not isinstance(linear, nn.Linear):
+                continue
+            full = f"{path}.{name}" if path else name
+            parts = shipped.get(full, [])
+            weight_bytes = linear.weight.numel() * linear.weight.element_size()
+            q: nn.Module | None = None
+            if method != "int8" and parts and all(p is not None for p in parts):
+                bias = None if linear.bias is None else linear.bias.detach()
+                q = Int4Linear(GroupQuantized.concat(parts), bias, linear.weight.dtype)  # type: ignore[arg-type]
+                kept += 1
+            else:
+                for shard, part in enumerate(parts):
+                    if part is not None and refill is not None:
+                        refill(full, shard, part.dequantize())
+                if method == "int8":
+                    q = Int8Linear.from_linear(linear)
+                elif method == "int4" and int4_fits(*linear.weight.shape):
+                    q = Int4Linear.from_linear(linear)
+                    requantized += 1
+            before += weight_bytes
+            if q is None:
+                after += weight_bytes
+                continue
+            after += q.nbytes()  # type: ignore[operator]
+            setattr(module, name, q)
+    if method != "int8":
+        log.info(
+            "int4: %d projections as the checkpoint shipped them, %d quantized at load",
+            kept,
+            requantized,
+        )
     return before, after

@@ -21,7 +21,6 @@ from tgi_mp.executor.device import (
 )
 from tgi_mp.executor.logits import LogitsPipeline, to_device
 from tgi_mp.executor.parallel import join
-from tgi_mp.executor.quant import quantize_model
 from tgi_mp.executor.sampler import SamplingTensors
 from tgi_mp.executor.staging import HostStaging
 from tgi_mp.executor.weights import load_model
@@ -133,25 +132,18 @@ class ModelRunner:
             )
 
     def _load_model(self) -> torch.nn.Module:
-        model = self._load_weights()
-        if self.cfg.quantize is not None:
+        method = self.cfg.quantize
+        if method is not None:
             if self.device.type != "cpu":
-                raise RuntimeError(f"--quantize {self.cfg.quantize} runs on the CPU only")
+                raise RuntimeError(f"--quantize {method} runs on the CPU only")
             if self.dtype == torch.float32:
                 log.warning(
                     "--quantize %s with float32 activations runs slower than float32 weights "
-                    "(torch's int8 kernel is fast for bf16 only): prefer --dtype bfloat16",
-                    self.cfg.quantize,
+                    "(torch's int8 and int4 kernels are fast for bf16 only): prefer "
+                    "--dtype bfloat16",
+                    method,
                 )
-            before, after = quantize_model(model, self.cfg.quantize)
-            log.info(
-                "rank %d: %s weights, linears %.0f MB -> %.0f MB",
-                self.tp.rank,
-                self.cfg.quantize,
-                before / 1e6,
-                after / 1e6,
-            )
-        return model
+        return self._load_weights()
 
     def _load_weights(self) -> torch.nn.Module:
         cfg, last = self.cfg, [0.0]
@@ -171,6 +163,7 @@ class ModelRunner:
             self.tp,
             dummy=cfg.load_format == "dummy",
             attention=self.attention,
+            quantize=cfg.quantize,
         )
 
     def _kv_budget(self, graphs: bool) -> tuple[int, str]:

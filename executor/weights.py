@@ -8,6 +8,7 @@ plus one checkpoint tensor, never two models.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,10 +19,15 @@ from torch import nn
 
 from tgi_mp.executor.models import build_model
 from tgi_mp.executor.parallel import SINGLE, TensorParallel
+from tgi_mp.executor.quant import GroupQuantized, quantize_model
 from tgi_mp.kernels.backends import TORCH_ATTENTION, AttentionBackend
 from tgi_mp.model_source import ModelConfig, ModelSource
 
+log = logging.getLogger("tgi_mp.executor")
+
 ProgressFn = Callable[[int, int], None]
+# GGUF block types whose bits an int4 linear takes as they are (quant.GroupQuantized).
+_SHIPPED_4BIT = ("Q4_0", "Q4_1")
 
 # HF projection -> (our fused projection, shard index)
 _FUSED = {
@@ -31,6 +37,7 @@ _FUSED = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+_PROJECTIONS = {*_FUSED, "o_proj", "down_proj"}  # the linears --quantize replaces
 # llama.cpp block tensor -> HF module path inside `model.layers.N`
 _GGUF_BLOCK = {
     "attn_q": "self_attn.q_proj",
@@ -95,8 +102,10 @@ class _Sink:
             for i in range(len(self.shards.get(name.split(".")[-2], [None])))
         }
         self.loaded: set[tuple[str, int]] = set()
+        # Module path -> its shards' 4-bit weights as shipped (see quant.quantize_model).
+        self.shipped: dict[str, list[GroupQuantized | None]] = {}
 
-    def put(self, hf_name: str, tensor: torch.Tensor) -> None:
+    def put(self, hf_name: str, tensor: torch.Tensor | GroupQuantized) -> None:
         if hf_name.endswith("rotary_emb.inv_freq"):  # recomputed from the config
             return
         if hf_name == "lm_head.weight" and self.cfg.tie_word_embeddings:
@@ -119,8 +128,22 @@ class _Sink:
             raise ValueError(
                 f"{hf_name}: checkpoint shape {tuple(tensor.shape)}, expected {tuple(target.shape)}"
             )
-        target.copy_(tensor)  # casts to the model dtype / device
+        if isinstance(tensor, GroupQuantized):
+            path_name = ".".join([*path, module])
+            shards = self.shipped.setdefault(path_name, [None] * len(self.shards.get(module, [0])))
+            shards[shard] = tensor
+        else:
+            target.copy_(tensor)  # casts to the model dtype / device
         self.loaded.add((name, shard))
+
+    def fill(self, module_path: str, shard: int, rows: torch.Tensor) -> None:
+        """Writes float rows into one shard of a projection's weight."""
+        target = self.params[f"{module_path}.weight"].data
+        module = module_path.rsplit(".", 1)[-1]
+        if module in self.shards:
+            start, n = self.shards[module][shard]
+            target = target[start : start + n]
+        target.copy_(rows)
 
     def check(self) -> None:
         missing = sorted(f"{n}[{i}]" if i else n for n, i in self.expected - self.loaded)
@@ -173,8 +196,10 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _gguf_tensors(
-    path: str, cfg: ModelConfig, slicer: Slicer
-) -> tuple[int, Iterator[tuple[str, torch.Tensor]]]:
+    path: str, cfg: ModelConfig, slicer: Slicer, keep_4bit: bool = False
+) -> tuple[int, Iterator[tuple[str, torch.Tensor | GroupQuantized]]]:
+    """`keep_4bit`: the projections' Q4_0 / Q4_1 weights come as `GroupQuantized`,
+    their bits untouched; everything else is dequantised to float32."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -193,11 +218,53 @@ def _gguf_tensors(
             raise KeyError(f"unknown GGUF tensor {name!r}")
         return f"model.layers.{m[1]}.{_GGUF_BLOCK[m[2]]}.{m[3]}"
 
-    def gen() -> Iterator[tuple[str, torch.Tensor]]:
+    def rope_heads(name: str) -> int | None:
+        """The head count of a permuted q/k tensor (whole heads per rank), else None."""
+        if not permuted:
+            return None
+        tp = slicer.tp.size
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            return cfg.num_heads // tp
+        if name.endswith(("k_proj.weight", "k_proj.bias")):
+            return cfg.num_kv_heads // tp
+        return None
+
+    def shipped(name: str, t, shape: tuple[int, ...]) -> GroupQuantized | None:
+        """The tensor's own 4-bit blocks, this rank's share, HF's row order; None if the
+        tensor is not a 4-bit projection weight or the share splits its blocks."""
+        kind = t.tensor_type.name
+        module = name.rsplit(".", 2)[-2]
+        if not keep_4bit or kind not in _SHIPPED_4BIT or not name.endswith(".weight"):
+            return None
+        if module not in _PROJECTIONS:
+            return None
+        cut = slicer(name, shape)
+        if cut is not None and cut[0] == 1 and (cut[1] % 32 or cut[2] % 32):
+            return None
+        q = GroupQuantized.from_gguf(np.asarray(t.data), kind, shape)  # type: ignore[arg-type]
+        if cut is not None and cut[0] == 0:
+            q = q.rows(slice(cut[1], cut[2]))
+        elif cut is not None:
+            q = GroupQuantized(
+                q.codes[:, cut[1] : cut[2]].contiguous(),
+                q.scales[:, cut[1] // 32 : cut[2] // 32].contiguous(),
+                q.zeros[:, cut[1] // 32 : cut[2] // 32].contiguous(),
+                32,
+            )
+        heads = rope_heads(name)
+        if heads is not None:
+            q = q.rows(torch.from_numpy(unpermute_rope_rows(np.arange(q.shape[0]), heads)))
+        return q
+
+    def gen() -> Iterator[tuple[str, torch.Tensor | GroupQuantized]]:
         for t in tensors:
             # ggml lists dims fastest-first: reversed, they are numpy/torch's shape.
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
             name = hf_name(t.name)
+            q = shipped(name, t, shape)
+            if q is not None:
+                yield name, q
+                continue
             cut = slicer(name, shape)
             data = t.data
             if cut is not None and cut[0] == 0:
@@ -207,11 +274,9 @@ def _gguf_tensors(
             w = dequantize(data, t.tensor_type).reshape(shape)
             if cut is not None and cut[0] == 1:
                 w = np.ascontiguousarray(w[:, cut[1] : cut[2]])
-            tp = slicer.tp.size  # whole heads per rank: the permutation stays inside each
-            if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-                w = unpermute_rope_rows(w, cfg.num_heads // tp)
-            elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-                w = unpermute_rope_rows(w, cfg.num_kv_heads // tp)
+            heads = rope_heads(name)  # whole heads per rank: the permutation stays inside
+            if heads is not None:
+                w = unpermute_rope_rows(w, heads)
             if not w.flags.writeable:  # F32 tensors are views of the read-only mmap
                 w = w.copy()
             yield name, torch.from_numpy(w)
@@ -229,18 +294,24 @@ def load_model(
     tp: TensorParallel = SINGLE,
     dummy: bool = False,
     attention: AttentionBackend = TORCH_ATTENTION,
+    quantize: str | None = None,
 ) -> nn.Module:
     """Build the model for `cfg` and load its weights (float32 GGUF dequantisation,
     then cast to `dtype`): with tensor parallelism, only this rank's slices.
-    `on_progress(done, total)` is called per tensor."""
+    `on_progress(done, total)` is called per tensor. `quantize`: a `--quantize`
+    method; int4 / gguf take a GGUF's 4-bit projection weights as shipped."""
     model = build_model(cfg, dtype, device, tp, attention)
     if dummy:  # --load-format dummy: the config alone, no checkpoint read
-        return init_dummy_weights(model, seed=tp.rank)
+        init_dummy_weights(model, seed=tp.rank)
+        if quantize is not None:
+            _log_quantized(quantize, tp, quantize_model(model, quantize))
+        return model
     slicer = Slicer(tp)
     if source.kind == "hf":
         total, tensors = _safetensors_tensors(source.path, slicer)
     elif source.kind == "gguf":
-        total, tensors = _gguf_tensors(source.gguf_path, cfg, slicer)
+        keep = quantize in ("int4", "gguf")
+        total, tensors = _gguf_tensors(source.gguf_path, cfg, slicer, keep_4bit=keep)
     else:
         raise ValueError(f"unknown model source kind {source.kind!r}")
     sink = _Sink(model, cfg, tp)
@@ -249,7 +320,18 @@ def load_model(
         if on_progress is not None:
             on_progress(done, total)
     sink.check()
+    if quantize is not None:
+        _log_quantized(quantize, tp, quantize_model(model, quantize, sink.shipped, sink.fill))
     return model
+
+
+def _log_quantized(method: str, tp: TensorParallel, sizes: tuple[int, int]) -> None:
+    log.info(
+        "rank %d: %s weights, linears %.0f MB -> %.0f MB",
+        tp.rank,
+        method,
+        *(b / 1e6 for b in sizes),
+    )
 
 
 @torch.no_grad()

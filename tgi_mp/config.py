@@ -69,6 +69,11 @@ class EngineConfig(msgspec.Struct, frozen=True):
                 raise ValueError(
                     f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
                 )
+        if self.quantize == "gguf" and self.model.kind != "gguf":
+            raise ValueError(
+                f"--quantize gguf keeps a GGUF file's 4-bit weights: {self.model.model_id} "
+                "is not a GGUF model (use int4 or int8 to quantize it at load)"
+            )
         if any(b < 1 for b in self.cuda_graphs):
             raise ValueError(f"cuda_graphs batch sizes must be positive, got {self.cuda_graphs}")
         if not 0.0 < self.cuda_memory_fraction <= 1.0:

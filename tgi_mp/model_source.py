@@ -171,6 +171,14 @@ def _hf_config(directory: str, config_file: str = "config.json") -> ModelConfig:
     }
     arch = archs[0] if archs else by_type.get(cfg.get("model_type"), "?")
     _check_architecture(arch)
+    quant = cfg.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+        raise ValueError(
+            f"{Path(directory, config_file)}: a pre-quantized checkpoint ({method}) is not "
+            "supported: serve its float original, quantized at load with --quantize int8 or "
+            "int4, or a GGUF with --quantize int4 / gguf"
+        )
     if cfg.get("hidden_act", "silu") != "silu" or cfg.get("mlp_bias", False):
         raise ValueError(f"{arch}: only SiLU-gated MLPs without bias are supported")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")

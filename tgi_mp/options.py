@@ -22,7 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "device": ("auto", "cpu", "cuda"),
     "attention": ("auto", "torch", "triton", "flash-attn"),
     "load_format": ("auto", "dummy"),
-    "quantize": ("int8",),  # weight-only, at load (executor/quant.py)
+    "quantize": ("int8", "int4", "gguf"),  # weight-only, at load (executor/quant.py)
 }
 # TGI's default --cuda-graphs: the decode batch sizes captured in CUDA graphs.
 DEFAULT_CUDA_GRAPHS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -160,9 +160,11 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--quantize",
         None,
-        "Weight-only quantization at load: int8 (one int8 scale per output channel, from "
-        "any float checkpoint; CPU). Other methods (gptq, awq, fp8, bitsandbytes, ...) are "
-        "not supported and refused.",
+        "Weight-only quantization at load (CPU): int8 (one scale per output channel), int4 "
+        "(a scale and a zero per 32 weights; a GGUF's Q4_0/Q4_1 weights are used as "
+        "shipped, others quantized), both from any float checkpoint; gguf (a GGUF's 4-bit "
+        "weights as shipped, the rest dense). Other methods (gptq, awq, fp8, "
+        "bitsandbytes, ...) and pre-quantized checkpoints are refused.",
         "engine",
         _choice("quantize"),
     ),

@@ -169,6 +169,17 @@ def test_int8_weights_follow_the_oracle_up_to_near_ties(cases) -> None:
     _check_near("int8 weights", cases, outputs, INT8_NEAR_TIE)
 
 
+def test_int4_weights_follow_the_oracle_up_to_near_ties(cases) -> None:
+    """--quantize int4 on the Q4_1 GGUF takes its bits as shipped: only bf16 arithmetic
+    (activations, and the kernel's scales) separates it from the float32 reference."""
+    cases = cases[:SHORT]
+    with Engine.start(
+        None, dtype="bfloat16", quantize="int4", max_batch_total_tokens=8192
+    ) as engine:
+        outputs = _run(engine, cases, concurrent=True)
+    _check_near("int4 weights", cases, outputs, BF16_NEAR_TIE)
+
+
 def _check_near(label: str, cases, outputs: list[list[int]], near_tie: float) -> None:
     """Each output is the reference's until a near-tie; together they agree on at least a
     quarter of the tokens (a broken path diverges at once, at clear margins)."""

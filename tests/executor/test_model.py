@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from tgi_mp.executor.weights import load_model
+from tgi_mp.executor.parallel import TensorParallel
+from tgi_mp.executor.quant import GroupQuantized, Int4Linear
+from tgi_mp.executor.weights import Slicer, _gguf_tensors, load_model
 from tgi_mp.kernels.attention import AttentionMetadata, allocate_kv_cache
 from tgi_mp.model_source import (
     DEFAULT_GGUF_FILE,
@@ -297,6 +300,46 @@ def test_model_source_never_imports_torch(tmp_path: Path) -> None:
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+def test_gguf_int4_takes_the_shipped_bits(smollm) -> None:
+    """--quantize int4 on the Q4_1 GGUF: every projection is packed from the file's own
+    blocks, so its values are the float load's (dequantised by gguf) exactly."""
+    source, cfg, ours, _ = smollm
+    q4 = load_model(source, cfg, torch.float32, "cpu", quantize="int4")
+    params = dict(ours.named_parameters())
+    linears = {n: m for n, m in q4.named_modules() if isinstance(m, Int4Linear)}
+    assert len(linears) == 4 * cfg.num_layers
+    for name, module in linears.items():
+        assert torch.equal(module.dense, params[f"{name}.weight"]), name
+
+
+def test_gguf_shipped_4bit_shares_match_the_float_shares() -> None:
+    """This rank's rows / columns of each 4-bit tensor, in HF's q/k row order, are the
+    float path's slices of the same tensor (3-way tensor parallel)."""
+    source = resolve_model(None)
+    cfg = load_model_config(source)
+    slicer = Slicer(TensorParallel(1, 3))  # rank 1 of 3: every cut starts past 0
+    _, floats = _gguf_tensors(source.gguf_path, cfg, slicer)
+    _, shipped = _gguf_tensors(source.gguf_path, cfg, slicer, keep_4bit=True)
+    checked = 0
+    for (name, ref), (same, got) in zip(floats, shipped, strict=True):
+        assert name == same
+        if isinstance(got, GroupQuantized):
+            assert got.shape == tuple(ref.shape), name
+            torch.testing.assert_close(got.dequantize(), ref, rtol=0, atol=1e-6)
+            checked += 1
+        else:
+            assert torch.equal(got, ref), name
+    assert checked == 7 * cfg.num_layers  # q, k, v, o, gate, up, down
+
+
+def test_pre_quantized_checkpoint_is_refused(tmp_path: Path) -> None:
+    config = LlamaConfig(**TINY).to_dict()
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"pre-quantized checkpoint \(gptq\) is not supported"):
+        load_model_config(resolve_model(str(tmp_path)))
 
 
 def test_unsupported_architecture(tmp_path: Path) -> None:
