@@ -90,6 +90,6 @@ def profile_cuda_budget(
     budget = cuda_kv_budget(total, free, reserved, peak, cfg.cuda_memory_fraction, graph_reserve)
     return budget, (
         f"{cfg.cuda_memory_fraction:g} of {total / 2**30:.1f} GiB minus a "
-        f"{peak / 2**30:.2f} GiB profiled peak (weights + a {cfg.max_batch_prefill_tokens}-token "
+        f"{peak / 2**30:.2f} GiB profiled peak (weights + a {cfg.step_tokens('cuda')}-token "
         f"step) and {graph_reserve / 2**20:.0f} MiB for CUDA graphs"
     )

@@ -34,6 +34,7 @@ def run(cfg: EngineConfig, rank: int) -> int:
                 runner.attention.name,
                 runner.dtype_name,
                 str(runner.device),
+                runner.step_tokens,
             )
         )
         while True:

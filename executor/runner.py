@@ -97,6 +97,7 @@ class ModelRunner:
             torch.set_num_threads(cfg.torch_threads)
         elif cfg.num_shards > 1 and self.device.type == "cpu":  # the ranks share the cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.num_shards))
+        self.step_tokens = cfg.step_tokens(self.device.type)
         self.attention, why_attention = select_backend(
             cfg.attention, self.device, self.dtype, cfg.block_size
         )
@@ -209,7 +210,7 @@ class ModelRunner:
             )
             return ()
         # No step decodes more sequences than these: bigger graphs would never replay.
-        most = self.cfg.sequences_per_step
+        most = self.cfg.sequences_per_step(self.device.type)
         return tuple(b for b in buckets if b <= most) or buckets[:1]
 
     def _profile_step(self) -> None:
@@ -217,7 +218,7 @@ class ModelRunner:
         through the model, then the logits pipeline at its costliest for as many rows
         as a step may sample. Uses a throw-away KV cache of just the blocks it needs."""
         cfg = self.cfg
-        tokens = cfg.max_batch_prefill_tokens
+        tokens = self.step_tokens
         blocks = -(-tokens // cfg.block_size)
         caches = self._kv_cache(blocks)
         attn = AttentionInputs.plan(
@@ -232,7 +233,8 @@ class ModelRunner:
         with torch.inference_mode():
             hidden = self.model(uploaded[-1], meta.positions, caches, meta)
             if self.tp.rank == 0:
-                logits = self.model.compute_logits(hidden[: cfg.sequences_per_step])
+                most = cfg.sequences_per_step(self.device.type)
+                logits = self.model.compute_logits(hidden[:most])
                 self.logits(logits, self.logits.costliest_inputs(logits.shape[0]))
 
     @torch.inference_mode()

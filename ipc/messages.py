@@ -243,6 +243,7 @@ class ExecutorReady(msgspec.Struct, tag=True, array_like=True, gc=False):
     attention_backend: str
     dtype: str
     device: str
+    max_batch_prefill_tokens: int  # the step's token budget on this device
 
 
 class StepResult(msgspec.Struct, tag=True, array_like=True, gc=False):
@@ -298,6 +299,7 @@ class SchedulerReady(msgspec.Struct, tag=True, array_like=True, gc=False):
     attention_backend: str
     dtype: str
     device: str
+    max_batch_prefill_tokens: int  # the step's token budget, resolved for the device
 
 
 SupervisorMessage = EngineDead | SchedulerReady

@@ -1,10 +1,16 @@
-"""One executor decode step in isolation: time per step, and where it goes.
+"""One executor decode step in isolation, per weight mode, against its bandwidth bound.
 
-    python perf/profile_step.py --batch 32 --context 200 --dtype float32
-    python perf/profile_step.py --batch 32 --dtype bfloat16 --profile
+    python perf/profile_step.py                                    # bf16, int8, int4 at 1, 32
+    python perf/profile_step.py --modes float32 --batches 32 --profile
+    python perf/profile_step.py --modes bfloat16 --batches 32 --sample
 
-Runs the bundled model's forward + logits + argmax for `--batch` decode rows
-over a paged KV cache of `--context` tokens each (no processes, no IPC).
+Runs the bundled model's forward + logits + argmax for `batch` decode rows over a
+paged KV cache of `--context` tokens each (no processes, no IPC). A decode step
+must read every weight its kernels touch once, plus the sequences' K/V: the bytes
+are counted from the modules (an int4 / int8 projection reads its packed weights
+up to `quant.SMALL_BATCH` rows and its dense copy above; a tied embedding is read
+whole by the LM head), and the floor is bytes / the host's copy bandwidth,
+measured here in the same run (`bench_step.copy_bandwidth`).
 """
 
 from __future__ import annotations
@@ -14,19 +20,48 @@ import time
 
 import numpy as np
 import torch
+from bench_step import copy_bandwidth
+from torch import nn
 
+from tgi_mp.executor import quant
 from tgi_mp.executor.penalties import apply_penalties
 from tgi_mp.executor.sampler import SamplingTensors, sample
 from tgi_mp.executor.weights import load_model
 from tgi_mp.kernels.attention import AttentionMetadata, allocate_kv_cache
 from tgi_mp.model_source import load_model_config, resolve_model
 
+MODES = {  # name -> (activation dtype, --quantize)
+    "float32": (torch.float32, None),
+    "bfloat16": (torch.bfloat16, None),
+    "int8": (torch.bfloat16, "int8"),
+    "int4": (torch.bfloat16, "int4"),
+}
+
+
+def weight_bytes_read(model: nn.Module, rows: int) -> int:
+    """Weight bytes one decode step of `rows` sequences reads (see the module doc)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, quant.Int4Linear):
+            packed = rows <= quant.SMALL_BATCH
+            total += module.nbytes() if packed else module.dense.nbytes
+        elif isinstance(module, quant.Int8Linear):
+            total += module.nbytes()
+        elif isinstance(module, nn.Embedding):
+            tied = getattr(model, "lm_head", None) is None
+            total += module.weight.nbytes if tied else rows * module.weight[0].nbytes
+        else:
+            total += sum(p.nbytes for p in module.parameters(recurse=False))
+        if getattr(module, "bias", None) is not None and not isinstance(module, nn.Linear):
+            total += module.bias.nbytes
+    return total
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--modes", default="bfloat16,int8,int4", help=f"of {', '.join(MODES)}")
+    ap.add_argument("--batches", default="1,32")
     ap.add_argument("--context", type=int, default=200)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--profile", action="store_true", help="print torch profiler's top ops")
     ap.add_argument(
@@ -36,12 +71,44 @@ def main() -> None:
         "(over a 200-token history), seeded",
     )
     args = ap.parse_args()
-
+    bandwidth = copy_bandwidth(torch.device("cpu"))
+    print(
+        f"context {args.context}, {torch.get_num_threads()} threads, copy bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s; forward + logits + "
+        f"{'sampling' if args.sample else 'argmax'}, no IPC"
+    )
+    print()
+    columns = "mode | batch | step ms | weights read MB | bound ms | step / bound | tok/s | sampler"
+    print(f"| {columns} |")
+    print("|---|---|---|---|---|---|---|---|")
     src = resolve_model(None)
     cfg = load_model_config(src)
-    dtype = getattr(torch, args.dtype)
-    model = load_model(src, cfg, dtype, "cpu")
-    bs, b = 16, args.batch
+    for mode in args.modes.split(","):
+        dtype, method = MODES[mode]
+        model = load_model(src, cfg, dtype, "cpu", quantize=method)
+        for batch in (int(b) for b in args.batches.split(",")):
+            times, sampler_times, step = measure(args, model, cfg, dtype, batch)
+            step_s, sampler_s = float(np.median(times)), float(np.median(sampler_times))
+            kv = 2 * cfg.num_layers * batch * args.context * cfg.num_kv_heads * cfg.head_dim
+            read = weight_bytes_read(model, batch)
+            bound = (read + kv * dtype.itemsize) / bandwidth
+            print(
+                f"| {mode} | {batch} | {step_s * 1e3:.1f} | {read / 1e6:.0f} | "
+                f"{bound * 1e3:.1f} | {step_s / bound:.2f} | {batch / step_s:.0f} | "
+                f"{sampler_s / step_s:.1%} |"
+            )
+            if args.profile:
+                from torch.profiler import profile
+
+                with profile() as prof:
+                    for _ in range(3):
+                        step()
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def measure(args: argparse.Namespace, model: nn.Module, cfg, dtype: torch.dtype, b: int):
+    """(step seconds, sampler seconds, the step) of `args.steps` timed decode steps."""
+    bs = 16
     nb = -(-(args.context + 1) // bs)
     kv = allocate_kv_cache(cfg.num_layers, b * nb, bs, cfg.num_kv_heads, cfg.head_dim, dtype, "cpu")
     tables = np.arange(b * nb, dtype=np.int32).reshape(b, nb)
@@ -81,31 +148,7 @@ def main() -> None:
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    report(args, model, times, sampler_times)
-    if args.profile:
-        from torch.profiler import profile
-
-        with profile() as prof:
-            for _ in range(3):
-                step()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
-
-
-def report(
-    args: argparse.Namespace, model: torch.nn.Module, times: list[float], sampler_times: list[float]
-) -> None:
-    b = args.batch
-    weight_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
-    print(
-        f"batch {b}, context {args.context}, {args.dtype}, {torch.get_num_threads()} threads: "
-        f"step median {np.median(times) * 1e3:.1f} ms (min {min(times) * 1e3:.1f}); "
-        f"weights {weight_mb:.0f} MB -> {b / np.median(times):.0f} tok/s"
-    )
-    sampler = np.median(sampler_times[-args.steps :])
-    kind = "repetition penalty + top-k/top-p sampling" if args.sample else "greedy"
-    print(
-        f"sampler ({kind}): {sampler * 1e3:.2f} ms = {sampler / np.median(times):.1%} of the step"
-    )
+    return times, sampler_times[3:], step
 
 
 if __name__ == "__main__":

@@ -59,12 +59,13 @@ class SchedulerProcess:
                 raise ExecutorDied(f"executor{msg.rank} failed at start: {msg.message}")
             ready.append(msg)
         num_blocks = min(r.num_blocks for r in ready)
+        step_tokens = min(r.max_batch_prefill_tokens for r in ready)
         mc = self.cfg.model_config
         self.core = Scheduler(
             SchedulerConfig(
                 num_blocks=num_blocks,
                 block_size=self.cfg.block_size,
-                max_batch_prefill_tokens=self.cfg.max_batch_prefill_tokens,
+                max_batch_prefill_tokens=step_tokens,
                 max_batch_size=self.cfg.max_batch_size,
                 eos_token_ids=frozenset(mc.eos_token_ids),
                 vocab_size=mc.vocab_size,
@@ -81,6 +82,7 @@ class SchedulerProcess:
             r0.attention_backend,
             r0.dtype,
             r0.device,
+            step_tokens,
         )
 
     # ------------------------------------------------------------ the loop

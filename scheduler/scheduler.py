@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tgi_mp.ipc.messages import AddRequest, FinishReason, StepPlan
-from tgi_mp.options import DEFAULTS, sequences_per_step
+from tgi_mp.options import CUDA_STEP_TOKENS, DEFAULTS, sequences_per_step
 from tgi_mp.scheduler.admission import RequestRejected, request_problem
 from tgi_mp.scheduler.block_pool import BlockKey, BlockPool, HashFn, chain_hash
 from tgi_mp.scheduler.request import Request, Status
@@ -34,7 +34,7 @@ class SchedulerConfig:
 
     num_blocks: int
     block_size: int = 16
-    max_batch_prefill_tokens: int = DEFAULTS["max_batch_prefill_tokens"]
+    max_batch_prefill_tokens: int = CUDA_STEP_TOKENS  # resolved for the device by main
     max_batch_size: int | None = DEFAULTS["max_batch_size"]
     eos_token_ids: frozenset[int] = frozenset()
     vocab_size: int | None = None  # when known, token ids outside it are refused

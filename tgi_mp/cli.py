@@ -85,13 +85,13 @@ def serve(**given: object) -> None:
 
 
 def check_token_limits(
-    max_input: int | None, max_total: int | None, max_batch_total: int | None, prefill: int
+    max_input: int | None, max_total: int | None, max_batch_total: int | None, prefill: int | None
 ) -> None:
     """TGI's rules between the token limits, on what is known (before the engine starts,
     what was given; after, what was resolved)."""
     if max_input is not None and max_total is not None and max_input >= max_total:
         _fail("`max_input_tokens` must be < `max_total_tokens`")
-    if max_batch_total is not None and prefill > max_batch_total:
+    if max_batch_total is not None and prefill is not None and prefill > max_batch_total:
         _fail("`max_batch_prefill_tokens` must be <= `max_batch_total_tokens`")
     if max_batch_total is not None and max_total is not None and max_total > max_batch_total:
         _fail(
@@ -109,7 +109,7 @@ def _frontend_config(engine: Engine, s: dict, f: dict) -> FrontendConfig:
     capacity = ready.max_batch_total_tokens
     max_total = f["max_total_tokens"] or min(capacity, mc.max_position_embeddings)
     max_input = f["max_input_tokens"] or max_total - 1
-    check_token_limits(max_input, max_total, capacity, engine.cfg.max_batch_prefill_tokens)
+    check_token_limits(max_input, max_total, capacity, ready.max_batch_prefill_tokens)
     return FrontendConfig(
         **{
             **f,

@@ -11,7 +11,7 @@ import os
 import msgspec
 
 from tgi_mp.model_source import ModelConfig, ModelSource
-from tgi_mp.options import CHOICES, DEFAULTS, sequences_per_step
+from tgi_mp.options import CHOICES, DEFAULTS, sequences_per_step, step_tokens
 
 
 class EngineConfig(msgspec.Struct, frozen=True):
@@ -28,7 +28,7 @@ class EngineConfig(msgspec.Struct, frozen=True):
     cuda_memory_fraction: float = DEFAULTS["cuda_memory_fraction"]
     num_shards: int = DEFAULTS["num_shards"]
     block_size: int = 16
-    max_batch_prefill_tokens: int = DEFAULTS["max_batch_prefill_tokens"]
+    max_batch_prefill_tokens: int | None = DEFAULTS["max_batch_prefill_tokens"]  # None: device's
     max_batch_total_tokens: int | None = DEFAULTS["max_batch_total_tokens"]
     kv_cache_memory: int | None = DEFAULTS["kv_cache_memory"]
     kv_cache_fraction: float = DEFAULTS["kv_cache_fraction"]
@@ -43,16 +43,20 @@ class EngineConfig(msgspec.Struct, frozen=True):
     watermark_gamma: float = DEFAULTS["watermark_gamma"]
     watermark_delta: float = DEFAULTS["watermark_delta"]
 
-    @property
-    def sequences_per_step(self) -> int:
-        return sequences_per_step(self.max_batch_size, self.max_batch_prefill_tokens)
+    def step_tokens(self, device_type: str) -> int:
+        """The step's token budget on this device (`options.step_tokens`)."""
+        return step_tokens(self.max_batch_prefill_tokens, device_type, self.max_batch_size)
+
+    def sequences_per_step(self, device_type: str) -> int:
+        return sequences_per_step(self.max_batch_size, self.step_tokens(device_type))
 
     def __post_init__(self) -> None:
         for name in ("num_shards", "block_size", "max_batch_prefill_tokens", "max_batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        if self.max_batch_size and self.max_batch_size > self.max_batch_prefill_tokens:
+        budget = self.max_batch_prefill_tokens
+        if self.max_batch_size and budget is not None and self.max_batch_size > budget:
             # Every running request needs one token of the step budget to make progress.
             raise ValueError(
                 f"max_batch_size ({self.max_batch_size}) must be <= "

@@ -25,6 +25,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "quantize": ("int8", "int4", "gguf"),  # weight-only, at load (executor/quant.py)
 }
 # TGI's default --cuda-graphs: the decode batch sizes captured in CUDA graphs.
+# The step's token budget when --max-batch-prefill-tokens is not given: TGI's on CUDA;
+# on the CPU what keeps a step short enough that running streams keep getting tokens
+# while long prompts prefill (perf/RESULTS.md measures it).
+CUDA_STEP_TOKENS = 4096
+CPU_STEP_TOKENS = 256
 DEFAULT_CUDA_GRAPHS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
@@ -202,8 +207,10 @@ OPTIONS: tuple[Option, ...] = (
     # ---------------------------------------------------------------- batching and KV
     Option(
         "--max-batch-prefill-tokens",
-        4096,
-        "Tokens computed per step (decode tokens and prompt chunks together).",
+        None,
+        "Tokens computed per step (decode tokens and prompt chunks together). Default: "
+        f"{CUDA_STEP_TOKENS} on CUDA; {CPU_STEP_TOKENS} on the CPU, where a step's time "
+        "grows with its tokens and running streams wait for it (perf/RESULTS.md).",
         "engine",
         int,
     ),
@@ -324,6 +331,15 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("--frontend-workers", 1, "HTTP worker processes (granian).", type=int),
 )
+
+
+def step_tokens(given: int | None, device_type: str, max_batch_size: int | None = None) -> int:
+    """The step's token budget: `--max-batch-prefill-tokens`, or the device's default
+    (never below `--max-batch-size`: every running sequence needs one token of it)."""
+    if given is not None:
+        return given
+    default = CUDA_STEP_TOKENS if device_type == "cuda" else CPU_STEP_TOKENS
+    return max(default, max_batch_size or 0)
 
 
 def sequences_per_step(max_batch_size: int | None, max_batch_prefill_tokens: int) -> int:

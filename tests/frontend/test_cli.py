@@ -174,4 +174,16 @@ def test_unsupported_quantization_is_refused_naming_what_is() -> None:
     from tgi_mp import cli
 
     result = CliRunner().invoke(cli.main, ["serve", "--quantize", "gptq"])
-    assert result.exit_code == 2 and "'gptq' is not 'int8'" in result.output, result.output
+    assert result.exit_code == 2, result.output
+    assert "'gptq' is not one of 'int8', 'int4', 'gguf'" in result.output, result.output
+
+
+def test_quantize_gguf_needs_a_gguf_model(tmp_path) -> None:
+    from tgi_mp.config import EngineConfig
+    from tgi_mp.model_source import ModelSource, load_model_config, resolve_model
+
+    bundled = resolve_model(None)
+    hf = ModelSource(kind="hf", path=str(tmp_path), gguf_file=None, model_id="some/float-model")
+    with pytest.raises(ValueError, match="--quantize gguf keeps a GGUF file's 4-bit weights"):
+        EngineConfig(hf, load_model_config(bundled), str(tmp_path), quantize="gguf")
+    EngineConfig(bundled, load_model_config(bundled), str(tmp_path), quantize="gguf")

@@ -54,7 +54,7 @@ SAMPLES: list[msgspec.Struct] = [
     step_plan(4, 9),
     step_plan(600, 5000),  # every column large enough for a frame (bool: 600 bytes)
     m.Shutdown("bye"),
-    m.ExecutorReady(1, 1000, 16, "torch", "float32", "cpu"),
+    m.ExecutorReady(1, 1000, 16, "torch", "float32", "cpu", 512),
     m.StepResult(9, ints(200), 0.125),
     m.StepResult(9, ints(200), 0.125, np.zeros(200, dtype=np.float32)),
     m.StepResult(
@@ -77,7 +77,7 @@ SAMPLES: list[msgspec.Struct] = [
     m.ExecutorFailed(2, "CUDA error: out of memory"),
     m.EngineDead("executor 1 died (SIGKILL)"),
     m.ShuttingDown("The server is shutting down"),
-    m.SchedulerReady(1000, 16, 16000, "triton", "bfloat16", "cuda:0"),
+    m.SchedulerReady(1000, 16, 16000, "triton", "bfloat16", "cuda:0", 4096),
 ]
 
 
