@@ -163,6 +163,7 @@ class Int4Linear(nn.Module):
             torch.stack([q.scales.t(), q.zeros.t()], dim=-1).to(torch.bfloat16).contiguous(),
         )
         self.register_buffer("dense", q.dequantize().to(dtype))
+        self.dense_linear: nn.Module | None = None  # the dense copy packed (executor/packed.py)
         self.bias = bias
 
     @classmethod
@@ -171,6 +172,15 @@ class Int4Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(GroupQuantized.from_float(linear.weight), bias, linear.weight.dtype)
 
+    def pack_dense(self, linear: nn.Module) -> None:
+        """Big batches run `linear` (the dense copy and the bias, repacked) instead."""
+        self.dense_linear = linear
+        del self.dense
+
+    def dense_nbytes(self) -> int:
+        w = self.dense_linear if self.dense_linear is not None else self.dense
+        return int(w.nbytes)
+
     def nbytes(self) -> int:
         """Bytes the small-batch path reads (the dense copy aside)."""
         return self.weight_int4.numel() + self.scale_zeros.numel() * 2
@@ -178,6 +188,8 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] > SMALL_BATCH:
+            if self.dense_linear is not None:
+                return self.dense_linear(x)
             return F.linear(x, self.dense, self.bias)
         a = flat.to(torch.bfloat16).contiguous()
         y = torch._weight_int4pack_mm_for_cpu(a, self.weight_int4, self.group, self.scale_zeros)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from tgi_mp.executor.models import build_model
+from tgi_mp.executor.packed import pack_model, packing_applies
 from tgi_mp.executor.parallel import SINGLE, TensorParallel
 from tgi_mp.executor.quant import GroupQuantized, quantize_model
 from tgi_mp.kernels.backends import TORCH_ATTENTION, AttentionBackend
@@ -305,7 +306,7 @@ def load_model(
         init_dummy_weights(model, seed=tp.rank)
         if quantize is not None:
             _log_quantized(quantize, tp, quantize_model(model, quantize))
-        return model
+        return _packed(model, dtype, device)
     slicer = Slicer(tp)
     if source.kind == "hf":
         total, tensors = _safetensors_tensors(source.path, slicer)
@@ -322,6 +323,12 @@ def load_model(
     sink.check()
     if quantize is not None:
         _log_quantized(quantize, tp, quantize_model(model, quantize, sink.shipped, sink.fill))
+    return _packed(model, dtype, device)
+
+
+def _packed(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    if packing_applies(dtype, torch.device(device)):
+        log.info("%d bf16 linears packed for oneDNN", pack_model(model))
     return model
 
 

@@ -24,6 +24,7 @@ from bench_step import copy_bandwidth
 from torch import nn
 
 from tgi_mp.executor import quant
+from tgi_mp.executor.packed import PackedLinear
 from tgi_mp.executor.penalties import apply_penalties
 from tgi_mp.executor.sampler import SamplingTensors, sample
 from tgi_mp.executor.weights import load_model
@@ -41,15 +42,23 @@ MODES = {  # name -> (activation dtype, --quantize)
 def weight_bytes_read(model: nn.Module, rows: int) -> int:
     """Weight bytes one decode step of `rows` sequences reads (see the module doc)."""
     total = 0
+    # An int4 projection's packed dense copy is its child: counted by its parent.
+    copies = {id(m.dense_linear) for m in model.modules() if isinstance(m, quant.Int4Linear)}
     for module in model.modules():
+        if id(module) in copies:
+            continue
         if isinstance(module, quant.Int4Linear):
             packed = rows <= quant.SMALL_BATCH
-            total += module.nbytes() if packed else module.dense.nbytes
+            total += module.nbytes() if packed else module.dense_nbytes()
+        elif isinstance(module, PackedLinear):
+            total += module.nbytes
         elif isinstance(module, quant.Int8Linear):
             total += module.nbytes()
         elif isinstance(module, nn.Embedding):
-            tied = getattr(model, "lm_head", None) is None
-            total += module.weight.nbytes if tied else rows * module.weight[0].nbytes
+            # Read whole by a tied LM head; else (or when a packed head reads its own
+            # copy, counted above) by the rows looked up.
+            whole = model.lm_head is None and model.packed_head is None
+            total += module.weight.nbytes if whole else rows * module.weight[0].nbytes
         else:
             total += sum(p.nbytes for p in module.parameters(recurse=False))
         if getattr(module, "bias", None) is not None and not isinstance(module, nn.Linear):

@@ -167,6 +167,9 @@ class LlamaForCausalLM(nn.Module):
         )
         # A plain attribute, not a buffer: it must stay float32 whatever the model dtype.
         self.inv_freq = rope_inv_freq(cfg)
+        # The LM head in oneDNN's layout (executor/packed.py), when packed: then it is
+        # the head, tied or not (an untied `lm_head` is dropped once packed).
+        self.packed_head: nn.Module | None = None
 
     def forward(
         self,
@@ -188,5 +191,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden `[n, hidden]` (rows already picked by the caller) -> float32 `[n, vocab]`."""
+        if self.packed_head is not None:
+            return self.packed_head(hidden).float()
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()

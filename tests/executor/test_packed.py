@@ -1,0 +1,56 @@
+"""oneDNN-packed bf16 linears: the same results as `F.linear`, and what gets packed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tgi_mp.executor.packed import PackedLinear, pack_model, packing_applies
+from tgi_mp.executor.quant import Int4Linear
+
+pytestmark = pytest.mark.skipif(
+    not packing_applies(torch.bfloat16, torch.device("cpu")), reason="torch built without oneDNN"
+)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 33])
+def test_packed_linear_is_f_linear_bit_for_bit(rows: int) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(96, 64, generator=gen).to(torch.bfloat16)
+    b = torch.randn(96, generator=gen).to(torch.bfloat16)
+    x = torch.randn(2, rows, 64, generator=gen).to(torch.bfloat16)
+    got = PackedLinear(w, b)(x)
+    assert got.shape == (2, rows, 96)
+    assert torch.equal(got, F.linear(x, w, b))
+
+
+def test_pack_model_packs_projections_int4_copies_and_the_head() -> None:
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv_proj, self.o_proj = nn.Linear(32, 48), nn.Linear(32, 32)
+            self.gate_up_proj, self.down_proj = nn.Linear(32, 64), nn.Linear(32, 32)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = nn.Module()
+            self.model.embed_tokens = nn.Embedding(100, 32)
+            self.layer = Layer()
+            self.lm_head = None  # tied
+            self.packed_head = None
+
+    model = Model().to(torch.bfloat16)
+    model.layer.down_proj = Int4Linear.from_linear(model.layer.down_proj)
+    x = torch.randn(20, 32).to(torch.bfloat16)  # > SMALL_BATCH rows: int4's dense copy
+    dense_before = model.layer.down_proj(x)
+    qkv_before = model.layer.qkv_proj(x)
+    assert pack_model(model) == 5
+    assert isinstance(model.layer.qkv_proj, PackedLinear)
+    assert torch.equal(model.layer.qkv_proj(x), qkv_before)
+    assert torch.equal(model.layer.down_proj(x), dense_before)
+    assert not hasattr(model.layer.down_proj, "dense")  # replaced, not kept twice
+    head = model.packed_head(x)
+    assert torch.equal(head, F.linear(x, model.model.embed_tokens.weight))
