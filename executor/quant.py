@@ -246,6 +246,8 @@ def quantize_model(
                 continue
             after += q.nbytes()  # type: ignore[operator]
             setattr(module, name, q)
+    if before == 0:  # e.g. called after executor/packed.py replaced them
+        raise ValueError("--quantize: the model has no float decoder projections left to quantize")
     if method != "int8":
         log.info(
             "int4: %d projections as the checkpoint shipped them, %d quantized at load",

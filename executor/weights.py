@@ -296,17 +296,19 @@ def load_model(
     dummy: bool = False,
     attention: AttentionBackend = TORCH_ATTENTION,
     quantize: str | None = None,
+    pack: bool = True,
 ) -> nn.Module:
     """Build the model for `cfg` and load its weights (float32 GGUF dequantisation,
     then cast to `dtype`): with tensor parallelism, only this rank's slices.
     `on_progress(done, total)` is called per tensor. `quantize`: a `--quantize`
-    method; int4 / gguf take a GGUF's 4-bit projection weights as shipped."""
+    method; int4 / gguf take a GGUF's 4-bit projection weights as shipped. `pack`:
+    bf16 linears packed for oneDNN on the CPU (`executor/packed.py`)."""
     model = build_model(cfg, dtype, device, tp, attention)
     if dummy:  # --load-format dummy: the config alone, no checkpoint read
         init_dummy_weights(model, seed=tp.rank)
         if quantize is not None:
             _log_quantized(quantize, tp, quantize_model(model, quantize))
-        return _packed(model, dtype, device)
+        return _packed(model, dtype, device) if pack else model
     slicer = Slicer(tp)
     if source.kind == "hf":
         total, tensors = _safetensors_tensors(source.path, slicer)
@@ -323,7 +325,7 @@ def load_model(
     sink.check()
     if quantize is not None:
         _log_quantized(quantize, tp, quantize_model(model, quantize, sink.shipped, sink.fill))
-    return _packed(model, dtype, device)
+    return _packed(model, dtype, device) if pack else model
 
 
 def _packed(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> nn.Module:

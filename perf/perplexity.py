@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from tgi_mp.executor import quant
+from tgi_mp.executor.packed import pack_model, packing_applies
 from tgi_mp.executor.quant import quantize_model
 from tgi_mp.executor.weights import load_model
 from tgi_mp.kernels.attention import AttentionMetadata, allocate_kv_cache
@@ -74,9 +75,11 @@ def perplexity(mode: str, ids: list[int], window: int) -> tuple[float, float]:
     dtype, at_load, after = MODES[mode]
     src = resolve_model(None)
     cfg = load_model_config(src)
-    model = load_model(src, cfg, dtype, "cpu", quantize=at_load)
-    if after is not None:
+    model = load_model(src, cfg, dtype, "cpu", quantize=at_load, pack=after is None)
+    if after is not None:  # quantized before packing, as load_model does
         quantize_model(model, after)
+        if packing_applies(dtype, torch.device("cpu")):
+            pack_model(model)
     quant.SMALL_BATCH = window  # the decode kernels for every row
     t0 = time.perf_counter()
     nll, scored = 0.0, 0

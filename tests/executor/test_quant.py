@@ -145,3 +145,10 @@ def test_int4_leaves_shapes_it_cannot_pack_dense() -> None:
     model[0].o_proj = nn.Linear(32, 40)  # 40 output rows: not a multiple of 16
     quantize_model(model, "int4")
     assert isinstance(model[0].o_proj, nn.Linear)
+
+
+def test_quantizing_a_model_without_float_projections_is_an_error() -> None:
+    model = _model()
+    quantize_model(model, "int4")
+    with pytest.raises(ValueError, match="no float decoder projections left"):
+        quantize_model(model, "int4")  # already quantized (or packed): nothing would change
