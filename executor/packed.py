@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tgi_mp.executor.quant import TARGETS, Int4Linear
+from tgi_mp.executor.quant import TARGETS, Int4Linear, Int8Linear
 
 
 def packing_applies(dtype: torch.dtype, device: torch.device) -> bool:
@@ -40,9 +40,9 @@ class PackedLinear(nn.Module):
 
 @torch.no_grad()
 def pack_model(model: nn.Module) -> int:
-    """Packs the decoder's dense projections, int4 projections' dense copies and the LM
-    head (a packed copy when the embedding is tied: the lookup keeps the plain table).
-    Returns the number of linears packed."""
+    """Packs the decoder's dense projections, dense copies for the int4 / int8 ones'
+    big steps, and the LM head (a packed copy when the embedding is tied: the lookup
+    keeps the plain table). Returns the number of linears packed."""
     count = 0
     for module in list(model.modules()):
         for name in TARGETS:
@@ -52,6 +52,9 @@ def pack_model(model: nn.Module) -> int:
                 count += 1
             elif isinstance(linear, Int4Linear):
                 linear.pack_dense(PackedLinear(linear.dense, linear.bias))
+                count += 1
+            elif isinstance(linear, Int8Linear):  # a dense copy: no dequantize per big step
+                linear.pack_dense(PackedLinear(linear.dequantized(), linear.bias))
                 count += 1
     lm_head = model.lm_head
     head_weight = model.model.embed_tokens.weight if lm_head is None else lm_head.weight

@@ -5,9 +5,11 @@ per row), from any float checkpoint, at load. A decode step reads half of bf16's
 bytes. Small batches run torch's int8 x float kernel (`_weight_int8pack_mm`,
 int8 -> float inside its tiles); above `SMALL_BATCH` rows that kernel falls behind
 a float GEMM (cpu-speed.md measures it), so big steps dequantize the weight once
-per call and run `F.linear`. Measured (perf/RESULTS.md): with bf16 activations
-int8 is faster than bf16 weights; with float32 ones it is slower than float32
-weights, so the runner warns about that combination.
+per call and run `F.linear` — or, with bf16 on the CPU, run a packed dense copy
+made at load (`executor/packed.py`: dequantizing per call cost 40% of a batch-32
+step), at 1.5x the dense weights' memory. Measured (perf/RESULTS.md): with bf16
+activations int8 is faster than bf16 weights at small batches; with float32 ones
+it is slower than float32 weights, so the runner warns about that combination.
 
 `int4`: groups of `INT4_GROUP` weights along the input share a scale and a zero,
 w = (q - 8) * scale + zero with q in 0..15 — torch's int4pack layout, into which a
@@ -51,6 +53,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", weight)  # int8 [out, in]
         self.register_buffer("scales", scales)  # [out], the activations' dtype
         self.bias = bias
+        self.dense_linear: nn.Module | None = None  # a packed dense copy (executor/packed.py)
 
     @classmethod
     @torch.no_grad()
@@ -73,7 +76,14 @@ class Int8Linear(nn.Module):
             y = torch._weight_int8pack_mm(flat.contiguous(), self.weight_int8, self.scales)
             y = y.reshape(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
+        if self.dense_linear is not None:
+            return self.dense_linear(x)
         return F.linear(x, self.dequantized(), self.bias)
+
+    def pack_dense(self, linear: nn.Module) -> None:
+        """Big batches run `linear` (the dequantized weight and the bias, packed) instead
+        of dequantizing per call."""
+        self.dense_linear = linear
 
 
 @dataclass

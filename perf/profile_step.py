@@ -43,7 +43,8 @@ def weight_bytes_read(model: nn.Module, rows: int) -> int:
     """Weight bytes one decode step of `rows` sequences reads (see the module doc)."""
     total = 0
     # An int4 projection's packed dense copy is its child: counted by its parent.
-    copies = {id(m.dense_linear) for m in model.modules() if isinstance(m, quant.Int4Linear)}
+    quantized = (quant.Int4Linear, quant.Int8Linear)
+    copies = {id(m.dense_linear) for m in model.modules() if isinstance(m, quantized)}
     for module in model.modules():
         if id(module) in copies:
             continue
@@ -53,7 +54,8 @@ def weight_bytes_read(model: nn.Module, rows: int) -> int:
         elif isinstance(module, PackedLinear):
             total += module.nbytes
         elif isinstance(module, quant.Int8Linear):
-            total += module.nbytes()
+            packed = rows <= quant.SMALL_BATCH or module.dense_linear is None
+            total += module.nbytes() if packed else module.dense_linear.nbytes
         elif isinstance(module, nn.Embedding):
             # Read whole by a tied LM head; else (or when a packed head reads its own
             # copy, counted above) by the rows looked up.

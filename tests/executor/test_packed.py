@@ -54,3 +54,22 @@ def test_pack_model_packs_projections_int4_copies_and_the_head() -> None:
     assert not hasattr(model.layer.down_proj, "dense")  # replaced, not kept twice
     head = model.packed_head(x)
     assert torch.equal(head, F.linear(x, model.model.embed_tokens.weight))
+
+
+def test_int8_big_steps_run_a_packed_dequantized_copy() -> None:
+    from tgi_mp.executor.quant import SMALL_BATCH, Int8Linear
+
+    linear = nn.Linear(32, 48).to(torch.bfloat16)
+    q = Int8Linear.from_linear(linear)
+    x = torch.randn(SMALL_BATCH + 4, 32).to(torch.bfloat16)
+    before = q(x)  # dequantized per call
+    model = nn.Sequential(nn.Module())
+    model[0].o_proj = q
+    model.model = nn.Module()
+    model.model.embed_tokens = nn.Embedding(10, 32).to(torch.bfloat16)
+    model.lm_head = None
+    pack_model(model)
+    assert isinstance(q.dense_linear, PackedLinear)
+    assert torch.equal(q(x), before)
+    small = x[:SMALL_BATCH]
+    assert torch.equal(q(small), torch._weight_int8pack_mm(small, q.weight_int8, q.scales) + q.bias)
