@@ -2,14 +2,16 @@
 
 `int8`: each output channel's weights scaled into -127..127 (symmetric, one scale
 per row), from any float checkpoint, at load. A decode step reads half of bf16's
-bytes. Small batches run torch's int8 x float kernel (`_weight_int8pack_mm`,
-int8 -> float inside its tiles); above `SMALL_BATCH` rows that kernel falls behind
+bytes. Small batches run torch's int8 x bf16 kernel (`_weight_int8pack_mm`,
+int8 -> float inside its tiles; float32 activations are rounded to bf16 for it, as
+for int4: its float32 path is ~4x slower); above `SMALL_BATCH` rows that kernel falls behind
 a float GEMM (cpu-speed.md measures it), so big steps dequantize the weight once
 per call and run `F.linear` — or, with bf16 on the CPU, run a packed dense copy
 made at load (`executor/packed.py`: dequantizing per call cost 40% of a batch-32
 step), at 1.5x the dense weights' memory. Measured (perf/RESULTS.md): with bf16
-activations int8 is faster than bf16 weights at small batches; with float32 ones
-it is slower than float32 weights, so the runner warns about that combination.
+activations int8 is faster than bf16 weights at small batches. With float32 ones
+the small-batch GEMMs still round to bf16 and big steps dequantize per call: the
+runner advises bf16.
 
 `int4`: groups of `INT4_GROUP` weights along the input share a scale and a zero,
 w = (q - 8) * scale + zero with q in 0..15 — torch's int4pack layout, into which a
@@ -52,6 +54,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.register_buffer("weight_int8", weight)  # int8 [out, in]
         self.register_buffer("scales", scales)  # [out], the activations' dtype
+        self.register_buffer("kernel_scales", scales.to(torch.bfloat16))  # the kernel's dtype
         self.bias = bias
         self.dense_linear: nn.Module | None = None  # a packed dense copy (executor/packed.py)
 
@@ -68,13 +71,15 @@ class Int8Linear(nn.Module):
         return self.weight_int8.to(self.scales.dtype) * self.scales[:, None]
 
     def nbytes(self) -> int:
-        return self.weight_int8.numel() + self.scales.numel() * self.scales.element_size()
+        return self.weight_int8.numel() + self.kernel_scales.numel() * 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] <= SMALL_BATCH:
-            y = torch._weight_int8pack_mm(flat.contiguous(), self.weight_int8, self.scales)
-            y = y.reshape(*x.shape[:-1], -1)
+            # bf16 in: torch's int8 kernel is fast for bf16 only (float32 is 4x slower).
+            a = flat.to(torch.bfloat16).contiguous()
+            y = torch._weight_int8pack_mm(a, self.weight_int8, self.kernel_scales)
+            y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
             return y if self.bias is None else y + self.bias
         if self.dense_linear is not None:
             return self.dense_linear(x)
@@ -132,6 +137,18 @@ class GroupQuantized:
 
     def rows(self, index: np.ndarray | slice) -> GroupQuantized:
         return GroupQuantized(self.codes[index], self.scales[index], self.zeros[index], self.group)
+
+    def columns(self, start: int, stop: int) -> GroupQuantized:
+        """Input columns [start, stop), both on group boundaries."""
+        g = self.group
+        if start % g or stop % g:
+            raise ValueError(f"columns {start}:{stop} split groups of {g}")
+        return GroupQuantized(
+            self.codes[:, start:stop].contiguous(),
+            self.scales[:, start // g : stop // g].contiguous(),
+            self.zeros[:, start // g : stop // g].contiguous(),
+            g,
+        )
 
     def dequantize(self) -> torch.Tensor:
         n, k = self.shape

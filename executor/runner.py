@@ -139,9 +139,9 @@ class ModelRunner:
                 raise RuntimeError(f"--quantize {method} runs on the CPU only")
             if self.dtype == torch.float32:
                 log.warning(
-                    "--quantize %s with float32 activations runs slower than float32 weights "
-                    "(torch's int8 and int4 kernels are fast for bf16 only): prefer "
-                    "--dtype bfloat16",
+                    "--quantize %s with float32 activations: torch's int8 / int4 kernels "
+                    "take bf16 (activations are rounded to it) and big steps run float32 "
+                    "GEMMs: prefer --dtype bfloat16",
                     method,
                 )
         return self._load_weights()

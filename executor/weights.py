@@ -246,12 +246,7 @@ def _gguf_tensors(
         if cut is not None and cut[0] == 0:
             q = q.rows(slice(cut[1], cut[2]))
         elif cut is not None:
-            q = GroupQuantized(
-                q.codes[:, cut[1] : cut[2]].contiguous(),
-                q.scales[:, cut[1] // 32 : cut[2] // 32].contiguous(),
-                q.zeros[:, cut[1] // 32 : cut[2] // 32].contiguous(),
-                32,
-            )
+            q = q.columns(cut[1], cut[2])
         heads = rope_heads(name)
         if heads is not None:
             q = q.rows(torch.from_numpy(unpermute_rope_rows(np.arange(q.shape[0]), heads)))

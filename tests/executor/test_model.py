@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import subprocess
@@ -322,16 +323,18 @@ def test_gguf_shipped_4bit_shares_match_the_float_shares() -> None:
     slicer = Slicer(TensorParallel(1, 3))  # rank 1 of 3: every cut starts past 0
     _, floats = _gguf_tensors(source.gguf_path, cfg, slicer)
     _, shipped = _gguf_tensors(source.gguf_path, cfg, slicer, keep_4bit=True)
-    checked = 0
-    for (name, ref), (same, got) in zip(floats, shipped, strict=True):
+    kinds = set()
+    # The file's first 40 tensors (a few layers, every projection kind): the lazy
+    # readers dequantise no further, which keeps the test short.
+    for (name, ref), (same, got) in itertools.islice(zip(floats, shipped, strict=True), 40):
         assert name == same
         if isinstance(got, GroupQuantized):
             assert got.shape == tuple(ref.shape), name
             torch.testing.assert_close(got.dequantize(), ref, rtol=0, atol=1e-6)
-            checked += 1
+            kinds.add(name.split(".")[-2])
         else:
             assert torch.equal(got, ref), name
-    assert checked == 7 * cfg.num_layers  # q, k, v, o, gate, up, down
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 def test_pre_quantized_checkpoint_is_refused(tmp_path: Path) -> None:

@@ -23,8 +23,9 @@ def test_int8_gemm_is_the_dequantized_gemm(dtype: torch.dtype, rows: int) -> Non
     x = torch.randn(rows, 96, generator=gen).to(dtype)
     want = x.float() @ q.dequantized().float().t() + linear.bias.float()
     got = q(x).float()
-    # Both kernels accumulate in float32; bf16 outputs round to 8 bits of mantissa.
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    # Both kernels accumulate in float32; the int8 one takes bf16 inputs (float32 ones
+    # are rounded to bf16 for it) and bf16 outputs round to 8 bits of mantissa.
+    tol = 1e-4 if dtype == torch.float32 and rows > quant.SMALL_BATCH else 2e-2
     torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=0)
     # ...and the int8 weights are the float ones to within half a step of each row's scale
     # (a whole step in bf16, where the scale and the product are rounded to 8 bits too).
@@ -45,7 +46,7 @@ def test_quantize_model_replaces_the_decoder_linears_only() -> None:
     assert all(isinstance(layer.qkv_proj, Int8Linear) for layer in model[:2])
     assert isinstance(model.lm_head, nn.Linear)  # the LM head keeps its dtype
     weights, rows = 8 * 24 + 8 * 8 + 8 * 32 + 16 * 8, 24 + 8 + 32 + 8
-    assert before == 2 * 4 * weights and after == 2 * (weights + 4 * rows)  # int8 + fp32 scales
+    assert before == 2 * 4 * weights and after == 2 * (weights + 2 * rows)  # int8 + bf16 scales
     with pytest.raises(ValueError, match="supported: int8, int4, gguf"):
         quantize_model(model, "gptq")
 
