@@ -98,6 +98,7 @@ class ModelRunner:
         elif cfg.num_shards > 1 and self.device.type == "cpu":  # the ranks share the cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.num_shards))
         self.step_tokens = cfg.step_tokens(self.device.type)
+        self.sequences_per_step = cfg.sequences_per_step(self.device.type)
         self.attention, why_attention = select_backend(
             cfg.attention, self.device, self.dtype, cfg.block_size
         )
@@ -133,7 +134,8 @@ class ModelRunner:
             )
 
     def _load_model(self) -> torch.nn.Module:
-        method = self.cfg.quantize
+        cfg, last = self.cfg, [0.0]
+        method = cfg.quantize
         if method is not None:
             if self.device.type != "cpu":
                 raise RuntimeError(f"--quantize {method} runs on the CPU only")
@@ -144,10 +146,6 @@ class ModelRunner:
                     "GEMMs: prefer --dtype bfloat16",
                     method,
                 )
-        return self._load_weights()
-
-    def _load_weights(self) -> torch.nn.Module:
-        cfg, last = self.cfg, [0.0]
 
         def progress(done: int, total: int) -> None:
             now = time.perf_counter()
@@ -164,7 +162,7 @@ class ModelRunner:
             self.tp,
             dummy=cfg.load_format == "dummy",
             attention=self.attention,
-            quantize=cfg.quantize,
+            quantize=method,
         )
 
     def _kv_budget(self, graphs: bool) -> tuple[int, str]:
@@ -210,7 +208,7 @@ class ModelRunner:
             )
             return ()
         # No step decodes more sequences than these: bigger graphs would never replay.
-        most = self.cfg.sequences_per_step(self.device.type)
+        most = self.sequences_per_step
         return tuple(b for b in buckets if b <= most) or buckets[:1]
 
     def _profile_step(self) -> None:
@@ -233,8 +231,7 @@ class ModelRunner:
         with torch.inference_mode():
             hidden = self.model(uploaded[-1], meta.positions, caches, meta)
             if self.tp.rank == 0:
-                most = cfg.sequences_per_step(self.device.type)
-                logits = self.model.compute_logits(hidden[:most])
+                logits = self.model.compute_logits(hidden[: self.sequences_per_step])
                 self.logits(logits, self.logits.costliest_inputs(logits.shape[0]))
 
     @torch.inference_mode()

@@ -119,10 +119,7 @@ class _Sink:
         param = self.params.get(name)
         if param is None:
             raise KeyError(f"checkpoint tensor {hf_name!r} has no place in {self.cfg.architecture}")
-        target = param.data
-        if module in self.shards:
-            start, rows = self.shards[module][shard]
-            target = target[start : start + rows]
+        target = self._shard(param, module, shard)
         if module in _COLUMN_SPLIT and kind == "bias" and self.tp.rank != 0:
             tensor = torch.zeros_like(tensor)  # added once, by rank 0, before the all-reduce
         if tuple(target.shape) != tuple(tensor.shape):
@@ -139,12 +136,16 @@ class _Sink:
 
     def fill(self, module_path: str, shard: int, rows: torch.Tensor) -> None:
         """Writes float rows into one shard of a projection's weight."""
-        target = self.params[f"{module_path}.weight"].data
-        module = module_path.rsplit(".", 1)[-1]
-        if module in self.shards:
-            start, n = self.shards[module][shard]
-            target = target[start : start + n]
-        target.copy_(rows)
+        param = self.params[f"{module_path}.weight"]
+        self._shard(param, module_path.rsplit(".", 1)[-1], shard).copy_(rows)
+
+    def _shard(self, param: nn.Parameter, module: str, shard: int) -> torch.Tensor:
+        """The rows of `param` that shard `shard` of a fused projection owns (all, if
+        `module` is not fused)."""
+        if module not in self.shards:
+            return param.data
+        start, rows = self.shards[module][shard]
+        return param.data[start : start + rows]
 
     def check(self) -> None:
         missing = sorted(f"{n}[{i}]" if i else n for n, i in self.expected - self.loaded)

@@ -24,12 +24,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "load_format": ("auto", "dummy"),
     "quantize": ("int8", "int4", "gguf"),  # weight-only, at load (executor/quant.py)
 }
-# TGI's default --cuda-graphs: the decode batch sizes captured in CUDA graphs.
 # The step's token budget when --max-batch-prefill-tokens is not given: TGI's on CUDA;
 # on the CPU what keeps a step short enough that running streams keep getting tokens
 # while long prompts prefill (perf/RESULTS.md measures it).
 CUDA_STEP_TOKENS = 4096
 CPU_STEP_TOKENS = 256
+# TGI's default --cuda-graphs: the decode batch sizes captured in CUDA graphs.
 DEFAULT_CUDA_GRAPHS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 

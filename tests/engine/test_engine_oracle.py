@@ -160,24 +160,22 @@ def test_auto_dtype_is_native_bf16_and_follows_the_oracle(cases) -> None:
 INT8_NEAR_TIE = 1.0
 
 
-def test_int8_weights_follow_the_oracle_up_to_near_ties(cases) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "quantize", "near_tie"),
+    [
+        ("float32", "int8", INT8_NEAR_TIE),
+        # int4 on the Q4_1 GGUF takes its bits as shipped: only bf16 arithmetic
+        # (activations, and the kernel's scales) separates it from the reference.
+        ("bfloat16", "int4", BF16_NEAR_TIE),
+    ],
+)
+def test_quantized_weights_follow_the_oracle_up_to_near_ties(
+    cases, dtype: str, quantize: str, near_tie: float
+) -> None:
     cases = cases[:SHORT]
-    with Engine.start(
-        None, dtype="float32", quantize="int8", max_batch_total_tokens=8192
-    ) as engine:
+    with Engine.start(None, dtype=dtype, quantize=quantize, max_batch_total_tokens=8192) as engine:
         outputs = _run(engine, cases, concurrent=True)
-    _check_near("int8 weights", cases, outputs, INT8_NEAR_TIE)
-
-
-def test_int4_weights_follow_the_oracle_up_to_near_ties(cases) -> None:
-    """--quantize int4 on the Q4_1 GGUF takes its bits as shipped: only bf16 arithmetic
-    (activations, and the kernel's scales) separates it from the float32 reference."""
-    cases = cases[:SHORT]
-    with Engine.start(
-        None, dtype="bfloat16", quantize="int4", max_batch_total_tokens=8192
-    ) as engine:
-        outputs = _run(engine, cases, concurrent=True)
-    _check_near("int4 weights", cases, outputs, BF16_NEAR_TIE)
+    _check_near(f"{quantize} weights", cases, outputs, near_tie)
 
 
 def _check_near(label: str, cases, outputs: list[list[int]], near_tie: float) -> None:

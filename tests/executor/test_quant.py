@@ -12,15 +12,22 @@ from tgi_mp.executor import quant
 from tgi_mp.executor.quant import GroupQuantized, Int4Linear, Int8Linear, quantize_model
 
 
+def _linear_and_input(
+    in_features: int, out_features: int, rows: int, dtype: torch.dtype
+) -> tuple[nn.Linear, torch.Tensor]:
+    """A linear with N(0, 1) weights and a bias, and `rows` inputs for it, seeded by rows."""
+    gen = torch.Generator().manual_seed(rows)
+    linear = nn.Linear(in_features, out_features, bias=True).to(dtype)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=gen))
+    return linear, torch.randn(rows, in_features, generator=gen).to(dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, quant.SMALL_BATCH, quant.SMALL_BATCH + 1, 64])
 def test_int8_gemm_is_the_dequantized_gemm(dtype: torch.dtype, rows: int) -> None:
-    gen = torch.Generator().manual_seed(rows)
-    linear = nn.Linear(96, 80, bias=True).to(dtype)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(80, 96, generator=gen))
+    linear, x = _linear_and_input(96, 80, rows, dtype)
     q = Int8Linear.from_linear(linear)
-    x = torch.randn(rows, 96, generator=gen).to(dtype)
     want = x.float() @ q.dequantized().float().t() + linear.bias.float()
     got = q(x).float()
     # Both kernels accumulate in float32; the int8 one takes bf16 inputs (float32 ones
@@ -57,12 +64,8 @@ def test_quantize_model_replaces_the_decoder_linears_only() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, quant.SMALL_BATCH, quant.SMALL_BATCH + 1, 64])
 def test_int4_gemm_is_the_dequantized_gemm(dtype: torch.dtype, rows: int) -> None:
-    gen = torch.Generator().manual_seed(rows)
-    linear = nn.Linear(128, 48, bias=True).to(dtype)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(48, 128, generator=gen))
+    linear, x = _linear_and_input(128, 48, rows, dtype)
     q = Int4Linear.from_linear(linear)
-    x = torch.randn(rows, 128, generator=gen).to(dtype)
     # The small-batch kernel holds scale and zero in bf16: its weights are these.
     sz = q.scale_zeros.float()
     codes = GroupQuantized.from_float(linear.weight).codes.float().view(48, 4, 32)
