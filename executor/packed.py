@@ -4,9 +4,9 @@
 every call; `mkldnn._reorder_linear_weight` does it once at load and
 `mkldnn._linear_pointwise` runs on the result (what inductor's freezing pass emits).
 Same kernel, same results bit for bit, minus the per-call reorder: measured on 2
-AVX512-BF16 cores (perf/RESULTS.md), SmolLM2's 30 layers of projections take 8.3
-instead of 13.7 ms at 1 row and 15.3 instead of 21.0 at 32; its LM head 1.35 vs
-2.1 ms and 3.5 vs 5.9. float32 is left alone: oneDNN's float32 kernel rounds
+AVX512-BF16 cores (`perf/bench_linears.py`, perf/RESULTS.md), SmolLM2's 30 layers
+of projections take 8.2 instead of 9.6 ms at 1 row and 13.4 instead of 16.6 at 32;
+its LM head 1.05 vs 1.75 ms and 2.87 vs 3.59. float32 is left alone: oneDNN's float32 kernel rounds
 differently from the one `F.linear` uses, and float32 is the exact oracle path.
 """
 

@@ -41,7 +41,9 @@ from tgi_mp.options import CHOICES
 
 log = logging.getLogger("tgi_mp.executor")
 
-SMALL_BATCH = 16  # rows up to which the int8 / int4 kernels beat a dense GEMM
+# Rows up to which the int8 / int4 kernels beat the packed bf16 GEMM (perf/bench_linears.py:
+# at 8 rows int4 6.0 / int8 7.4 vs 9.1 ms, at 16 11.0 / 13.0 vs 10.2).
+SMALL_BATCH = 8
 INT4_GROUP = 32  # weights per scale/zero: llama.cpp's Q4 block, and it divides every K here
 # The linears of each decoder layer that are quantized (embeddings and LM head are not).
 TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
