@@ -1,6 +1,9 @@
 """Attention backends: one interface, chosen once at start-up (`--attention`).
 
-* `torch`: the reference in `attention.py` (CPU default; the oracle of every test).
+* `torch`: the reference in `attention.py` (the oracle of every test; the CPU default
+  for float32).
+* `cpu`: our C++ kernel in `cpu_attention.cpp` (the CPU default for bfloat16 on CPUs
+  with AVX512_BF16): paged K/V read in place, online softmax, float32 accumulation.
 * `triton`: our kernels in `triton_attention.py` (CUDA default). Mixed steps go to the
   varlen kernel, all-decode steps to split-KV decode (CUDA-graph friendly).
 * `flash-attn`: Dao-AILab's paged varlen kernel, used only when the package imports,
@@ -81,6 +84,32 @@ class TritonAttention(AttentionBackend):
         return self.kernels.varlen_attention(
             q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale
         )
+
+
+class CpuAttention(AttentionBackend):
+    name = "cpu"
+    reference_plan = False  # reads the device (host) tensors only
+
+    def __init__(self) -> None:
+        from tgi_mp.kernels import cpu_attention  # builds the kernel on first use
+
+        self.kernel = cpu_attention
+        # Without AVX512_BF16 the kernel's portable path runs: exact but slow; the
+        # problem check keeps `auto` from choosing it.
+        self.fast = cpu_attention.fast_path_available()
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        return self.kernel.paged_attention(
+            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+            scale, self.fast,
+        )  # fmt: skip
 
 
 class FlashAttention(AttentionBackend):
@@ -172,7 +201,9 @@ def _step_error(
     return (got - want).abs().max().item()
 
 
-def _triton_problem(device: torch.device, block_size: int) -> str | None:
+def _triton_problem(
+    device: torch.device, dtype: torch.dtype, block_size: int, auto: bool
+) -> str | None:
     """Why Triton cannot run here, or None."""
     if importlib.util.find_spec("triton") is None:
         return "the triton package is not installed"
@@ -188,7 +219,7 @@ def select_backend(
 
     Each candidate must be usable here and pass its self-check against the reference.
     An explicit choice that fails is an error naming the reason; `auto` tries
-    flash-attn, then Triton on CUDA, and falls back to torch.
+    flash-attn, then Triton on CUDA, the C++ kernel on a CPU, and falls back to torch.
     """
     if requested not in CHOICES["attention"]:
         choices = ", ".join(CHOICES["attention"])
@@ -197,11 +228,11 @@ def select_backend(
         return TorchAttention(), "--attention torch"
     if requested != "auto":
         candidates = [requested]
-    else:  # the fast kernels are CUDA's; on the CPU the reference is the backend
-        candidates = ["flash-attn", "triton"] if device.type == "cuda" else []
+    else:
+        candidates = ["flash-attn", "triton"] if device.type == "cuda" else ["cpu"]
     notes = []
     for name in candidates:
-        why = _PROBLEMS[name](device, block_size)
+        why = _PROBLEMS[name](device, dtype, block_size, requested == "auto")
         if why is None:
             try:
                 backend = _BACKENDS[name]()
@@ -215,7 +246,21 @@ def select_backend(
     return TorchAttention(), "; ".join([f"auto on {device.type}", *notes])
 
 
-def _flash_attn_problem(device: torch.device, block_size: int) -> str | None:
+def _cpu_problem(
+    device: torch.device, dtype: torch.dtype, block_size: int, auto: bool
+) -> str | None:
+    if device.type != "cpu":
+        return "the C++ kernel runs on the CPU"
+    if dtype != torch.bfloat16:
+        return f"the C++ kernel takes bfloat16, not {str(dtype).removeprefix('torch.')}"
+    if auto and not torch.cpu._is_avx512_bf16_supported():
+        return "this CPU has no AVX512_BF16 (the kernel's portable path is slower than torch)"
+    return None
+
+
+def _flash_attn_problem(
+    device: torch.device, dtype: torch.dtype, block_size: int, auto: bool
+) -> str | None:
     if device.type != "cuda":
         return "flash-attn needs a CUDA device"
     if importlib.util.find_spec("flash_attn") is None:
@@ -225,5 +270,5 @@ def _flash_attn_problem(device: torch.device, block_size: int) -> str | None:
     return None
 
 
-_PROBLEMS = {"flash-attn": _flash_attn_problem, "triton": _triton_problem}
-_BACKENDS = {"flash-attn": FlashAttention, "triton": TritonAttention}
+_PROBLEMS = {"flash-attn": _flash_attn_problem, "triton": _triton_problem, "cpu": _cpu_problem}
+_BACKENDS = {"flash-attn": FlashAttention, "triton": TritonAttention, "cpu": CpuAttention}

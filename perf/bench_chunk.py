@@ -7,7 +7,7 @@ A step that carries a prompt chunk takes as long as the chunk's forward, and eve
 running stream waits for it: the step budget (`--max-batch-prefill-tokens`) bounds
 the inter-token latency of everyone else while long prompts arrive. One forward of
 `chunk` new tokens over `context` cached ones (the engine's model code, paged KV,
-the torch attention reference), logits for the last token; best of `--repeats`.
+the attention backend `--attention` picks), logits for the last token; best of `--repeats`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from tgi_mp.executor.weights import load_model
 from tgi_mp.kernels.attention import AttentionMetadata, allocate_kv_cache
+from tgi_mp.kernels.backends import select_backend
 from tgi_mp.model_source import load_model_config, resolve_model
 
 
@@ -29,11 +30,13 @@ def main() -> None:
     ap.add_argument("--chunks", default="128,256,512,1024,2048")
     ap.add_argument("--contexts", default="0,1024")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--attention", default="auto", help="--attention of tgi-mp serve")
     args = ap.parse_args()
     src = resolve_model(None)
     cfg = load_model_config(src)
     dtype = getattr(torch, args.dtype)
-    model = load_model(src, cfg, dtype, "cpu")
+    attention, _ = select_backend(args.attention, torch.device("cpu"), dtype, 16)
+    model = load_model(src, cfg, dtype, "cpu", attention=attention)
     chunks = [int(c) for c in args.chunks.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     bs = 16
@@ -43,14 +46,15 @@ def main() -> None:
 
     @torch.inference_mode()
     def forward(chunk: int, context: int) -> float:
-        meta = AttentionMetadata.build(np.array([chunk]), np.array([context]), table, bs, "cpu")
+        lens = np.array([chunk]), np.array([context])
+        meta = AttentionMetadata.build(*lens, table, bs, "cpu", reference=attention.reference_plan)
         ids = torch.randint(0, cfg.vocab_size, (chunk,))
         t0 = time.perf_counter()
         hidden = model(ids, meta.positions, kv, meta)
         model.compute_logits(hidden[-1:])
         return time.perf_counter() - t0
 
-    print(f"{args.dtype}, {torch.get_num_threads()} threads")
+    print(f"{args.dtype}, {attention.name} attention, {torch.get_num_threads()} threads")
     print()
     print("| chunk tokens | context tokens | step s | prompt tok/s |")
     print("|---|---|---|---|")

@@ -29,6 +29,7 @@ from tgi_mp.executor.penalties import apply_penalties
 from tgi_mp.executor.sampler import SamplingTensors, sample
 from tgi_mp.executor.weights import load_model
 from tgi_mp.kernels.attention import AttentionMetadata, allocate_kv_cache
+from tgi_mp.kernels.backends import select_backend
 from tgi_mp.model_source import load_model_config, resolve_model
 
 MODES = {  # name -> (activation dtype, --quantize)
@@ -75,6 +76,7 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=200)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--profile", action="store_true", help="print torch profiler's top ops")
+    ap.add_argument("--attention", default="auto", help="--attention of tgi-mp serve")
     ap.add_argument(
         "--sample",
         action="store_true",
@@ -89,14 +91,19 @@ def main() -> None:
         f"{'sampling' if args.sample else 'argmax'}, no IPC"
     )
     print()
-    columns = "mode | batch | step ms | weights read MB | bound ms | step / bound | tok/s | sampler"
+    columns = (
+        "mode | attention | batch | step ms | weights read MB | bound ms | step / bound | tok/s "
+        "| sampler"
+    )
     print(f"| {columns} |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     src = resolve_model(None)
     cfg = load_model_config(src)
     for mode in args.modes.split(","):
         dtype, method = MODES[mode]
-        model = load_model(src, cfg, dtype, "cpu", quantize=method)
+        attention, _ = select_backend(args.attention, torch.device("cpu"), dtype, 16)
+        model = load_model(src, cfg, dtype, "cpu", attention=attention, quantize=method)
+        model.reference_plan = attention.reference_plan
         for batch in (int(b) for b in args.batches.split(",")):
             times, sampler_times, step = measure(args, model, cfg, dtype, batch)
             step_s, sampler_s = float(np.median(times)), float(np.median(sampler_times))
@@ -104,7 +111,7 @@ def main() -> None:
             read = weight_bytes_read(model, batch)
             bound = (read + kv * dtype.itemsize) / bandwidth
             print(
-                f"| {mode} | {batch} | {step_s * 1e3:.1f} | {read / 1e6:.0f} | "
+                f"| {mode} | {attention.name} | {batch} | {step_s * 1e3:.1f} | {read / 1e6:.0f} | "
                 f"{bound * 1e3:.1f} | {step_s / bound:.2f} | {batch / step_s:.0f} | "
                 f"{sampler_s / step_s:.1%} |"
             )
@@ -144,7 +151,9 @@ def measure(args: argparse.Namespace, model: nn.Module, cfg, dtype: torch.dtype,
 
     @torch.inference_mode()
     def step() -> None:
-        meta = AttentionMetadata.build(query, context, tables, bs, "cpu")
+        meta = AttentionMetadata.build(
+            query, context, tables, bs, "cpu", reference=model.reference_plan
+        )
         logits = model.compute_logits(model(ids, meta.positions, kv, meta))
         t = time.perf_counter()
         if args.sample:  # the executor applies penalties just before sampling

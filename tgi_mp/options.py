@@ -20,7 +20,7 @@ import click
 CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "device": ("auto", "cpu", "cuda"),
-    "attention": ("auto", "torch", "triton", "flash-attn"),
+    "attention": ("auto", "torch", "cpu", "triton", "flash-attn"),
     "load_format": ("auto", "dummy"),
     "quantize": ("int8", "int4", "gguf"),  # weight-only, at load (executor/quant.py)
 }

@@ -140,19 +140,20 @@ SHORT = 6  # the other dtypes run the prompts of up to 257 tokens (the suite's t
 
 
 def test_auto_dtype_is_native_bf16_and_follows_the_oracle(cases) -> None:
-    """`--dtype auto` on the CPU: bfloat16 where the CPU multiplies it natively (its
-    greedy tokens are float32 transformers' until a near-tie), float32 elsewhere."""
+    """`--dtype auto` on the CPU: bfloat16 where the CPU multiplies it natively, with the
+    C++ attention kernel (its greedy tokens are float32 transformers' until a near-tie),
+    float32 and the torch reference elsewhere."""
     from tgi_mp.executor.device import native_bf16_isa
 
     cases = cases[:SHORT]
     with Engine.start(None, max_batch_total_tokens=8192) as engine:
-        dtype = engine.ready.dtype
+        dtype, attention = engine.ready.dtype, engine.ready.attention_backend
         outputs = _run(engine, cases, concurrent=True)
     if native_bf16_isa() is None:
-        assert dtype == "float32"
+        assert (dtype, attention) == ("float32", "torch")
         _check("auto dtype (float32 here)", cases, outputs)
         return
-    assert dtype == "bfloat16"
+    assert (dtype, attention) == ("bfloat16", "cpu")
     _check_near("auto dtype bf16", cases, outputs, BF16_NEAR_TIE)
 
 
