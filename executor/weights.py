@@ -298,13 +298,14 @@ def load_model(
     then cast to `dtype`): with tensor parallelism, only this rank's slices.
     `on_progress(done, total)` is called per tensor. `quantize`: a `--quantize`
     method; int4 / gguf take a GGUF's 4-bit projection weights as shipped. `pack`:
-    bf16 linears packed for oneDNN on the CPU (`executor/packed.py`)."""
+    bf16 linears packed for oneDNN on the CPU (`executor/packed.py`). The attention
+    backend may bring fused layer ops (the C++ CPU backend does, for bf16)."""
     model = build_model(cfg, dtype, device, tp, attention)
     if dummy:  # --load-format dummy: the config alone, no checkpoint read
         init_dummy_weights(model, seed=tp.rank)
         if quantize is not None:
             _log_quantized(quantize, tp, quantize_model(model, quantize))
-        return _packed(model, dtype, device) if pack else model
+        return _finish(model, dtype, device, attention, pack)
     slicer = Slicer(tp)
     if source.kind == "hf":
         total, tensors = _safetensors_tensors(source.path, slicer)
@@ -321,12 +322,24 @@ def load_model(
     sink.check()
     if quantize is not None:
         _log_quantized(quantize, tp, quantize_model(model, quantize, sink.shipped, sink.fill))
-    return _packed(model, dtype, device) if pack else model
+    return _finish(model, dtype, device, attention, pack)
 
 
-def _packed(model: nn.Module, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
-    if packing_applies(dtype, torch.device(device)):
+def _finish(
+    model: nn.Module,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    attention: AttentionBackend,
+    pack: bool,
+) -> nn.Module:
+    """The loaded model's fast paths: packed bf16 linears, the backend's fused layer ops."""
+    device = torch.device(device)
+    if pack and packing_applies(dtype, device):
         log.info("%d bf16 linears packed for oneDNN", pack_model(model))
+    ops = attention.layer_ops(model, dtype, device)
+    if ops is not None:
+        model.use_ops(ops)
+        log.info("layer norms, RoPE and SiLU·mul fused (%s)", type(ops).__name__)
     return model
 
 

@@ -54,6 +54,11 @@ class AttentionBackend:
     ) -> torch.Tensor:
         return reference.paged_attention(q, k_cache, v_cache, meta, scale)
 
+    def layer_ops(self, model: torch.nn.Module, dtype: torch.dtype, device: torch.device):
+        """Fused elementwise ops for the model's layers that come with this backend's
+        kernels (`executor.models.llama.LayerOps`' interface), or None: torch's ops."""
+        return None
+
 
 TorchAttention = AttentionBackend
 TORCH_ATTENTION = TorchAttention()
@@ -110,6 +115,11 @@ class CpuAttention(AttentionBackend):
             q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables,
             scale, self.fast,
         )  # fmt: skip
+
+    def layer_ops(self, model: torch.nn.Module, dtype: torch.dtype, device: torch.device):
+        from tgi_mp.kernels import cpu_ops
+
+        return cpu_ops.FusedLayerOps() if cpu_ops.supports(model, dtype, device) else None
 
 
 class FlashAttention(AttentionBackend):

@@ -23,17 +23,14 @@
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define TGI_FAST_PATH 1
-#define TGI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-#else
-#define TGI_FAST_PATH 0
-#endif
+#include "cpu_simd.h"
+
+#define TGI_FAST_PATH TGI_X86
+#define TGI_TARGET TGI_AVX512_BF16
 
 namespace {
 
-using bf16 = uint16_t;
+using tgi::bf16;
 constexpr int kLanes = 16;      // float32 lanes of a 512-bit vector: query rows per row group
 constexpr int kTileKeys = 32;   // keys per online-softmax step
 constexpr int kMaxGroups = 4;   // row groups of one work item (64 query rows)
@@ -77,20 +74,8 @@ struct Item {
   double cost;
 };
 
-inline float to_float(bf16 x) {
-  uint32_t u = uint32_t(x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline bf16 to_bf16(float f) {  // round to nearest even, as torch
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16((u >> 16) | 0x40u);  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return bf16(u >> 16);
-}
+using tgi::to_bf16;
+using tgi::to_float;
 
 // ---- portable path: one query row at a time, float32 throughout ----------------
 
@@ -142,21 +127,7 @@ struct Scratch {
   std::vector<uint32_t> zeros;  // a zero key/value row for keys past the end
 };
 
-TGI_TARGET inline __m512 exp_ps(__m512 x) {
-  // 2^(x log2 e): integer part by scalef, fraction by a degree-6 polynomial (~1e-7 rel.).
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 y = _mm512_set1_ps(1.5403530393381608e-4f);
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(y, n);
-}
+using tgi::exp_ps;
 
 TGI_TARGET inline __m512bh pairs(const uint32_t* at) {
   return (__m512bh)_mm512_loadu_si512(at);

@@ -1,89 +1,28 @@
-"""The CPU paged-attention kernel (`cpu_attention.cpp`): built once per source, compiler
-and torch version into a cache directory, loaded with ctypes.
-
-Plain `c++` with torch's headers (for `at::parallel_for`, so the kernel shares torch's
-OpenMP threads) builds it in about a second; no pybind, no ninja. The build is keyed
-by a hash, written to a temporary name and renamed into place, so executors starting
-together never load a half-written library.
-"""
+"""The CPU paged-attention kernel (`cpu_attention.cpp`), built and loaded by `cpu_build`."""
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-from functools import cache
-from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_attention.cpp")
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+from tgi_mp.kernels import cpu_build
+from tgi_mp.kernels.cpu_build import F32, I64, PTR, KernelUnavailable
+
+__all__ = ["KernelUnavailable", "fast_path_available", "library", "paged_attention"]
+
+_SIGNATURES = (
+    ("tgi_cpu_attention_has_fast_path", ctypes.c_int, ()),
+    (
+        "tgi_cpu_paged_attention",
+        ctypes.c_int,
+        (ctypes.c_int, PTR, I64, I64, PTR, PTR, PTR, PTR, PTR, PTR, *[I64] * 6, F32),
+    ),
+)
 
 
-class KernelUnavailable(RuntimeError):
-    pass
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("TGI_MP_KERNEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tgi-mp", "kernels"
-    )
-    return Path(root)
-
-
-def _compile_command(compiler: str, source: Path, target: Path) -> list[str]:
-    torch_dir = Path(torch.__file__).parent
-    abi = int(torch.compiled_with_cxx11_abi())
-    return [
-        compiler, "-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp",
-        f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{torch_dir / 'include'}",
-        str(source), "-o", str(target),
-        f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir / 'lib'}",
-    ]  # fmt: skip
-
-
-def build() -> Path:
-    """The compiled library's path, building it if this source has not been built."""
-    compiler = shutil.which(os.environ.get("CXX", "c++"))
-    if compiler is None:
-        raise KernelUnavailable(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
-    key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
-    key.update(" ".join(_compile_command(compiler, SOURCE, Path("-"))).encode())
-    key.update(torch.__version__.encode())
-    target = cache_dir() / f"cpu_attention-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        done = subprocess.run(
-            _compile_command(compiler, SOURCE, Path(tmp)), capture_output=True, text=True
-        )
-        if done.returncode:
-            raise KernelUnavailable(f"building {SOURCE.name} failed:\n{done.stderr[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-@cache
 def library() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(build()))
-    lib.tgi_cpu_paged_attention.restype = ctypes.c_int
-    lib.tgi_cpu_paged_attention.argtypes = [
-        ctypes.c_int, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR,
-        _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_float,
-    ]  # fmt: skip
-    lib.tgi_cpu_attention_has_fast_path.restype = ctypes.c_int
-    return lib
+    return cpu_build.library("cpu_attention", _SIGNATURES)
 
 
 def fast_path_available() -> bool:

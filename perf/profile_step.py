@@ -3,6 +3,7 @@
     python perf/profile_step.py                                    # bf16, int8, int4 at 1, 32
     python perf/profile_step.py --modes float32 --batches 32 --profile
     python perf/profile_step.py --modes bfloat16 --batches 32 --sample
+    python perf/profile_step.py --attention torch,cpu-unfused,cpu   # the CPU kernels' shares
 
 Runs the bundled model's forward + logits + argmax for `batch` decode rows over a
 paged KV cache of `--context` tokens each (no processes, no IPC). A decode step
@@ -24,6 +25,7 @@ from bench_step import copy_bandwidth
 from torch import nn
 
 from tgi_mp.executor import quant
+from tgi_mp.executor.models.llama import TORCH_OPS
 from tgi_mp.executor.packed import PackedLinear
 from tgi_mp.executor.penalties import apply_penalties
 from tgi_mp.executor.sampler import SamplingTensors, sample
@@ -76,7 +78,12 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=200)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--profile", action="store_true", help="print torch profiler's top ops")
-    ap.add_argument("--attention", default="auto", help="--attention of tgi-mp serve")
+    ap.add_argument(
+        "--attention",
+        default="auto",
+        help="--attention of tgi-mp serve, or several to compare in one run "
+        "(e.g. torch,cpu-unfused,cpu: cpu-unfused is the C++ attention without the fused ops)",
+    )
     ap.add_argument(
         "--sample",
         action="store_true",
@@ -101,27 +108,38 @@ def main() -> None:
     cfg = load_model_config(src)
     for mode in args.modes.split(","):
         dtype, method = MODES[mode]
-        attention, _ = select_backend(args.attention, torch.device("cpu"), dtype, 16)
-        model = load_model(src, cfg, dtype, "cpu", attention=attention, quantize=method)
-        model.reference_plan = attention.reference_plan
+        names = args.attention.split(",")
+        variants = {name: _model(src, cfg, dtype, method, name) for name in names}
         for batch in (int(b) for b in args.batches.split(",")):
-            times, sampler_times, step = measure(args, model, cfg, dtype, batch)
-            step_s, sampler_s = float(np.median(times)), float(np.median(sampler_times))
-            kv = 2 * cfg.num_layers * batch * args.context * cfg.num_kv_heads * cfg.head_dim
-            read = weight_bytes_read(model, batch)
-            bound = (read + kv * dtype.itemsize) / bandwidth
-            print(
-                f"| {mode} | {attention.name} | {batch} | {step_s * 1e3:.1f} | {read / 1e6:.0f} | "
-                f"{bound * 1e3:.1f} | {step_s / bound:.2f} | {batch / step_s:.0f} | "
-                f"{sampler_s / step_s:.1%} |"
-            )
-            if args.profile:
-                from torch.profiler import profile
+            for name, model in variants.items():
+                times, sampler_times, step = measure(args, model, cfg, dtype, batch)
+                step_s, sampler_s = float(np.median(times)), float(np.median(sampler_times))
+                kv = 2 * cfg.num_layers * batch * args.context * cfg.num_kv_heads * cfg.head_dim
+                read = weight_bytes_read(model, batch)
+                bound = (read + kv * dtype.itemsize) / bandwidth
+                print(
+                    f"| {mode} | {name} | {batch} | {step_s * 1e3:.1f} | {read / 1e6:.0f} | "
+                    f"{bound * 1e3:.1f} | {step_s / bound:.2f} | {batch / step_s:.0f} | "
+                    f"{sampler_s / step_s:.1%} |"
+                )
+                if args.profile:
+                    from torch.profiler import profile
 
-                with profile() as prof:
-                    for _ in range(3):
-                        step()
-                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+                    with profile() as prof:
+                        for _ in range(3):
+                            step()
+                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def _model(src, cfg, dtype: torch.dtype, method: str | None, variant: str) -> nn.Module:
+    """The model as `tgi-mp serve --attention variant` loads it; `cpu-unfused`: the C++
+    attention with torch's elementwise ops (what the fused layer ops save)."""
+    attention, _ = select_backend(variant.removesuffix("-unfused"), torch.device("cpu"), dtype, 16)
+    model = load_model(src, cfg, dtype, "cpu", attention=attention, quantize=method)
+    if variant.endswith("-unfused"):
+        model.use_ops(TORCH_OPS)
+    model.reference_plan = attention.reference_plan
+    return model
 
 
 def measure(args: argparse.Namespace, model: nn.Module, cfg, dtype: torch.dtype, b: int):

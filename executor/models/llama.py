@@ -69,6 +69,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+class LayerOps:
+    """A layer's elementwise chain, op for op as HF (the reference, and float32's path);
+    `kernels.cpu_ops.FusedLayerOps` is the same in a few C++ calls, for bf16 CPUs."""
+
+    def add_rms_norm(
+        self, hidden: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden + delta, its norm): the residual add and the next layer norm."""
+        if delta is not None:
+            hidden = hidden + delta
+        return hidden, norm(hidden)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def rope(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+TORCH_OPS = LayerOps()
+
+
 class Attention(nn.Module):
     """This rank's attention heads; with tensor parallelism `o_proj` gives a partial sum."""
 
@@ -76,6 +101,7 @@ class Attention(nn.Module):
         super().__init__()
         self.tp = tp
         self.attention = attention
+        self.ops = TORCH_OPS
         self.num_heads = cfg.num_heads // tp.size
         self.num_kv_heads = cfg.num_kv_heads // tp.size
         self.head_dim = cfg.head_dim
@@ -97,8 +123,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = self.ops.rope(
+            q.view(t, self.num_heads, self.head_dim),
+            k.view(t, self.num_kv_heads, self.head_dim),
+            cos,
+            sin,
+        )
         k_cache, v_cache = kv_cache
         v = v.view(t, self.num_kv_heads, self.head_dim)
         self.attention.write_kv(k, v, k_cache, v_cache, meta)
@@ -110,18 +140,19 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
         self.tp = tp
+        self.ops = TORCH_OPS
         inter = cfg.intermediate_size // tp.size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=False)
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
+        return self.tp.all_reduce(self.down_proj(self.ops.silu_mul(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, attention: AttentionBackend) -> None:
         super().__init__()
+        self.ops = TORCH_OPS
         self.self_attn = Attention(cfg, tp, attention)
         self.mlp = MLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -130,13 +161,18 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         h: torch.Tensor,
+        delta: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream, this layer's MLP output): the caller adds the second to the
+        first with the next norm (`LayerOps.add_rms_norm`), one fused op on the CPU."""
+        h, x = self.ops.add_rms_norm(h, delta, self.input_layernorm)
+        attended = self.self_attn(x, cos, sin, kv_cache, meta)
+        h, x = self.ops.add_rms_norm(h, attended, self.post_attention_layernorm)
+        return h, self.mlp(x)
 
 
 class LlamaModel(nn.Module):
@@ -185,9 +221,19 @@ class LlamaForCausalLM(nn.Module):
         # cos/sin once per step for all layers; in float32 then cast, as HF does.
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         cos, sin = freqs.cos().to(h.dtype)[:, None], freqs.sin().to(h.dtype)[:, None]
+        delta = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            h = layer(h, cos, sin, kv_cache, meta)
-        return self.model.norm(h)
+            h, delta = layer(h, delta, cos, sin, kv_cache, meta)
+        return self.ops.add_rms_norm(h, delta, self.model.norm)[1]
+
+    @property
+    def ops(self) -> LayerOps:
+        return self.model.layers[0].ops
+
+    def use_ops(self, ops: LayerOps) -> None:
+        """Run the elementwise chain with `ops` (e.g. the fused CPU kernels)."""
+        for layer in self.model.layers:
+            layer.ops = layer.self_attn.ops = layer.mlp.ops = ops
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden `[n, hidden]` (rows already picked by the caller) -> float32 `[n, vocab]`."""

@@ -97,23 +97,26 @@ def reference_logprobs(prompt: list[int], generated: list[int]) -> torch.Tensor:
     return logits.double().log_softmax(-1)
 
 
-@torch.inference_mode()
 def reference_greedy(prompts: list[list[int]]) -> list[tuple[list[int], list[float]]]:
-    """transformers' greedy tokens and, per position, the margin between its two best logits."""
+    """transformers' greedy tokens and, per position, the margin between its two best logits
+    (each prompt's computed once per process: several test modules share prompts)."""
+    return [_greedy(tuple(p)) for p in prompts]
+
+
+@functools.cache
+@torch.inference_mode()
+def _greedy(prompt: tuple[int, ...]) -> tuple[list[int], list[float]]:
     model = hf_model()
-    results = []
-    for prompt in prompts:
-        out = model(torch.tensor([prompt]), use_cache=True)
-        tokens, margins = [], []
-        for _ in range(NEW_TOKENS):
-            logits = out.logits[0, -1].double()
-            top = logits.topk(2).values
-            tok = int(logits.argmax())
-            tokens.append(tok)
-            margins.append(float(top[0] - top[1]))
-            out = model(torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
-        results.append((tokens, margins))
-    return results
+    out = model(torch.tensor([prompt]), use_cache=True)
+    tokens, margins = [], []
+    for _ in range(NEW_TOKENS):
+        logits = out.logits[0, -1].double()
+        top = logits.topk(2).values
+        tok = int(logits.argmax())
+        tokens.append(tok)
+        margins.append(float(top[0] - top[1]))
+        out = model(torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens, margins
 
 
 def compare(

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tgi_mp.kernels import attention as reference
-from tgi_mp.kernels import cpu_attention
+from tgi_mp.kernels import cpu_attention, cpu_build
 from tgi_mp.kernels.attention import AttentionMetadata
 from tgi_mp.kernels.backends import BackendUnavailable, select_backend
 
@@ -84,10 +84,10 @@ def test_the_kernel_refuses_what_it_cannot_take() -> None:
 
 def test_built_once_per_source_into_the_cache(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("TGI_MP_KERNEL_CACHE", str(tmp_path))
-    built = cpu_attention.build()
+    built = cpu_build.build("cpu_attention")
     assert built.parent == tmp_path and built.stat().st_size > 0
     stamp = built.stat().st_mtime_ns
-    assert cpu_attention.build() == built and built.stat().st_mtime_ns == stamp
+    assert cpu_build.build("cpu_attention") == built and built.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no temporary left
 
 
@@ -102,7 +102,7 @@ def test_auto_picks_the_kernel_for_bf16_and_falls_back_with_the_reason(monkeypat
     # No compiler: auto says why and uses the reference; asking for it is an error.
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setenv("TGI_MP_KERNEL_CACHE", "/nonexistent/empty")
-    monkeypatch.setattr(cpu_attention, "library", cpu_attention.library.__wrapped__)
+    monkeypatch.setattr(cpu_build, "library", cpu_build.library.__wrapped__)
     if FAST:
         backend, why = select_backend("auto", CPU, torch.bfloat16, 16)
         assert backend.name == "torch" and "no C++ compiler (no-such-compiler)" in why
