@@ -99,8 +99,10 @@ class ModelRunner:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.num_shards))
         self.step_tokens = cfg.step_tokens(self.device.type)
         self.sequences_per_step = cfg.sequences_per_step(self.device.type)
+        mc, shards = cfg.model_config, cfg.num_shards
+        shape = (mc.num_heads // shards, mc.num_kv_heads // shards, mc.head_dim)
         self.attention, why_attention = select_backend(
-            cfg.attention, self.device, self.dtype, cfg.block_size
+            cfg.attention, self.device, self.dtype, cfg.block_size, shape
         )
         log.info("rank %d: attention backend %s (%s)", rank, self.attention.name, why_attention)
         t0 = time.perf_counter()

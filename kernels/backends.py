@@ -161,17 +161,26 @@ class BackendUnavailable(RuntimeError):
     pass
 
 
+# (query heads, KV heads, head dim) of one rank's attention; the self-check's default.
+Shape = tuple[int, int, int]
+CHECK_SHAPE: Shape = (9, 3, 64)
+
+
 def self_check(
-    backend: AttentionBackend, device: torch.device, dtype: torch.dtype, block_size: int
+    backend: AttentionBackend,
+    device: torch.device,
+    dtype: torch.dtype,
+    block_size: int,
+    shape: Shape = CHECK_SHAPE,
 ) -> float:
     """Largest difference to the reference over a mixed step (prefix chunk, fresh prompt,
     decode rows) and an all-decode step (the split-KV kernels that CUDA graphs replay),
-    GQA ratio 3; raises BackendUnavailable past tolerance."""
+    at the model's head shape; raises BackendUnavailable past tolerance."""
     gen = torch.Generator().manual_seed(0)
     mixed = ([7, 1, 20, 1], [block_size + 3, 40, 0, 2 * block_size])
     decode = ([1, 1, 1, 1], [0, block_size + 1, 40, 2 * block_size])
     steps = (mixed, decode)
-    err = max(_step_error(backend, device, dtype, block_size, *s, gen) for s in steps)
+    err = max(_step_error(backend, device, dtype, block_size, shape, *s, gen) for s in steps)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     if not err <= tol:
         raise BackendUnavailable(
@@ -185,11 +194,12 @@ def _step_error(
     device: torch.device,
     dtype: torch.dtype,
     block_size: int,
+    shape: Shape,
     query_lens: list[int],
     context_lens: list[int],
     gen: torch.Generator,
 ) -> float:
-    heads, kv_heads, dim = 9, 3, 64
+    heads, kv_heads, dim = shape
     seqs = [q + c for q, c in zip(query_lens, context_lens, strict=True)]
     need = [-(-s // block_size) for s in seqs]
     perm = torch.randperm(sum(need), generator=gen).tolist()
@@ -212,7 +222,7 @@ def _step_error(
 
 
 def _triton_problem(
-    device: torch.device, dtype: torch.dtype, block_size: int, auto: bool
+    device: torch.device, dtype: torch.dtype, block_size: int, shape: Shape, auto: bool
 ) -> str | None:
     """Why Triton cannot run here, or None."""
     if importlib.util.find_spec("triton") is None:
@@ -223,9 +233,14 @@ def _triton_problem(
 
 
 def select_backend(
-    requested: str, device: torch.device, dtype: torch.dtype, block_size: int
+    requested: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    block_size: int,
+    shape: Shape = CHECK_SHAPE,
 ) -> tuple[AttentionBackend, str]:
-    """The backend for `--attention requested`, and why (logged at start).
+    """The backend for `--attention requested` and the model's head `shape`, and why
+    (logged at start).
 
     Each candidate must be usable here and pass its self-check against the reference.
     An explicit choice that fails is an error naming the reason; `auto` tries
@@ -242,11 +257,11 @@ def select_backend(
         candidates = ["flash-attn", "triton"] if device.type == "cuda" else ["cpu"]
     notes = []
     for name in candidates:
-        why = _PROBLEMS[name](device, dtype, block_size, requested == "auto")
+        why = _PROBLEMS[name](device, dtype, block_size, shape, requested == "auto")
         if why is None:
             try:
                 backend = _BACKENDS[name]()
-                err = self_check(backend, device, dtype, block_size)
+                err = self_check(backend, device, dtype, block_size, shape)
                 return backend, f"{requested} on {device.type}, self-check max error {err:.2g}"
             except Exception as e:  # any failure means: not this backend
                 why = f"{type(e).__name__}: {e}"
@@ -257,7 +272,7 @@ def select_backend(
 
 
 def _cpu_problem(
-    device: torch.device, dtype: torch.dtype, block_size: int, auto: bool
+    device: torch.device, dtype: torch.dtype, block_size: int, shape: Shape, auto: bool
 ) -> str | None:
     if device.type != "cpu":
         return "the C++ kernel runs on the CPU"
@@ -265,11 +280,17 @@ def _cpu_problem(
         return f"the C++ kernel takes bfloat16, not {str(dtype).removeprefix('torch.')}"
     if auto and not torch.cpu._is_avx512_bf16_supported():
         return "this CPU has no AVX512_BF16 (the kernel's portable path is slower than torch)"
+    heads, kv_heads, dim = shape
+    if auto and (dim % 32 or heads // kv_heads > 64):
+        return (
+            f"the kernel's fast path needs a head dim divisible by 32 and at most 64 query "
+            f"heads per KV head, not {dim} and {heads // kv_heads}"
+        )
     return None
 
 
 def _flash_attn_problem(
-    device: torch.device, dtype: torch.dtype, block_size: int, auto: bool
+    device: torch.device, dtype: torch.dtype, block_size: int, shape: Shape, auto: bool
 ) -> str | None:
     if device.type != "cuda":
         return "flash-attn needs a CUDA device"

@@ -55,12 +55,14 @@ def paged_attention(
     out = torch.empty((t, heads, dim), dtype=q.dtype)
     query_start, seq_lens = query_start.contiguous(), seq_lens.contiguous()
     tables = block_tables.contiguous()
-    status = library().tgi_cpu_paged_attention(
-        int(fast), q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(),
-        v_cache.data_ptr(), out.data_ptr(), query_start.data_ptr(), seq_lens.data_ptr(),
-        tables.data_ptr(), tables.shape[1], seq_lens.shape[0], heads, kv_heads, dim,
-        block_size, scale,
+    args = (
+        q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
+        out.data_ptr(), query_start.data_ptr(), seq_lens.data_ptr(), tables.data_ptr(),
+        tables.shape[1], seq_lens.shape[0], heads, kv_heads, dim, block_size, scale,
     )  # fmt: skip
+    status = library().tgi_cpu_paged_attention(int(fast), *args)
+    if status and fast:  # a shape the fast path does not take: the portable one may
+        status = library().tgi_cpu_paged_attention(0, *args)
     if status:
         raise KernelUnavailable(
             f"the CPU kernel does not take heads={heads}, kv_heads={kv_heads}, head_dim={dim}"

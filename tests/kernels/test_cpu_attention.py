@@ -54,7 +54,8 @@ def _error(fast: bool, q, k_cache, v_cache, meta) -> float:
 @pytest.mark.parametrize("fast", PATHS)
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dim", "block_size"),
-    [(9, 3, 64, 16), (8, 8, 128, 7), (32, 4, 64, 32), (64, 1, 32, 16)],
+    # The last: a head dim the fast path does not take, so the portable path runs.
+    [(9, 3, 64, 16), (8, 8, 128, 7), (32, 4, 64, 32), (64, 1, 32, 16), (4, 2, 16, 16)],
 )
 def test_mixed_steps_match_the_reference(fast, heads, kv_heads, dim, block_size) -> None:
     # A cached prefix with a chunk, a fresh prompt longer than a key tile, decode rows at
@@ -99,6 +100,9 @@ def test_auto_picks_the_kernel_for_bf16_and_falls_back_with_the_reason(monkeypat
         assert backend.name == "torch" and "no AVX512_BF16" in why
     backend, why = select_backend("auto", CPU, torch.float32, 16)
     assert backend.name == "torch" and "takes bfloat16, not float32" in why
+    if FAST:  # a model whose heads the fast path does not take keeps the reference
+        backend, why = select_backend("auto", CPU, torch.bfloat16, 16, (4, 2, 16))
+        assert backend.name == "torch" and "head dim divisible by 32" in why
     # No compiler: auto says why and uses the reference; asking for it is an error.
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setenv("TGI_MP_KERNEL_CACHE", "/nonexistent/empty")
