@@ -1,7 +1,7 @@
 """From a step's logits to its tokens, in one order for every step:
 
-logit bias -> penalties -> watermark -> (a grammar mask, when there is one) ->
-sampling -> logprobs and top-n alternatives.
+logit bias -> penalties -> watermark -> grammar masks (constrained rows) ->
+sampling -> logprobs and top-n alternatives (of the constrained distribution).
 
 `LogitsPipeline` runs it over `RowInputs` (the sampled rows' columns, on the
 device). The real step builds them from its plan; the memory-profiling step
@@ -47,6 +47,7 @@ class RowInputs:
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # row, id, value
     penalised: Penalised | None = None
     watermarked: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, their previous token
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, int32 bitmask [G, W]
 
 
 class LogitsPipeline:
@@ -57,6 +58,7 @@ class LogitsPipeline:
         self.history = PenaltyHistory(vocab, device)
         self.watermark_gamma = watermark_gamma
         self.watermark_delta = watermark_delta
+        self._bits = torch.arange(32, dtype=torch.int32, device=device)
 
     def __call__(
         self, logits: torch.Tensor, inputs: RowInputs
@@ -79,6 +81,11 @@ class LogitsPipeline:
             logits[rows] = apply_watermark(
                 logits[rows], prev, self.watermark_gamma, self.watermark_delta
             )
+        if inputs.allowed is not None:  # last: what is sampled and reported is constrained
+            rows, words = inputs.allowed
+            allowed = ((words[:, :, None] >> self._bits) & 1).view(len(rows), -1)
+            banned = allowed[:, : logits.shape[1]] == 0
+            logits[rows] = logits[rows].masked_fill(banned, float("-inf"))
         return sample(logits, inputs.sampling, inputs.top_n)
 
     # ------------------------------------------------------------ the step's inputs

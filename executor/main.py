@@ -13,7 +13,14 @@ import zmq
 
 from tgi_mp.config import EngineConfig
 from tgi_mp.ipc.channels import Endpoints, ExecutorChannels
-from tgi_mp.ipc.messages import ExecutorFailed, ExecutorReady, Shutdown, StepResult
+from tgi_mp.ipc.messages import (
+    ExecutorFailed,
+    ExecutorReady,
+    Shutdown,
+    StepMask,
+    StepPlan,
+    StepResult,
+)
 from tgi_mp.process import bind_to_parent, exit_on_sigterm, setup_logging
 
 
@@ -44,7 +51,9 @@ def run(cfg: EngineConfig, rank: int) -> int:
                 return 0
             t0 = time.perf_counter()
             comm0 = runner.tp.comm_time
-            out = runner.step(plan)
+            out = runner.step(plan, lambda plan=plan: _read_mask(ch, plan))
+            if rank != 0 and len(plan.constrained):  # the broadcast's next message is it
+                _read_mask(ch, plan)
             if rank == 0:
                 elapsed = time.perf_counter() - t0
                 ch.results.send(
@@ -69,6 +78,14 @@ def run(cfg: EngineConfig, rank: int) -> int:
     finally:
         ch.close(linger)
         ctx.term()
+
+
+def _read_mask(ch: ExecutorChannels, plan: StepPlan):
+    """The grammar bitmask the scheduler sends right after a plan with constrained rows."""
+    msg = ch.plan.recv()
+    if not isinstance(msg, StepMask) or msg.step_id != plan.step_id:
+        raise RuntimeError(f"expected the grammar mask of step {plan.step_id}, got {msg!r:.80}")
+    return msg.bitmask
 
 
 def main() -> None:

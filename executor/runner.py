@@ -237,8 +237,10 @@ class ModelRunner:
                 self.logits(logits, self.logits.costliest_inputs(logits.shape[0]))
 
     @torch.inference_mode()
-    def step(self, plan: StepPlan) -> StepOutput:
-        """Sampled token ids and logprobs (and top-n alternatives), one per sampled row."""
+    def step(self, plan: StepPlan, read_mask: Callable[[], np.ndarray] | None = None) -> StepOutput:
+        """Sampled token ids and logprobs (and top-n alternatives), one per sampled row.
+        `read_mask` gives the grammar bitmask of `plan.constrained` (rank 0, when the
+        plan has any): it is read after the forward, which ran while it was computed."""
         layout, s = plan.layout, plan.sampling
         counts = layout.block_counts
         tables = np.zeros((len(counts), int(counts.max())), dtype=np.int32)
@@ -276,6 +278,14 @@ class ModelRunner:
         sampling = SamplingTensors(temperature, top_k, top_p, typical_p, min_p, seeds, sample_index)
         inputs = self.logits.inputs_from_plan(plan, rows, sampling, history_rows)
         logits = self.model.compute_logits(hidden[last_token_d])
+        if len(plan.constrained):
+            if read_mask is None:
+                raise RuntimeError(f"step {plan.step_id} has grammar rows but no mask source")
+            sampled_row = np.cumsum(s.sample) - 1
+            inputs.allowed = (
+                to_device(sampled_row[plan.constrained], torch.int64, self.device),
+                to_device(read_mask(), torch.int32, self.device),
+            )
         tokens, logprobs, top_ids, top_lps = self.logits(logits, inputs)
         wanted = [tokens.to(torch.int32), logprobs]
         if top_ids is not None:

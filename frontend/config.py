@@ -24,6 +24,7 @@ class FrontendConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_top_n_tokens: int = DEFAULTS["max_top_n_tokens"]
     max_client_batch_size: int = DEFAULTS["max_client_batch_size"]
     enable_prefill_logprobs: bool = DEFAULTS["enable_prefill_logprobs"]
+    disable_grammar_support: bool = DEFAULTS["disable_grammar_support"]
     payload_limit: int = DEFAULTS["payload_limit"]
     api_key: str | None = DEFAULTS["api_key"]
     cors_allow_origin: list[str] = msgspec.field(default_factory=list)

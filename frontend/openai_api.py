@@ -152,7 +152,7 @@ class OpenAIRoutes:
         ids = chat_prompt(req, self.template, self.app.tokenizer)
         max_tokens = req.max_completion_tokens or req.max_tokens
         p = sampling_parameters(req, max_tokens, req.top_logprobs or 0)
-        v = with_extras(req, build(ids, p, cfg, check_parameters(p, cfg)), cfg.vocab_size)
+        v = with_extras(req, build(ids, p, cfg, check_parameters(p, cfg)), cfg)
         return [
             Choice(i, one, self.app.special_ids, want_logprobs=req.logprobs)
             for i, one in enumerate(copies(v, req.n, req.seed))
@@ -245,9 +245,7 @@ class OpenAIRoutes:
         )
         p = sampling_parameters(req, max_tokens, req.logprobs or 0)
         sampling = check_parameters(p, cfg)
-        valid = [
-            with_extras(req, build(ids, p, cfg, sampling), cfg.vocab_size) for ids, _ in prompts
-        ]
+        valid = [with_extras(req, build(ids, p, cfg, sampling), cfg) for ids, _ in prompts]
         if req.echo and req.logprobs is not None:  # echo with logprobs scores the prompt too
             valid = [
                 dataclasses.replace(

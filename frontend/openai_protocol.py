@@ -77,6 +77,12 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     top_k: Int64 | None = None
     min_p: F32 | None = None
     repetition_penalty: F32 | None = None
+    # Structured output: OpenAI's (chat; vLLM also takes it on completions) and vLLM's.
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -84,7 +90,6 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     max_completion_tokens: NonNegativeInt | None = None
     logprobs: bool = False
     top_logprobs: NonNegativeInt | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
 

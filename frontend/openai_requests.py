@@ -8,7 +8,7 @@ import dataclasses
 import msgspec
 from tokenizers import Tokenizer
 
-from tgi_mp.frontend import errors
+from tgi_mp.frontend import errors, grammar
 from tgi_mp.frontend.chat_template import ChatTemplate
 from tgi_mp.frontend.config import FrontendConfig
 from tgi_mp.frontend.openai_protocol import (
@@ -22,6 +22,7 @@ from tgi_mp.frontend.validation import (
     GREEDY_TEMPERATURE,
     INT32_MAX,
     ValidRequest,
+    check_grammar_allowed,
     encode,
     with_fresh_seed,
 )
@@ -56,8 +57,9 @@ def sampling_parameters(
     )
 
 
-def with_extras(r: SamplingFields, v: ValidRequest, vocab: int) -> ValidRequest:
+def with_extras(r: SamplingFields, v: ValidRequest, cfg: FrontendConfig) -> ValidRequest:
     """The knobs TGI's API lacks, checked and set on the engine parameters."""
+    vocab = cfg.vocab_size
     if r.presence_penalty is not None and not -2.0 <= r.presence_penalty <= 2.0:
         raise errors.invalid("`presence_penalty` must be >= -2.0 and <= 2.0", "presence_penalty")
     if r.min_p is not None and not 0.0 <= r.min_p <= 1.0:
@@ -84,8 +86,29 @@ def with_extras(r: SamplingFields, v: ValidRequest, vocab: int) -> ValidRequest:
         presence_penalty=r.presence_penalty or 0.0,
         min_p=r.min_p or 0.0,
         logit_bias=tuple(bias),
+        grammar=constraint(r, cfg),
     )
     return dataclasses.replace(v, params=params)
+
+
+def constraint(r: SamplingFields, cfg: FrontendConfig) -> str | None:
+    """The grammar of `response_format` or of vLLM's `guided_*` (one of them at most)."""
+    guided = (r.guided_json, r.guided_regex, r.guided_choice, r.guided_grammar)
+    given = [name for name, value in zip(_GUIDED, guided, strict=True) if value is not None]
+    fmt = r.response_format
+    if fmt is not None and fmt.get("type") not in (None, "text"):
+        given.insert(0, "response_format")
+    if not given:
+        return None
+    check_grammar_allowed(cfg, given[0])
+    if len(given) > 1:
+        raise errors.invalid(f"only one of {', '.join(given)} may be given", given[1])
+    if given[0] == "response_format":
+        return grammar.from_response_format(fmt)
+    return grammar.from_guided(*guided)
+
+
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 def check_n(n: int, best_of: int, cfg_max: int) -> None:
@@ -143,12 +166,10 @@ def chat_prompt(
             content = "".join(part.text for part in content)
         role = "system" if m.role == "developer" else m.role
         messages.append({"role": role, "content": content or ""})
+    if req.tools is not None and req.response_format is not None:  # TGI's rule and words
+        raise errors.invalid("Tool error: Grammar and tools are mutually exclusive", "tools")
     if req.tools and req.tool_choice != "none":
         raise errors.invalid("`tools` are not supported by this server yet", "tools")
-    if req.response_format and req.response_format.get("type") not in (None, "text"):
-        raise errors.invalid(
-            "`response_format` other than text is not supported yet", "response_format"
-        )
     text = template.render(messages)  # the template places BOS itself
     return encode(tokenizer, text, add_special_tokens=False)
 

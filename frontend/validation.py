@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import msgspec
 from tokenizers import Tokenizer
 
-from tgi_mp.frontend import errors
+from tgi_mp.frontend import errors, grammar
 from tgi_mp.frontend.config import FrontendConfig
 from tgi_mp.frontend.tgi_protocol import U64_MAX, GenerateParameters, GenerateRequest
 from tgi_mp.ipc.messages import SamplingParams
@@ -144,8 +144,10 @@ def build(
             f"`inputs` must have less than {cfg.max_input_tokens} tokens. Given: {n_in}",
             "inputs",
         )
+    constraint = None
     if p.grammar is not None:
-        raise errors.invalid("grammar is not supported", "grammar")
+        check_grammar_allowed(cfg, "grammar")
+        constraint = grammar.from_tgi(p.grammar)
     if (name := _unsupported(p)) is not None:
         raise errors.invalid(f"`{name}` is not supported by this server yet", name)
 
@@ -166,6 +168,7 @@ def build(
         watermark=p.watermark,
         # TGI computes prefill logprobs only when the launcher allows it; else `prefill` is [].
         prefill_logprobs=p.decoder_input_details and cfg.enable_prefill_logprobs,
+        grammar=constraint,
     )
     return ValidRequest(
         prompt_ids=ids,
@@ -176,6 +179,11 @@ def build(
         return_full_text=bool(p.return_full_text),
         best_of=p.best_of or 1,
     )
+
+
+def check_grammar_allowed(cfg: FrontendConfig, field: str) -> None:
+    if cfg.disable_grammar_support:  # TGI's words
+        raise errors.invalid("grammar is not supported", field)
 
 
 def top_k_column(top_k: int | None, vocab: int) -> int:

@@ -4,7 +4,7 @@ Five channels, one tagged union each (see `ipc.channels` for the sockets):
 
 * frontend -> scheduler: `AddRequest`, `AbortRequest`, `GetStats`
 * scheduler -> frontend: `TokenBatch`, `Error`, `SchedulerStats`
-* scheduler -> executors (one broadcast): `StepPlan`, `Shutdown`
+* scheduler -> executors (one broadcast): `StepPlan`, `StepMask`, `Shutdown`
 * executor -> scheduler: `StepResult`, `ExecutorReady`, `ExecutorFailed`
 * supervisor -> frontends (one broadcast): `EngineDead`, `ShuttingDown`
 * scheduler -> supervisor: `SchedulerReady` (or `EngineDead`, at start)
@@ -52,6 +52,10 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True, gc=False):
     watermark: bool = False  # green-list bias (Kirchenbauer et al.), gamma/delta from the engine
     prefill_logprobs: bool = False  # report the logprob of every prompt token after the first
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    # An llguidance grammar (JSON), compiled and checked by the frontend: every sampled
+    # token must continue it; EOS is allowed where it accepts, and the request ends
+    # when it can take no more tokens.
+    grammar: str | None = None
 
 
 # ---------------------------------------------------------------- frontend -> scheduler
@@ -138,6 +142,7 @@ class SchedulerStats(msgspec.Struct, tag=True, array_like=True, gc=False):
     step_sums: list[float] = msgspec.field(default_factory=lambda: [0.0, 0.0])
     step_buckets: list[list[int]] = []
     admissions: dict[int, int] = {}  # steps that admitted n new requests, by n
+    grammar_time: float = 0.0  # filling grammar masks (while the executors run the forward)
 
 
 SchedulerToFrontend = TokenBatch | Error | SchedulerStats
@@ -216,7 +221,11 @@ class LogitBiasColumns(msgspec.Struct, array_like=True, gc=False):
 
 class StepPlan(msgspec.Struct, tag=True, array_like=True, gc=False):
     """One forward pass over a flattened batch, self-contained: every column is per
-    sequence (or ragged per token, with its counts), grouped by who reads it."""
+    sequence (or ragged per token, with its counts), grouped by who reads it.
+
+    `constrained` lists the sampled rows (plan row indices) whose token a grammar
+    constrains: their masks follow in a `StepMask`, sent right after the plan so the
+    scheduler computes them while the forward runs; executors read it before sampling."""
 
     step_id: int
     layout: BatchLayout
@@ -224,13 +233,22 @@ class StepPlan(msgspec.Struct, tag=True, array_like=True, gc=False):
     penalties: PenaltyColumns
     prompt_logprobs: PromptLogprobColumns
     bias: LogitBiasColumns
+    constrained: np.ndarray = msgspec.field(default_factory=lambda: np.empty(0, np.int32))
+
+
+class StepMask(msgspec.Struct, tag=True, array_like=True, gc=False):
+    """The allowed next tokens of a plan's `constrained` rows, in that order: bit `t % 32`
+    of word `t // 32` of a row is set when token t may be sampled."""
+
+    step_id: int
+    bitmask: np.ndarray  # int32 [len(constrained), ceil(vocab / 32)]
 
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True, gc=False):
     reason: str = ""
 
 
-SchedulerToExecutor = StepPlan | Shutdown
+SchedulerToExecutor = StepPlan | StepMask | Shutdown
 
 
 # ---------------------------------------------------------------- executor -> scheduler

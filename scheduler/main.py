@@ -21,6 +21,7 @@ from tgi_mp.ipc import messages as m
 from tgi_mp.ipc.channels import Endpoints, SchedulerChannels
 from tgi_mp.process import bind_to_parent, exit_on_sigterm, setup_logging
 from tgi_mp.scheduler.admission import RequestRejected
+from tgi_mp.scheduler.grammar import Grammars, read_tokenizer
 from tgi_mp.scheduler.scheduler import Scheduler, SchedulerConfig
 from tgi_mp.scheduler.step_plan import Output
 
@@ -72,7 +73,10 @@ class SchedulerProcess:
                 prefix_caching=self.cfg.prefix_caching,
                 waiting_served_ratio=self.cfg.waiting_served_ratio,
                 max_waiting_tokens=self.cfg.max_waiting_tokens,
-            )
+            ),
+            grammars=Grammars(
+                read_tokenizer(self.cfg.tokenizer_dir), mc.vocab_size, mc.eos_token_ids
+            ),
         )
         r0 = ready[0]
         return m.SchedulerReady(
@@ -93,10 +97,15 @@ class SchedulerProcess:
             t0 = time.perf_counter()
             step, ended = self.core.schedule()
             self._emit(ended)
-            if step is None:
-                self._drain_frontend(block_ms=1000)
+            if step is None:  # idle; or waiting for grammar matchers, then check again soon
+                self._drain_frontend(block_ms=5 if self.core.building_matchers() else 1000)
                 continue
             self.ch.plan.send(step.plan)
+            if len(step.plan.constrained):  # while the executors run the forward
+                t_mask = time.perf_counter()
+                matchers = [step.reqs[i].matcher for i in step.plan.constrained]
+                self.ch.plan.send(m.StepMask(step.plan.step_id, self.core.grammars.masks(matchers)))
+                self.times["grammar"] += time.perf_counter() - t_mask
             t1 = time.perf_counter()
             result = self._wait_for_result(step.plan.step_id)
             t2 = time.perf_counter()
@@ -211,6 +220,7 @@ class SchedulerProcess:
             blocks_free=core.pool.num_free,
             blocks_total=core.pool.num_blocks,
             schedule_time=t["schedule"],
+            grammar_time=t["grammar"],
             step_time=t["step"],
             forward_time=t["forward"],
             busy_time=t["busy"],

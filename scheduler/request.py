@@ -28,12 +28,14 @@ class Request:
         "block_ids",
         "block_keys",
         "frontend",
+        "matcher",
         "num_cached",
         "num_computed",
         "num_preemptions",
         "num_prompt",
         "num_tokens",
         "params",
+        "pending_matcher",
         "prompt_logprobs",
         "req_id",
         "seed",
@@ -72,6 +74,9 @@ class Request:
         # Filled as prompt chunks are computed when the request asked for them (position
         # i: logprob of prompt token i given the tokens before it; 0 stays NaN).
         self.prompt_logprobs: np.ndarray | None = None
+        # Its grammar's matcher (scheduler.grammar), once built; until then the future.
+        self.matcher = None
+        self.pending_matcher = None
         if params.prefill_logprobs:
             self.prompt_logprobs = np.full(self.num_prompt, np.nan, dtype=np.float32)
 

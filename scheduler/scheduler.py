@@ -22,6 +22,7 @@ from tgi_mp.ipc.messages import AddRequest, FinishReason, StepPlan
 from tgi_mp.options import CUDA_STEP_TOKENS, DEFAULTS, sequences_per_step
 from tgi_mp.scheduler.admission import RequestRejected, request_problem
 from tgi_mp.scheduler.block_pool import BlockKey, BlockPool, HashFn, chain_hash
+from tgi_mp.scheduler.grammar import Grammars, GrammarUnavailable
 from tgi_mp.scheduler.request import Request, Status
 from tgi_mp.scheduler.step_plan import Output, ScheduledStep, build_step_plan
 
@@ -63,8 +64,11 @@ class Stats:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, hash_fn: HashFn = chain_hash) -> None:
+    def __init__(
+        self, cfg: SchedulerConfig, hash_fn: HashFn = chain_hash, grammars: Grammars | None = None
+    ) -> None:
         self.cfg = cfg
+        self.grammars = grammars  # None: requests with a grammar are refused
         self.pool = BlockPool(cfg.num_blocks, cfg.block_size, hash_fn)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -83,6 +87,10 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._aborts)
 
+    def building_matchers(self) -> bool:
+        """Whether a waiting request's grammar matcher is still being built."""
+        return any(r.pending_matcher is not None for r in self.waiting)
+
     # ------------------------------------------------------------ requests in
 
     def add(self, msg: AddRequest, frontend: bytes = b"") -> Request:
@@ -93,8 +101,17 @@ class Scheduler:
         if problem := request_problem(msg.prompt, p, self.cfg.vocab_size, self.capacity_tokens):
             raise RequestRejected(problem)
         seed = p.seed if p.seed is not None else random.getrandbits(63)
+        pending = None
+        if p.grammar is not None:
+            if self.grammars is None:
+                raise RequestRejected("grammar is not supported by this engine")
+            try:
+                pending = self.grammars.compile(p.grammar)
+            except GrammarUnavailable as e:
+                raise RequestRejected(str(e)) from None
         self._seq_ids += 1
         req = Request(msg.req_id, frontend, msg.prompt, p, seed, self._seq_ids)
+        req.pending_matcher = pending
         self.requests[key] = req
         self.waiting.append(req)
         return req
@@ -115,6 +132,7 @@ class Scheduler:
             if r.status != Status.FINISHED
         ]
         self._aborts.clear()
+        ended += self._matchers_built()
         reqs: list[Request] = []
         num_new: list[int] = []
         budget, preempted = self._serve_running(reqs, num_new)
@@ -128,6 +146,20 @@ class Scheduler:
             # One request's columns broke the plan: fail that one, plan the rest next time.
             return None, ended + self._fail_unplannable(reqs, num_new)
         return ScheduledStep(plan, reqs, num_new), ended
+
+    def _matchers_built(self) -> list[Output]:
+        """Waiting requests whose grammar matcher is ready take it; those whose grammar
+        failed to build end with the error."""
+        failed = []
+        for req in [r for r in self.waiting if r.pending_matcher is not None]:
+            if not req.pending_matcher.done():
+                continue
+            future, req.pending_matcher = req.pending_matcher, None
+            try:
+                req.matcher = future.result()
+            except Exception as e:
+                failed.append(self._fail(req, e))
+        return failed
 
     def _serve_running(self, reqs: list[Request], num_new: list[int]) -> tuple[int, bool]:
         """A decode token, or the next prompt chunk, for each running request in order,
@@ -167,6 +199,9 @@ class Scheduler:
             if len(self.running) >= self.cfg.sequences_per_step:
                 break
             req = self.waiting.popleft()
+            if req.pending_matcher is not None:  # its grammar is still being built
+                deferred.append(req)
+                continue
             self._reuse_prefix(req)
             if computing and self._next_key(req) in computing:
                 self._drop_blocks(req)
@@ -373,6 +408,12 @@ class Scheduler:
         token = tokens[row]
         req.append(token)
         reason = req.finish_reason(token, self.cfg.eos_token_ids)
+        if req.matcher is not None:
+            if not req.matcher.consume_token(token):
+                why = req.matcher.get_error().splitlines()[0]  # the rest is a state dump
+                raise RuntimeError(f"token {token} broke the grammar: {why}")
+            if reason is None and req.matcher.is_stopped():  # complete: nothing may follow
+                reason = FinishReason.EOS
         out = Output(req, token, reason, row)
         if req.num_generated == 1:
             out.prompt_logprobs = req.prompt_logprobs

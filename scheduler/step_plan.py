@@ -68,6 +68,7 @@ def build_step_plan(
         ),
     )
     sample = context_lens + query_lens == np.fromiter((r.num_tokens for r in reqs), np.int32, n)
+    constrained = [i for i, r in enumerate(reqs) if sample[i] and r.matcher is not None]
     return StepPlan(
         step_id=step_id,
         layout=layout,
@@ -75,6 +76,7 @@ def build_step_plan(
         penalties=_penalties(reqs, released),
         prompt_logprobs=_prompt_logprobs(reqs, num_new),
         bias=_bias([r.params for r in reqs]),
+        constrained=np.array(constrained, dtype=np.int32),
     )
 
 

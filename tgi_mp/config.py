@@ -42,6 +42,9 @@ class EngineConfig(msgspec.Struct, frozen=True):
     max_waiting_tokens: int = DEFAULTS["max_waiting_tokens"]
     watermark_gamma: float = DEFAULTS["watermark_gamma"]
     watermark_delta: float = DEFAULTS["watermark_delta"]
+    # The directory with the model's tokenizer.json (the launcher exports it), for the
+    # scheduler's grammar matchers; None: the model has no tokenizer (grammars refused).
+    tokenizer_dir: str | None = None
 
     def step_tokens(self, device_type: str) -> int:
         """The step's token budget on this device (`options.step_tokens`)."""

@@ -40,6 +40,18 @@ def _describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
+def _tokenizer_dir(source) -> str | None:
+    """Where the model's tokenizer.json is (exported once, cached), for the scheduler's
+    grammar matchers; None when the model ships none (then grammars are refused)."""
+    from tgi_mp.tokenizer_export import export_tokenizer
+
+    try:
+        return export_tokenizer(source)
+    except Exception as e:  # e.g. a config-only model (--load-format dummy)
+        log.warning("no tokenizer for %s (%s): grammars are unavailable", source.model_id, e)
+        return None
+
+
 class Engine:
     """A running scheduler + executors; `client()` talks to it."""
 
@@ -61,6 +73,7 @@ class Engine:
     def start(cls, model_id: str | None = None, revision: str | None = None, **opts: Any) -> Engine:
         source = resolve_model(model_id, revision)
         endpoints = Endpoints.create()
+        opts.setdefault("tokenizer_dir", _tokenizer_dir(source))
         cfg = EngineConfig(
             model=source, model_config=load_model_config(source), ipc_root=endpoints.root, **opts
         )

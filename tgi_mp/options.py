@@ -318,6 +318,13 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("--watermark-delta", 2.0, "Logit bias of green tokens.", "engine", float),
     Option(
+        "--disable-grammar-support",
+        False,
+        "Refuse `grammar`, `response_format` (other than text), `tools` and vLLM's "
+        "`guided_*` with a 422, as TGI's flag does.",
+        "frontend",
+    ),
+    Option(
         "--enable-prefill-logprobs",
         False,
         "Compute prompt-token logprobs for `decoder_input_details` (else `prefill` is []).",

@@ -344,3 +344,29 @@ def test_tiny_temperatures_are_greedy_and_top_k_beyond_the_vocabulary_is_off(
     assert not params(do_sample=True, temperature=1e-40).do_sample
     assert params(do_sample=True, temperature=1e-5).do_sample
     assert params(top_k=2**31 - 1).top_k == 0 and params(top_k=49151).top_k == 49151
+
+
+def test_disable_grammar_support_refuses_every_spelling(tmp_path, tokenizer_dir) -> None:
+    app = make_app(tmp_path, tokenizer_dir, disable_grammar_support=True)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    tgi = {"inputs": "x", "parameters": {"grammar": {"type": "json", "value": schema}}}
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    cases = [
+        ("/generate", tgi, None),
+        (
+            "/v1/chat/completions",
+            {**chat, "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
+        ("/v1/completions", {"prompt": "x", "guided_regex": "[0-9]+"}, "guided_regex"),
+    ]
+    for path, body, param in cases:
+        status, _, content = call(app, "POST", path, msgspec.json.encode(body), JSON)
+        error = msgspec.json.decode(content)
+        assert status == 422, (path, content)
+        if param is None:  # TGI's shape
+            want = "Input validation error: grammar is not supported"
+            assert error == {"error": want, "error_type": "validation"}
+        else:
+            assert error["error"]["message"] == "grammar is not supported"
+            assert error["error"]["param"] == param

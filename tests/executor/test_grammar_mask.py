@@ -1,0 +1,45 @@
+"""Grammar bitmasks in the logits pipeline: only allowed tokens are sampled, and the
+reported logprobs are those of the constrained distribution."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tgi_mp.executor.logits import LogitsPipeline, RowInputs
+from tgi_mp.executor.sampler import SamplingTensors
+
+VOCAB = 100
+
+
+def _bitmask(allowed: list[list[int]]) -> torch.Tensor:
+    bits = np.zeros((len(allowed), (VOCAB + 31) // 32 * 32), dtype=np.uint8)
+    for row, ids in enumerate(allowed):
+        bits[row, ids] = 1
+    return torch.from_numpy(np.packbits(bits, axis=1, bitorder="little").view(np.int32).copy())
+
+
+def test_masked_rows_sample_only_allowed_tokens() -> None:
+    pipeline = LogitsPipeline(VOCAB, torch.device("cpu"), 0.25, 2.0)
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(0))
+    logits[1, 7] = 50.0  # row 1's favourite, which its grammar forbids
+    allowed = [[3, 8, 99], [5, 6]]  # for rows 1 and 2; row 0 is free
+    free_choice = int(logits[0].argmax())
+    sampling = SamplingTensors(
+        temperature=torch.tensor([0.0, 0.0, 1.0]),
+        top_k=torch.zeros(3, dtype=torch.int64),
+        top_p=torch.ones(3),
+        typical_p=torch.ones(3),
+        min_p=torch.zeros(3),
+        seeds=torch.arange(3),
+        sample_index=torch.zeros(3, dtype=torch.int64),
+    )
+    inputs = RowInputs(sampling, top_n=2)
+    inputs.allowed = (torch.tensor([1, 2]), _bitmask(allowed))
+    tokens, logprobs, top_ids, _ = pipeline(logits.clone(), inputs)
+    assert int(tokens[0]) == free_choice  # untouched
+    assert int(tokens[1]) == max(allowed[0], key=lambda t: float(logits[1, t]))
+    assert int(tokens[2]) in allowed[1]
+    want = torch.log_softmax(logits[1, allowed[0]], 0).max()
+    assert torch.isclose(logprobs[1], want, atol=1e-5)  # normalised over the allowed ones
+    assert set(top_ids[2].tolist()) == set(allowed[1])
