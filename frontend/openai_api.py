@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from tgi_mp.frontend import errors
+from tgi_mp.frontend import errors, tools
 from tgi_mp.frontend.chat_template import ChatTemplate
 from tgi_mp.frontend.generation import check_complete, count_success, fan_out
 from tgi_mp.frontend.http import (
@@ -46,11 +46,16 @@ from tgi_mp.frontend.openai_protocol import (
     CompletionLogprobs,
     CompletionRequest,
     Delta,
+    FunctionCall,
+    FunctionDelta,
     Model,
     ModelList,
+    ToolCall,
+    ToolCallDelta,
 )
 from tgi_mp.frontend.openai_requests import (
     chat_prompt,
+    chat_tools,
     check_n,
     completion_prompts,
     copies,
@@ -103,12 +108,12 @@ class OpenAIRoutes:
     ) -> None:
         t0 = time.perf_counter()
         req = decode_json(scope, body, ChatCompletionRequest)
-        choices = self._chat_choices(req)
+        choices, callable_tools = self._chat_choices(req)
         t_valid = time.perf_counter()
         answer_id = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = self._chat_events(answer_id, choices, usage)
+            events = self._chat_events(answer_id, choices, usage, callable_tools)
             await stream_sse(
                 receive, send, cors, "openai", _counted(scope, t0, t_valid, choices, events), DONE
             )
@@ -124,18 +129,19 @@ class OpenAIRoutes:
             choices=[
                 ChatChoice(
                     c.index,
-                    AssistantMessage("assistant", "".join(c.text)),
+                    message,
                     ChoiceLogprobs(c.logprobs) if req.logprobs else None,
-                    c.finish_reason,
+                    finish_reason,
                 )
                 for c in choices
+                for message, finish_reason in [_message(c, callable_tools)]
             ],
             usage=usage_of(choices, len(choices)),
         )
         count_success(scope, t0, t_valid, _runs(choices))
         await respond_json(send, out, cors)
 
-    def _chat_choices(self, req: ChatCompletionRequest) -> list[Choice]:
+    def _chat_choices(self, req: ChatCompletionRequest) -> tuple[list[Choice], tools.Tools | None]:
         """The checked request as its `n` sequences (a request never allowed is a 422
         before the concurrency permit, not a 429 that clients retry)."""
         cfg = self.app.cfg
@@ -149,17 +155,26 @@ class OpenAIRoutes:
                 f"Given: {req.top_logprobs}",
                 "top_logprobs",
             )
-        ids = chat_prompt(req, self.template, self.app.tokenizer)
+        callable_tools = chat_tools(req, cfg)
+        ids = chat_prompt(req, self.template, self.app.tokenizer, callable_tools)
         max_tokens = req.max_completion_tokens or req.max_tokens
         p = sampling_parameters(req, max_tokens, req.top_logprobs or 0)
         v = with_extras(req, build(ids, p, cfg, check_parameters(p, cfg)), cfg)
-        return [
+        if callable_tools is not None:
+            params = msgspec.structs.replace(v.params, grammar=callable_tools.grammar)
+            v = dataclasses.replace(v, params=params)
+        choices = [
             Choice(i, one, self.app.special_ids, want_logprobs=req.logprobs)
             for i, one in enumerate(copies(v, req.n, req.seed))
         ]
+        return choices, callable_tools
 
     async def _chat_events(
-        self, answer_id: str, choices: list[Choice], include_usage: bool
+        self,
+        answer_id: str,
+        choices: list[Choice],
+        include_usage: bool,
+        callable_tools: tools.Tools | None = None,
     ) -> AsyncIterator[ChatCompletionChunk]:
         created = int(time.time())
 
@@ -176,16 +191,23 @@ class OpenAIRoutes:
                 usage,
             )
 
+        calls = [tools.CallStream(callable_tools.auto) for _ in choices] if callable_tools else []
         for c in choices:  # the role comes once per choice, first
             yield chunk([ChatChunkChoice(c.index, Delta("assistant", ""), None, None)])
         async for i, tok in fan_out(self.app.tokens, _runs(choices)):
             c = choices[i]
             visible = c.add(tok)
             logprobs = ChoiceLogprobs(c.logprobs[-1:]) if c.want_logprobs else None
-            if visible or logprobs is not None:
-                yield chunk([ChatChunkChoice(c.index, Delta(content=visible), logprobs, None)])
+            delta = Delta(content=visible) if not calls else _call_delta(calls[i].feed(visible))
+            if c.gen.finish_reason and calls:
+                delta = _merge(delta, _call_delta(calls[i].end()))
+            if delta != Delta() or logprobs is not None:
+                yield chunk([ChatChunkChoice(c.index, delta, logprobs, None)])
             if c.gen.finish_reason:
-                yield chunk([ChatChunkChoice(c.index, Delta(), None, c.finish_reason)])
+                reason = c.finish_reason
+                if calls and calls[i].mode == "arguments" and reason == "stop":
+                    reason = "tool_calls"
+                yield chunk([ChatChunkChoice(c.index, Delta(), None, reason)])
         if include_usage:
             yield chunk([], usage_of(choices, len(choices)))
 
@@ -344,3 +366,40 @@ def _best_completions(
                 text = prompt_text + text
             kept.append(CompletionChoice(i * req.n + j, text, logprobs, c.finish_reason))
     return kept
+
+
+def _message(c: Choice, callable_tools: tools.Tools | None) -> tuple[AssistantMessage, str]:
+    """A whole answer: text, or the call the tools' grammar made it (OpenAI's shape)."""
+    text = "".join(c.text)
+    call = None
+    if callable_tools is not None and (not callable_tools.auto or text.lstrip()[:1] == "{"):
+        call = tools.parse_call(text)
+    if call is None:
+        return AssistantMessage("assistant", text), c.finish_reason
+    function = FunctionCall(name=call[0], arguments=call[1])
+    message = AssistantMessage(
+        "assistant", None, [ToolCall(id=tools.call_id(), type="function", function=function)]
+    )
+    return message, "tool_calls"
+
+
+def _call_delta(part: tuple[str, tuple[str, str] | None, str]) -> Delta:
+    """A `CallStream` step as a delta: text, a call's start (id, name) and arguments."""
+    content, start, arguments = part
+    delta = Delta(content=content or None)
+    if start is not None:
+        function = FunctionDelta(name=start[1], arguments=arguments)
+        delta.tool_calls = [ToolCallDelta(0, function, id=start[0], type="function")]
+    elif arguments:
+        delta.tool_calls = [ToolCallDelta(0, FunctionDelta(arguments=arguments))]
+    return delta
+
+
+def _merge(a: Delta, b: Delta) -> Delta:
+    """Two deltas of one step as one (content joined, argument fragments joined)."""
+    content = ((a.content or "") + (b.content or "")) or None
+    if a.tool_calls and b.tool_calls:
+        first = a.tool_calls[0]
+        first.function.arguments += b.tool_calls[0].function.arguments
+        return Delta(content=content, tool_calls=a.tool_calls)
+    return Delta(content=content, tool_calls=a.tool_calls or b.tool_calls)

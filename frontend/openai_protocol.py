@@ -92,6 +92,7 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     top_logprobs: NonNegativeInt | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    tool_prompt: str | None = None  # TGI's: the instruction appended after the tools
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
@@ -135,9 +136,10 @@ class ChoiceLogprobs(msgspec.Struct):
     content: list[TokenLogprob]
 
 
-class AssistantMessage(msgspec.Struct):
+class AssistantMessage(msgspec.Struct, omit_defaults=True):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(msgspec.Struct):
@@ -157,9 +159,25 @@ class ChatCompletion(msgspec.Struct):
     usage: Usage
 
 
+class FunctionDelta(msgspec.Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str = ""
+
+
+class ToolCallDelta(msgspec.Struct, omit_defaults=True):
+    """OpenAI's streamed call: the first delta of a call has its id, type and name,
+    later ones fragments of the arguments' JSON."""
+
+    index: int
+    function: FunctionDelta
+    id: str | None = None
+    type: str | None = None
+
+
 class Delta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(msgspec.Struct):

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import msgspec
 from tokenizers import Tokenizer
 
-from tgi_mp.frontend import errors, grammar
+from tgi_mp.frontend import errors, grammar, tools
 from tgi_mp.frontend.chat_template import ChatTemplate
 from tgi_mp.frontend.config import FrontendConfig
 from tgi_mp.frontend.openai_protocol import (
@@ -136,9 +137,13 @@ CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
 def chat_prompt(
-    req: ChatCompletionRequest, template: ChatTemplate, tokenizer: Tokenizer
+    req: ChatCompletionRequest,
+    template: ChatTemplate,
+    tokenizer: Tokenizer,
+    with_tools: tools.Tools | None = None,
 ) -> list[int]:
-    """The prompt's token ids: the messages checked, flattened and rendered by the template."""
+    """The prompt's token ids: the messages checked, flattened and rendered by the template
+    (with the tools that may be called, if any)."""
     if not req.messages:
         raise errors.invalid("`messages` must not be empty", "messages")
     messages = []
@@ -165,13 +170,30 @@ def chat_prompt(
                 )
             content = "".join(part.text for part in content)
         role = "system" if m.role == "developer" else m.role
-        messages.append({"role": role, "content": content or ""})
+        message: dict = {"role": role, "content": content or ""}
+        if m.tool_calls:
+            calls = [msgspec.to_builtins(c) for c in m.tool_calls]
+            if "tool_calls" in (template.source or ""):
+                message["tool_calls"] = calls
+            elif not content:  # TGI's rendering for templates that know no tool calls
+                message["content"] = json.dumps(calls, ensure_ascii=False)
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        messages.append(message)
+    extra = {}
+    if with_tools is not None:
+        extra = tools.render_extra(with_tools, template.source, messages)
+    text = template.render(messages, **extra)  # the template places BOS itself
+    return encode(tokenizer, text, add_special_tokens=False)
+
+
+def chat_tools(req: ChatCompletionRequest, cfg: FrontendConfig) -> tools.Tools | None:
+    """The request's callable tools (checked, with their grammar), or None."""
     if req.tools is not None and req.response_format is not None:  # TGI's rule and words
         raise errors.invalid("Tool error: Grammar and tools are mutually exclusive", "tools")
     if req.tools and req.tool_choice != "none":
-        raise errors.invalid("`tools` are not supported by this server yet", "tools")
-    text = template.render(messages)  # the template places BOS itself
-    return encode(tokenizer, text, add_special_tokens=False)
+        check_grammar_allowed(cfg, "tools")
+    return tools.from_request(req.tools, req.tool_choice, req.tool_prompt)
 
 
 def completion_prompts(

@@ -215,3 +215,155 @@ def test_huggingface_hub_and_langchain(server) -> None:
     )
     person = llm.with_structured_output(Person, method="json_schema").invoke(ASK[0]["content"])
     assert isinstance(person, Person) and 0 <= person.age <= 120
+
+
+# ---------------------------------------------------------------- tools
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 20},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+}
+ADD = {
+    "type": "object",
+    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+    "required": ["a", "b"],
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the weather in a city",
+            "parameters": WEATHER,
+        },
+    },
+    {
+        "type": "function",
+        "function": {"name": "add", "description": "Add two integers", "parameters": ADD},
+    },
+]
+SCHEMAS = {"get_weather": WEATHER, "add": ADD}
+WEATHER_ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _call(message) -> tuple[str, dict]:
+    (call,) = message.tool_calls
+    assert call.type == "function" and call.id
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, {**SCHEMAS[call.function.name], "additionalProperties": False})
+    return call.function.name, arguments
+
+
+def test_tool_choice_required_named_auto_and_none(oai) -> None:
+    def ask(choice, **kw):
+        return oai.chat.completions.create(
+            model=MODEL,
+            messages=WEATHER_ASK,
+            tools=TOOLS,
+            tool_choice=choice,
+            temperature=0,
+            max_tokens=60,
+            **kw,
+        ).choices[0]
+
+    required = ask("required")
+    assert required.finish_reason == "tool_calls" and required.message.content is None
+    assert _call(required.message)[0] in SCHEMAS
+    named = ask({"type": "function", "function": {"name": "add"}})
+    assert _call(named.message)[0] == "add" and named.finish_reason == "tool_calls"
+    auto = ask("auto")  # a call, or text: either way well formed
+    if auto.message.tool_calls:
+        assert _call(auto.message)[0] in SCHEMAS and auto.finish_reason == "tool_calls"
+    else:
+        assert auto.message.content and not auto.message.content.lstrip().startswith("{")
+    none = ask("none")
+    assert none.message.tool_calls is None and none.message.content
+
+
+def test_streamed_tool_calls_reassemble(oai) -> None:
+    stream = oai.chat.completions.create(
+        model=MODEL,
+        messages=WEATHER_ASK,
+        tools=TOOLS,
+        tool_choice="required",
+        temperature=0,
+        max_tokens=60,
+        stream=True,
+    )
+    ids, names, arguments, reasons = set(), [], "", []
+    for chunk in stream:
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or []:
+                assert call.index == 0
+                ids.add(call.id) if call.id else None
+                names += [call.function.name] if call.function.name else []
+                arguments += call.function.arguments or ""
+            reasons += [choice.finish_reason] if choice.finish_reason else []
+    assert len(ids) == 1 and len(names) == 1 and reasons == ["tool_calls"]
+    jsonschema.validate(json.loads(arguments), {**SCHEMAS[names[0]], "additionalProperties": False})
+
+
+def test_tool_conversations_and_errors(server, oai) -> None:
+    first = (
+        oai.chat.completions.create(
+            model=MODEL,
+            messages=WEATHER_ASK,
+            tools=TOOLS,
+            tool_choice="required",
+            temperature=0,
+            max_tokens=60,
+        )
+        .choices[0]
+        .message
+    )
+    call = first.tool_calls[0]
+    history = [
+        *WEATHER_ASK,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'},
+    ]
+    answer = oai.chat.completions.create(
+        model=MODEL, messages=history, temperature=0, max_tokens=20
+    )
+    assert answer.choices[0].message.content
+    r = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={
+            "messages": WEATHER_ASK,
+            "tools": TOOLS,
+            "tool_choice": {"type": "function", "function": {"name": "nope"}},
+        },
+        timeout=30,
+    )
+    assert r.status_code == 422 and "Tool with name nope not found" in r.json()["error"]["message"]
+
+
+def test_hub_and_langchain_tools(server) -> None:
+    hub = InferenceClient(base_url=server.url, timeout=120)
+    out = hub.chat_completion(
+        WEATHER_ASK, tools=TOOLS, tool_choice="required", max_tokens=60, temperature=0
+    )
+    call = out.choices[0].message.tool_calls[0]
+    arguments = call.function.arguments
+    if isinstance(arguments, str):
+        arguments = json.loads(arguments)
+    jsonschema.validate(arguments, SCHEMAS[call.function.name])
+
+    class Add(pydantic.BaseModel):
+        """Add two integers."""
+
+        a: int
+        b: int
+
+    llm = ChatOpenAI(
+        base_url=server.url + "/v1", api_key="unused", model=MODEL, temperature=0, max_tokens=60
+    )
+    message = llm.bind_tools([Add], tool_choice="required").invoke("What is 2 plus 3?")
+    (call,) = message.tool_calls
+    assert call["name"] == "Add" and Add(**call["args"])
+    added = llm.with_structured_output(Add).invoke("What is 2 plus 3?")  # via a tool call
+    assert isinstance(added, Add)
