@@ -20,6 +20,10 @@ from tgi_mp.executor.sampler import SamplingTensors, sample
 from tgi_mp.executor.watermark import apply_watermark
 from tgi_mp.ipc.messages import StepPlan
 
+# A grammar-banned token's logit offset: finite (0 * -inf would be NaN), and far below
+# any logit, so its probability is exactly 0.
+BANNED = 1e30
+
 
 def to_device(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # Plan arrays are read-only views of ZeroMQ frames; torch wants writable memory.
@@ -47,7 +51,7 @@ class RowInputs:
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # row, id, value
     penalised: Penalised | None = None
     watermarked: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, their previous token
-    allowed: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, int32 bitmask [G, W]
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, grammar_bias of them
 
 
 class LogitsPipeline:
@@ -82,11 +86,21 @@ class LogitsPipeline:
                 logits[rows], prev, self.watermark_gamma, self.watermark_delta
             )
         if inputs.allowed is not None:  # last: what is sampled and reported is constrained
-            rows, words = inputs.allowed
-            allowed = ((words[:, :, None] >> self._bits) & 1).view(len(rows), -1)
-            banned = allowed[:, : logits.shape[1]] == 0
-            logits[rows] = logits[rows].masked_fill(banned, float("-inf"))
+            rows, bias = inputs.allowed
+            logits.index_add_(0, rows, bias[:, : logits.shape[1]])
         return sample(logits, inputs.sampling, inputs.top_n)
+
+    def grammar_bias(self, bitmask: np.ndarray) -> torch.Tensor:
+        """A grammar bitmask (int32 [G, W], bit t: token t allowed) as float32 [G, W * 32]
+        logit offsets: 0 where allowed, -1e30 where not (exp gives exactly 0; an add is
+        ~10x faster on the CPU than a masked fill)."""
+        if self.device.type == "cpu":  # numpy unpacks bits ~10x faster than torch's shifts
+            words = np.ascontiguousarray(bitmask).view(np.uint8)
+            allowed = torch.from_numpy(np.unpackbits(words, axis=1, bitorder="little"))
+        else:
+            words = to_device(bitmask, torch.int32, self.device)
+            allowed = ((words[:, :, None] >> self._bits) & 1).view(len(bitmask), -1)
+        return allowed.to(torch.float32).sub_(1.0).mul_(BANNED)
 
     # ------------------------------------------------------------ the step's inputs
 

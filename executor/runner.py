@@ -284,7 +284,7 @@ class ModelRunner:
             sampled_row = np.cumsum(s.sample) - 1
             inputs.allowed = (
                 to_device(sampled_row[plan.constrained], torch.int64, self.device),
-                to_device(read_mask(), torch.int32, self.device),
+                self.logits.grammar_bias(read_mask()),
             )
         tokens, logprobs, top_ids, top_lps = self.logits(logits, inputs)
         wanted = [tokens.to(torch.int32), logprobs]

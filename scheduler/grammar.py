@@ -38,7 +38,9 @@ class Grammars:
         self._vocab_size = vocab_size
         self._eos = sorted(eos_ids)
         self._tokenizer: llguidance.LLTokenizer | None = None
-        threads = max(1, min(4, os.cpu_count() or 1))
+        threads = int(os.environ.get("TGI_MP_GRAMMAR_THREADS", "0")) or max(
+            1, min(4, os.cpu_count() or 1)
+        )
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
         self._executor = llguidance.LLExecutor(threads)
         self.words = (vocab_size + 31) // 32  # int32 words of one row's mask

@@ -6,17 +6,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tgi_mp.executor.logits import LogitsPipeline, RowInputs
+from tgi_mp.executor.logits import BANNED, LogitsPipeline, RowInputs
 from tgi_mp.executor.sampler import SamplingTensors
 
 VOCAB = 100
+BANNED_F32 = float(torch.tensor(BANNED, dtype=torch.float32))
 
 
-def _bitmask(allowed: list[list[int]]) -> torch.Tensor:
+def _bitmask(allowed: list[list[int]]) -> np.ndarray:
     bits = np.zeros((len(allowed), (VOCAB + 31) // 32 * 32), dtype=np.uint8)
     for row, ids in enumerate(allowed):
         bits[row, ids] = 1
-    return torch.from_numpy(np.packbits(bits, axis=1, bitorder="little").view(np.int32).copy())
+    return np.packbits(bits, axis=1, bitorder="little").view(np.int32)
 
 
 def test_masked_rows_sample_only_allowed_tokens() -> None:
@@ -35,7 +36,7 @@ def test_masked_rows_sample_only_allowed_tokens() -> None:
         sample_index=torch.zeros(3, dtype=torch.int64),
     )
     inputs = RowInputs(sampling, top_n=2)
-    inputs.allowed = (torch.tensor([1, 2]), _bitmask(allowed))
+    inputs.allowed = (torch.tensor([1, 2]), pipeline.grammar_bias(_bitmask(allowed)))
     tokens, logprobs, top_ids, _ = pipeline(logits.clone(), inputs)
     assert int(tokens[0]) == free_choice  # untouched
     assert int(tokens[1]) == max(allowed[0], key=lambda t: float(logits[1, t]))
@@ -43,3 +44,12 @@ def test_masked_rows_sample_only_allowed_tokens() -> None:
     want = torch.log_softmax(logits[1, allowed[0]], 0).max()
     assert torch.isclose(logprobs[1], want, atol=1e-5)  # normalised over the allowed ones
     assert set(top_ids[2].tolist()) == set(allowed[1])
+
+
+def test_bits_unpack_the_same_on_every_device_path() -> None:
+    pipeline = LogitsPipeline(VOCAB, torch.device("cpu"), 0.25, 2.0)
+    mask = _bitmask([[0, 31, 32, 63, 64, 99], [5]])
+    shifted = ((torch.from_numpy(mask)[:, :, None] >> pipeline._bits) & 1).view(2, -1) == 0
+    bias = pipeline.grammar_bias(mask)
+    assert torch.equal(bias < 0, shifted) and bias.unique().tolist() == [-BANNED_F32, 0.0]
+    assert bias[0, [0, 31, 32, 63, 64, 99]].tolist() == [0.0] * 6
