@@ -52,7 +52,7 @@ def run(cfg: EngineConfig, rank: int) -> int:
             t0 = time.perf_counter()
             comm0 = runner.tp.comm_time
             out = runner.step(plan, lambda plan=plan: _read_mask(ch, plan))
-            if rank != 0 and len(plan.constrained):  # the broadcast's next message is it
+            if rank != 0 and len(plan.grammar.rows):  # the broadcast's next message is it
                 _read_mask(ch, plan)
             if rank == 0:
                 elapsed = time.perf_counter() - t0

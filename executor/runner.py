@@ -239,7 +239,7 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, plan: StepPlan, read_mask: Callable[[], np.ndarray] | None = None) -> StepOutput:
         """Sampled token ids and logprobs (and top-n alternatives), one per sampled row.
-        `read_mask` gives the grammar bitmask of `plan.constrained` (rank 0, when the
+        `read_mask` gives the grammar bitmask of `plan.grammar.rows` (rank 0, when the
         plan has any): it is read after the forward, which ran while it was computed."""
         layout, s = plan.layout, plan.sampling
         counts = layout.block_counts
@@ -278,12 +278,12 @@ class ModelRunner:
         sampling = SamplingTensors(temperature, top_k, top_p, typical_p, min_p, seeds, sample_index)
         inputs = self.logits.inputs_from_plan(plan, rows, sampling, history_rows)
         logits = self.model.compute_logits(hidden[last_token_d])
-        if len(plan.constrained):
+        if len(plan.grammar.rows):
             if read_mask is None:
                 raise RuntimeError(f"step {plan.step_id} has grammar rows but no mask source")
             sampled_row = np.cumsum(s.sample) - 1
             inputs.allowed = (
-                to_device(sampled_row[plan.constrained], torch.int64, self.device),
+                to_device(sampled_row[plan.grammar.rows], torch.int64, self.device),
                 self.logits.grammar_bias(read_mask()),
             )
         tokens, logprobs, top_ids, top_lps = self.logits(logits, inputs)

@@ -179,6 +179,8 @@ def chat_prompt(
                 message["content"] = json.dumps(calls, ensure_ascii=False)
         if m.tool_call_id is not None:
             message["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            message["name"] = m.name
         messages.append(message)
     extra = {}
     if with_tools is not None:

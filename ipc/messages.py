@@ -219,13 +219,21 @@ class LogitBiasColumns(msgspec.Struct, array_like=True, gc=False):
     values: np.ndarray  # float32 [sum(counts)]
 
 
+class GrammarColumns(msgspec.Struct, array_like=True, gc=False):
+    """The sampled rows whose token a grammar constrains. Their masks follow the plan in
+    a `StepMask` (on GPUs filled while the forward runs); executors read it before
+    sampling."""
+
+    rows: np.ndarray  # int32 [G]: plan row indices, in the order of the mask's rows
+
+
+def _no_grammar() -> GrammarColumns:
+    return GrammarColumns(np.empty(0, np.int32))
+
+
 class StepPlan(msgspec.Struct, tag=True, array_like=True, gc=False):
     """One forward pass over a flattened batch, self-contained: every column is per
-    sequence (or ragged per token, with its counts), grouped by who reads it.
-
-    `constrained` lists the sampled rows (plan row indices) whose token a grammar
-    constrains: their masks follow in a `StepMask`, sent right after the plan so the
-    scheduler computes them while the forward runs; executors read it before sampling."""
+    sequence (or ragged per token, with its counts), grouped by who reads it."""
 
     step_id: int
     layout: BatchLayout
@@ -233,15 +241,15 @@ class StepPlan(msgspec.Struct, tag=True, array_like=True, gc=False):
     penalties: PenaltyColumns
     prompt_logprobs: PromptLogprobColumns
     bias: LogitBiasColumns
-    constrained: np.ndarray = msgspec.field(default_factory=lambda: np.empty(0, np.int32))
+    grammar: GrammarColumns = msgspec.field(default_factory=_no_grammar)
 
 
 class StepMask(msgspec.Struct, tag=True, array_like=True, gc=False):
-    """The allowed next tokens of a plan's `constrained` rows, in that order: bit `t % 32`
+    """The allowed next tokens of a plan's `grammar.rows`, in that order: bit `t % 32`
     of word `t // 32` of a row is set when token t may be sampled."""
 
     step_id: int
-    bitmask: np.ndarray  # int32 [len(constrained), ceil(vocab / 32)]
+    bitmask: np.ndarray  # int32 [len(grammar.rows), ceil(vocab / 32)]
 
 
 class Shutdown(msgspec.Struct, tag=True, array_like=True, gc=False):

@@ -101,11 +101,8 @@ class SchedulerProcess:
                 self._drain_frontend(block_ms=5 if self.core.building_matchers() else 1000)
                 continue
             self.ch.plan.send(step.plan)
-            if len(step.plan.constrained):  # while the executors run the forward
-                t_mask = time.perf_counter()
-                matchers = [step.reqs[i].matcher for i in step.plan.constrained]
-                self.ch.plan.send(m.StepMask(step.plan.step_id, self.core.grammars.masks(matchers)))
-                self.times["grammar"] += time.perf_counter() - t_mask
+            if len(step.plan.grammar.rows):  # filled while the executors run the forward
+                self.ch.plan.send(self._masks(step))
             t1 = time.perf_counter()
             result = self._wait_for_result(step.plan.step_id)
             t2 = time.perf_counter()
@@ -121,6 +118,13 @@ class SchedulerProcess:
             self.times["comm"] += result.comm_time
             self._observe_step(self.core.stats.prefill_tokens == prefill_before, result, t2 - t1)
             self.times["busy"] += t3 - t0
+
+    def _masks(self, step) -> m.StepMask:
+        t0 = time.perf_counter()
+        matchers = [step.reqs[i].matcher for i in step.plan.grammar.rows]
+        mask = m.StepMask(step.plan.step_id, self.core.grammars.masks(matchers))
+        self.times["grammar"] += time.perf_counter() - t0
+        return mask
 
     def _observe_step(self, decode_only: bool, result: m.StepResult, step_time: float) -> None:
         """Per method (0: prefill work in the step, 1: decode only): counts, sums, buckets."""

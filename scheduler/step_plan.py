@@ -16,6 +16,7 @@ import numpy as np
 from tgi_mp.ipc.messages import (
     BatchLayout,
     FinishReason,
+    GrammarColumns,
     LogitBiasColumns,
     PenaltyColumns,
     PromptLogprobColumns,
@@ -76,7 +77,7 @@ def build_step_plan(
         penalties=_penalties(reqs, released),
         prompt_logprobs=_prompt_logprobs(reqs, num_new),
         bias=_bias([r.params for r in reqs]),
-        constrained=np.array(constrained, dtype=np.int32),
+        grammar=GrammarColumns(np.array(constrained, dtype=np.int32)),
     )
 
 

@@ -7,6 +7,7 @@ lazily, only by the functions that need them.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -270,5 +271,13 @@ def load_model_config(source: ModelSource) -> ModelConfig:
     if source.kind == "hf":
         return _hf_config(source.path, source.config_file)
     if source.kind == "gguf":
-        return _gguf_config(source.gguf_path)
+        st = os.stat(source.gguf_path)
+        return _gguf_config_of(source.gguf_path, st.st_size, st.st_mtime_ns)
     raise ValueError(f"unknown model source kind {source.kind!r}")
+
+
+@functools.cache
+def _gguf_config_of(path: str, size: int, mtime_ns: int) -> ModelConfig:
+    """Once per file version and process: reading a GGUF's metadata takes ~2 s (gguf's
+    reader builds every field, the vocabulary's included)."""
+    return _gguf_config(path)

@@ -14,12 +14,13 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from tests.engine.oracle import compare, prompts, reference_greedy
+from tests.engine.oracle import compare, prompts, reference_greedy, tokenizer
 from tests.engine.test_engine_crash import assert_killing_is_loud
 from tests.executor.test_model import TINY, save_tiny
 from tgi_mp.config import EngineConfig
 from tgi_mp.executor.parallel import TensorParallel
 from tgi_mp.executor.weights import load_model
+from tgi_mp.frontend import grammar
 from tgi_mp.ipc.messages import SamplingParams
 from tgi_mp.launcher import Engine
 from tgi_mp.model_source import load_model_config, resolve_model
@@ -36,12 +37,14 @@ def tiny_dir(tmp_path_factory) -> str:
     return str(directory)
 
 
-def generate(engine: Engine, batch: list[list[int]], concurrent: bool) -> list[list[int]]:
+def generate(
+    engine: Engine, batch: list[list[int]], concurrent: bool, params: SamplingParams = GREEDY
+) -> list[list[int]]:
     async def main() -> list[list[int]]:
         client = engine.client()
 
         async def one(p: list[int]) -> list[int]:
-            return [o.token_id async for o in client.generate(p, GREEDY)]
+            return [o.token_id async for o in client.generate(p, params)]
 
         try:
             if concurrent:
@@ -135,11 +138,18 @@ def test_gguf_slices(tmp_path) -> None:
 
 def test_three_shards_match_transformers() -> None:
     ps = prompts()[:6]  # up to 257 tokens
+    digits = grammar.from_tgi({"type": "regex", "value": "[0-9]{5}"})
     with Engine.start(None, dtype="float32", num_shards=3, max_batch_total_tokens=4096) as engine:
         got = generate(engine, ps, concurrent=True)
+        # Every rank reads the grammar mask that follows a plan (rank 0 applies it).
+        constrained = generate(
+            engine, ps[2:3], True, SamplingParams(max_new_tokens=8, grammar=digits)
+        )
     for p, g, (want, margins) in zip(ps, got, reference_greedy(ps), strict=True):
         ok, n = compare(g, want[:16], margins[:16])
         assert ok, f"prompt of {len(p)} tokens diverges at {n}: {g} vs {want[:16]}"
+    text = tokenizer().decode(constrained[0], skip_special_tokens=True)
+    assert len(text) == 5 and text.isdigit(), constrained
 
 
 def test_shard_count_must_divide_the_heads() -> None:

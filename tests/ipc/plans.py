@@ -41,4 +41,5 @@ def random_plan(rng: np.random.Generator, b: int, tokens: int, step_id: int = 7)
         ),
         prompt_logprobs=m.PromptLogprobColumns(ints(b), ints(2 * b)),
         bias=m.LogitBiasColumns(ints(b), ints(2 * b), floats(2 * b)),
+        grammar=m.GrammarColumns(ints(b)),
     )

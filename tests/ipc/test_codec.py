@@ -53,6 +53,7 @@ SAMPLES: list[msgspec.Struct] = [
     m.SchedulerStats(1, 2, 3, 4, 5, 6, 7, 8, 0.25, 0.5, 0.75, 1.0),
     step_plan(4, 9),
     step_plan(600, 5000),  # every column large enough for a frame (bool: 600 bytes)
+    m.StepMask(7, ints(2 * 1536).reshape(2, 1536)),
     m.Shutdown("bye"),
     m.ExecutorReady(1, 1000, 16, "torch", "float32", "cpu", 512),
     m.StepResult(9, ints(200), 0.125),

@@ -67,12 +67,12 @@ def _run(s: Scheduler, pick, steps: int = 200) -> dict[int, tuple[list[int], Fin
             continue
         plan = step.plan
         sampled = np.flatnonzero(plan.sampling.sample)
-        assert set(plan.constrained) <= set(sampled)
+        assert set(plan.grammar.rows) <= set(sampled)
         assert [step.reqs[i].matcher is not None for i in sampled] == [
-            i in plan.constrained for i in sampled
+            i in plan.grammar.rows for i in sampled
         ]
-        masks = s.grammars.masks([step.reqs[i].matcher for i in plan.constrained])
-        mask_of = dict(zip(plan.constrained.tolist(), masks, strict=True))
+        masks = s.grammars.masks([step.reqs[i].matcher for i in plan.grammar.rows])
+        mask_of = dict(zip(plan.grammar.rows.tolist(), masks, strict=True))
         tokens = [
             pick(step.reqs[i].req_id, _allowed(mask_of[i]) if i in mask_of else None)
             for i in sampled
