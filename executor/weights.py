@@ -202,11 +202,12 @@ def _gguf_tensors(
 ) -> tuple[int, Iterator[tuple[str, torch.Tensor | GroupQuantized]]]:
     """`keep_4bit`: the projections' Q4_0 / Q4_1 weights come as `GroupQuantized`,
     their bits untouched; everything else is dequantised to float32."""
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    reader = GGUFReader(path)
-    arch = reader.fields["general.architecture"].contents()
+    from tgi_mp.gguf_file import GGUFFile
+
+    reader = GGUFFile(path)
+    arch = reader.fields["general.architecture"]
     # Only llama.cpp's "llama" converter permutes q/k (its rope is the
     # adjacent-pairs kind); qwen2 uses neox rope and stores HF's layout.
     permuted = arch == "llama"

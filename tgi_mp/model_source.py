@@ -217,13 +217,12 @@ def _hf_config(directory: str, config_file: str = "config.json") -> ModelConfig:
 
 
 def _gguf_config(path: str) -> ModelConfig:
-    from gguf import GGUFReader
+    from tgi_mp.gguf_file import GGUFFile
 
-    reader = GGUFReader(path)
+    reader = GGUFFile(path)
 
     def get(key: str, default: Any = None) -> Any:
-        field = reader.fields.get(key)
-        return default if field is None else field.contents()
+        return reader.fields.get(key, default)
 
     gguf_arch = get("general.architecture")
     if gguf_arch not in _GGUF_ARCHITECTURES:
@@ -278,6 +277,5 @@ def load_model_config(source: ModelSource) -> ModelConfig:
 
 @functools.cache
 def _gguf_config_of(path: str, size: int, mtime_ns: int) -> ModelConfig:
-    """Once per file version and process: reading a GGUF's metadata takes ~2 s (gguf's
-    reader builds every field, the vocabulary's included)."""
+    """Once per file version and process (the launcher asks more than once)."""
     return _gguf_config(path)

@@ -1,7 +1,7 @@
 """Structured output through the real clients (TGI's `text_generation`, huggingface_hub's
 `InferenceClient`, the OpenAI SDK, LangChain) against one `tgi-mp serve` (bundled
 SmolLM2, bf16): every constrained answer parses and validates, in every spelling of
-the constraint. (Mixed with free requests in one batch: tests/engine/test_grammar_batch.py.)"""
+the constraint. (Mixed with free requests in one batch: tests/engine/test_engine_oracle.py.)"""
 
 from __future__ import annotations
 
