@@ -115,28 +115,8 @@ def from_response_format(fmt: dict[str, Any] | None) -> str | None:
     )
 
 
-def from_guided(
-    guided_json: Any = None,
-    guided_regex: str | None = None,
-    guided_choice: list[str] | None = None,
-    guided_grammar: str | None = None,
-) -> str | None:
-    """vLLM's `guided_*` extras (at most one), or None."""
-    given = {
-        name: value
-        for name, value in (
-            ("guided_json", guided_json),
-            ("guided_regex", guided_regex),
-            ("guided_choice", guided_choice),
-            ("guided_grammar", guided_grammar),
-        )
-        if value is not None
-    }
-    if len(given) > 1:
-        raise errors.invalid(f"only one of {', '.join(given)} may be given", next(iter(given)))
-    if not given:
-        return None
-    ((name, value),) = given.items()
+def from_guided(name: str, value: Any) -> str:
+    """One of vLLM's `guided_*` extras (`name`: which) as a grammar."""
     if name == "guided_json":
         return json_schema_grammar(value, name)
     if name == "guided_regex":

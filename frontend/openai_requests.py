@@ -94,19 +94,18 @@ def with_extras(r: SamplingFields, v: ValidRequest, cfg: FrontendConfig) -> Vali
 
 def constraint(r: SamplingFields, cfg: FrontendConfig) -> str | None:
     """The grammar of `response_format` or of vLLM's `guided_*` (one of them at most)."""
-    guided = (r.guided_json, r.guided_regex, r.guided_choice, r.guided_grammar)
-    given = [name for name, value in zip(_GUIDED, guided, strict=True) if value is not None]
     fmt = r.response_format
-    if fmt is not None and fmt.get("type") not in (None, "text"):
-        given.insert(0, "response_format")
+    given = {"response_format": fmt} if fmt and fmt.get("type") not in (None, "text") else {}
+    given |= {name: getattr(r, name) for name in _GUIDED if getattr(r, name) is not None}
     if not given:
         return None
-    check_grammar_allowed(cfg, given[0])
+    name, value = next(iter(given.items()))
+    check_grammar_allowed(cfg, name)
     if len(given) > 1:
-        raise errors.invalid(f"only one of {', '.join(given)} may be given", given[1])
-    if given[0] == "response_format":
-        return grammar.from_response_format(fmt)
-    return grammar.from_guided(*guided)
+        raise errors.invalid(f"only one of {', '.join(given)} may be given", list(given)[1])
+    if name == "response_format":
+        return grammar.from_response_format(value)
+    return grammar.from_guided(name, value)
 
 
 _GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")

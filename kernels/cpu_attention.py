@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+from functools import cache
 
 import torch
 
@@ -21,6 +22,7 @@ _SIGNATURES = (
 )
 
 
+@cache  # looked up by every layer's call: no argument hashing on the hot path
 def library() -> ctypes.CDLL:
     return cpu_build.library("cpu_attention", _SIGNATURES)
 

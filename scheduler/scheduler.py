@@ -74,6 +74,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[tuple[bytes, int], Request] = {}
         self._aborts: list[Request] = []
+        self._building: list[Request] = []  # waiting for their grammar matcher
         self._released: list[int] = []  # seq ids finished since the last plan
         self._seq_ids = 0
         self._step_id = 0
@@ -89,7 +90,7 @@ class Scheduler:
 
     def building_matchers(self) -> bool:
         """Whether a waiting request's grammar matcher is still being built."""
-        return any(r.pending_matcher is not None for r in self.waiting)
+        return bool(self._building)
 
     # ------------------------------------------------------------ requests in
 
@@ -112,6 +113,8 @@ class Scheduler:
         self._seq_ids += 1
         req = Request(msg.req_id, frontend, msg.prompt, p, seed, self._seq_ids)
         req.pending_matcher = pending
+        if pending is not None:
+            self._building.append(req)
         self.requests[key] = req
         self.waiting.append(req)
         return req
@@ -150,15 +153,19 @@ class Scheduler:
     def _matchers_built(self) -> list[Output]:
         """Waiting requests whose grammar matcher is ready take it; those whose grammar
         failed to build end with the error."""
-        failed = []
-        for req in [r for r in self.waiting if r.pending_matcher is not None]:
+        failed, still = [], []
+        for req in self._building:
+            if req.status == Status.FINISHED:  # aborted meanwhile
+                continue
             if not req.pending_matcher.done():
+                still.append(req)
                 continue
             future, req.pending_matcher = req.pending_matcher, None
             try:
                 req.matcher = future.result()
             except Exception as e:
                 failed.append(self._fail(req, e))
+        self._building = still
         return failed
 
     def _serve_running(self, reqs: list[Request], num_new: list[int]) -> tuple[int, bool]:

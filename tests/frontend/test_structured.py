@@ -258,17 +258,22 @@ def _call(message) -> tuple[str, dict]:
     return call.function.name, arguments
 
 
+def _ask_weather(oai: openai.OpenAI, choice, **kw):
+    """The weather question with both tools offered, greedy."""
+    return oai.chat.completions.create(
+        model=MODEL,
+        messages=WEATHER_ASK,
+        tools=TOOLS,
+        tool_choice=choice,
+        temperature=0,
+        max_tokens=60,
+        **kw,
+    )
+
+
 def test_tool_choice_required_named_auto_and_none(oai) -> None:
-    def ask(choice, **kw):
-        return oai.chat.completions.create(
-            model=MODEL,
-            messages=WEATHER_ASK,
-            tools=TOOLS,
-            tool_choice=choice,
-            temperature=0,
-            max_tokens=60,
-            **kw,
-        ).choices[0]
+    def ask(choice):
+        return _ask_weather(oai, choice).choices[0]
 
     required = ask("required")
     assert required.finish_reason == "tool_calls" and required.message.content is None
@@ -285,15 +290,7 @@ def test_tool_choice_required_named_auto_and_none(oai) -> None:
 
 
 def test_streamed_tool_calls_reassemble(oai) -> None:
-    stream = oai.chat.completions.create(
-        model=MODEL,
-        messages=WEATHER_ASK,
-        tools=TOOLS,
-        tool_choice="required",
-        temperature=0,
-        max_tokens=60,
-        stream=True,
-    )
+    stream = _ask_weather(oai, "required", stream=True)
     ids, names, arguments, reasons = set(), [], "", []
     for chunk in stream:
         for choice in chunk.choices:
@@ -308,18 +305,7 @@ def test_streamed_tool_calls_reassemble(oai) -> None:
 
 
 def test_tool_conversations_and_errors(server, oai) -> None:
-    first = (
-        oai.chat.completions.create(
-            model=MODEL,
-            messages=WEATHER_ASK,
-            tools=TOOLS,
-            tool_choice="required",
-            temperature=0,
-            max_tokens=60,
-        )
-        .choices[0]
-        .message
-    )
+    first = _ask_weather(oai, "required").choices[0].message
     call = first.tool_calls[0]
     history = [
         *WEATHER_ASK,

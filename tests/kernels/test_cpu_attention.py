@@ -107,6 +107,7 @@ def test_auto_picks_the_kernel_for_bf16_and_falls_back_with_the_reason(monkeypat
     monkeypatch.setenv("CXX", "no-such-compiler")
     monkeypatch.setenv("TGI_MP_KERNEL_CACHE", "/nonexistent/empty")
     monkeypatch.setattr(cpu_build, "library", cpu_build.library.__wrapped__)
+    monkeypatch.setattr(cpu_attention, "library", cpu_attention.library.__wrapped__)
     if FAST:
         backend, why = select_backend("auto", CPU, torch.bfloat16, 16)
         assert backend.name == "torch" and "no C++ compiler (no-such-compiler)" in why
