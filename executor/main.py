@@ -5,6 +5,7 @@ Usage (by the supervisor only): python -m tgi_mp.executor.main CONFIG RANK PAREN
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import traceback
@@ -27,7 +28,9 @@ from tgi_mp.process import bind_to_parent, exit_on_sigterm, setup_logging
 def run(cfg: EngineConfig, rank: int) -> int:
     log = setup_logging(f"executor{rank}")
     ctx = zmq.Context()
-    ch = ExecutorChannels(ctx, Endpoints(cfg.ipc_root))
+    ch = ExecutorChannels(ctx, Endpoints(cfg.ipc_root), cfg.plan_ring, rank)
+    if cfg.plan_ring is not None:
+        os.close(cfg.plan_ring.fd)  # mapped: the mapping keeps the ring alive
     linger = 0
     try:
         from tgi_mp.executor.runner import ModelRunner  # torch import: after sockets are up
@@ -44,16 +47,20 @@ def run(cfg: EngineConfig, rank: int) -> int:
                 runner.step_tokens,
             )
         )
+        ended = time.perf_counter()  # of the last step (its result sent)
+        send_time = 0.0
         while True:
             plan = ch.plan.recv()
             if isinstance(plan, Shutdown):
                 log.info("shutting down: %s", plan.reason)
                 return 0
             t0 = time.perf_counter()
+            idle = t0 - ended
             comm0 = runner.tp.comm_time
             out = runner.step(plan, lambda plan=plan: _read_mask(ch, plan))
             if rank != 0 and len(plan.grammar.rows):  # the broadcast's next message is it
                 _read_mask(ch, plan)
+            ch.plan.release()  # this step's arrays are read: their ring slots may be reused
             if rank == 0:
                 elapsed = time.perf_counter() - t0
                 ch.results.send(
@@ -66,8 +73,13 @@ def run(cfg: EngineConfig, rank: int) -> int:
                         out.top_logprobs,
                         out.prompt_logprobs,
                         runner.tp.comm_time - comm0,
+                        idle,
+                        ch.plan.decode_time,
+                        send_time,
                     )
                 )
+                send_time = time.perf_counter() - t0 - elapsed
+            ended = time.perf_counter()
     except SystemExit:
         raise
     except BaseException as e:  # report, then die loudly: the supervisor takes it from there

@@ -37,6 +37,14 @@ class TensorParallel:
             self.comm_time += time.perf_counter() - t0
         return x
 
+    def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `x` on every rank (in place)."""
+        if self.size > 1:
+            t0 = time.perf_counter()
+            dist.broadcast(x, src=0)
+            self.comm_time += time.perf_counter() - t0
+        return x
+
 
 SINGLE = TensorParallel()
 

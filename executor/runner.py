@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
 import numpy as np
 import torch
 
@@ -107,6 +108,10 @@ class ModelRunner:
         log.info("rank %d: attention backend %s (%s)", rank, self.attention.name, why_attention)
         t0 = time.perf_counter()
         self.tp = join(rank, cfg.num_shards, cfg.ipc_root, self.device)
+        # The previous step's sampled tokens, which the next plan may refer to; in tensor
+        # parallelism rank 0 alone samples and broadcasts them when plans overlap.
+        self._last_tokens = np.empty(0, dtype=np.int32)
+        self._share_tokens = cfg.overlap_scheduling and self.tp.size > 1
         self.model = self._load_model()
         self.logits = LogitsPipeline(
             cfg.model_config.vocab_size, self.device, cfg.watermark_gamma, cfg.watermark_delta
@@ -241,6 +246,7 @@ class ModelRunner:
         """Sampled token ids and logprobs (and top-n alternatives), one per sampled row.
         `read_mask` gives the grammar bitmask of `plan.grammar.rows` (rank 0, when the
         plan has any): it is read after the forward, which ran while it was computed."""
+        plan = self._fill_inputs(plan)
         layout, s = plan.layout, plan.sampling
         counts = layout.block_counts
         tables = np.zeros((len(counts), int(counts.max())), dtype=np.int32)
@@ -266,6 +272,14 @@ class ModelRunner:
         else:
             hidden = self.model(input_ids, meta.positions, self.kv_caches, meta)
         if self.tp.rank != 0:  # rank 0 alone computes logits and samples
+            if self._share_tokens and len(rows):
+                self._last_tokens = (
+                    self.tp.broadcast_from_first(
+                        torch.empty(len(rows), dtype=torch.int32, device=self.device)
+                    )
+                    .cpu()
+                    .numpy()
+                )
             return StepOutput(np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32))
         # Every step: prompt chunks feed the penalty histories too.
         history_rows = self.logits.history.update(plan.penalties, layout)
@@ -287,14 +301,31 @@ class ModelRunner:
                 self.logits.grammar_bias(read_mask()),
             )
         tokens, logprobs, top_ids, top_lps = self.logits(logits, inputs)
-        wanted = [tokens.to(torch.int32), logprobs]
+        tokens = tokens.to(torch.int32)
+        if self._share_tokens:  # the other ranks' next inputs may refer to them
+            self.tp.broadcast_from_first(tokens)
+        wanted = [tokens, logprobs]
         if top_ids is not None:
             wanted += [top_ids.to(torch.int32), top_lps]
         host = self.staging.download(wanted)  # one wait for all of them
         out = StepOutput(host[0], host[1], prompt_logprobs=prompt_logprobs)
+        self._last_tokens = host[0]
         if top_ids is not None:
             out.top_ids, out.top_logprobs = host[2], host[3]
         return out
+
+    def _fill_inputs(self, plan: StepPlan) -> StepPlan:
+        """The plan with the input tokens it refers back to (overlapped scheduling: the
+        scheduler sent it before the previous step's tokens came back) filled in."""
+        src = plan.layout.input_from
+        if src is None:
+            return plan
+        rows = np.flatnonzero(src >= 0)
+        ids = plan.layout.input_ids.copy()
+        ids[np.cumsum(plan.layout.query_lens)[rows] - 1] = self._last_tokens[src[rows]]
+        return msgspec.structs.replace(
+            plan, layout=msgspec.structs.replace(plan.layout, input_ids=ids)
+        )
 
     def _prompt_logprobs(self, hidden: torch.Tensor, plan: StepPlan) -> np.ndarray:
         """Logprob of each next prompt token, from the raw logits (no temperature or

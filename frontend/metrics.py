@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from tgi_mp.ipc.messages import DURATION_BUCKETS, SchedulerStats
+from tgi_mp.ipc.messages import (
+    DURATION_BUCKETS,
+    EXECUTOR_TIMINGS,
+    GAP_BUCKETS,
+    SchedulerStats,
+)
 
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 
@@ -308,3 +313,11 @@ def _step_metrics(text: _Text, stats: SchedulerStats) -> None:
             (f'method="{m}"', (buckets[i], sums[i], stats.forward_counts[i])) for i, m in methods
         ]
         text.histogram(name, help_, DURATION_BUCKETS, series)
+    helps = {
+        "idle": "Executor (rank 0) idle between steps: previous result sent to this plan "
+        "decoded, including time with nothing to do (s)",
+        "plan_decode": "Executor (rank 0) time decoding a step plan (s)",
+        "result_send": "Executor (rank 0) time sending a step's result (s)",
+    }
+    for name, timing in zip(EXECUTOR_TIMINGS, stats.executor_timings, strict=False):
+        text.histogram(f"tgi_mp_executor_{name}_seconds", helps[name], GAP_BUCKETS, [("", timing)])

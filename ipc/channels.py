@@ -9,7 +9,9 @@
 ```
 
 Endpoints are `ipc://` files in a private temporary directory made by the
-supervisor; nothing listens on TCP. Every socket has linger 0 so a dying
+supervisor; nothing listens on TCP. The plan's large arrays go through a
+shared-memory ring (`ipc.shm`) when the supervisor made one: written once, read
+by every executor in place. Every socket has linger 0 so a dying
 peer never blocks shutdown. High-water marks are off on the plan and result
 sockets: dropping a step would corrupt the KV bookkeeping, so a slow reader
 must slow the writer down instead.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +32,12 @@ import zmq.asyncio
 
 from tgi_mp.ipc import messages as m
 from tgi_mp.ipc.codec import Decoder, Encoder
+from tgi_mp.ipc.shm import Ring, RingReader, RingSpec, RingWriter
+
+# How long the scheduler waits for an executor to release a ring slot before it
+# calls it stalled. Ranks advance in lockstep, so a slot 8 messages old is held only
+# by a hung or dead reader (whose death the supervisor reports meanwhile).
+RING_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -70,10 +79,18 @@ class Endpoints:
 class Channel:
     """One socket with the codec for what it sends and what it receives."""
 
-    def __init__(self, sock: zmq.Socket, recv_type: Any = None) -> None:
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        recv_type: Any = None,
+        ring_writer: RingWriter | None = None,
+        ring_reader: RingReader | None = None,
+    ) -> None:
         self.sock = sock
-        self._enc = Encoder()
-        self._dec = Decoder(recv_type) if recv_type is not None else None
+        self.ring_writer = ring_writer
+        self.decode_time = 0.0  # of the last message received
+        self._enc = Encoder(ring_writer)
+        self._dec = Decoder(recv_type, ring_reader) if recv_type is not None else None
 
     def send(self, msg: msgspec.Struct, routing_id: bytes | None = None) -> Any:
         """Returns what pyzmq returns: None, or an awaitable on asyncio sockets."""
@@ -83,7 +100,11 @@ class Channel:
         return self.sock.send_multipart(frames, copy=False)
 
     def recv(self) -> Any:
-        return self.decode(self.sock.recv_multipart(copy=False))
+        frames = self.sock.recv_multipart(copy=False)
+        t0 = time.perf_counter()
+        msg = self.decode(frames)
+        self.decode_time = time.perf_counter() - t0
+        return msg
 
     def recv_routed(self) -> tuple[bytes, Any]:
         """For ROUTER sockets: (peer id, message)."""
@@ -93,6 +114,12 @@ class Channel:
     def decode(self, frames: list[Any]) -> Any:
         assert self._dec is not None, "this channel only sends"
         return self._dec.decode(frames)
+
+    def release(self) -> None:
+        """The arrays of every message received so far are no longer read: their ring
+        slots may be reused (a no-op without a ring)."""
+        if self._dec is not None and self._dec.ring is not None:
+            self._dec.ring.release()
 
     def close(self, linger: int = 0) -> None:
         self.sock.close(linger=linger)
@@ -111,11 +138,14 @@ def _socket(ctx: zmq.Context, kind: int, addr: str, bind: bool, **opts: Any) -> 
 
 
 class SchedulerChannels:
-    def __init__(self, ctx: zmq.Context, ep: Endpoints) -> None:
+    def __init__(self, ctx: zmq.Context, ep: Endpoints, ring: RingSpec | None = None) -> None:
         self.frontend = Channel(_socket(ctx, zmq.ROUTER, ep.frontend, True), m.FrontendMessage)
         # XPUB_VERBOSE: every executor's subscription reaches us, so we can
         # wait for all N before the first plan (no slow-joiner loss).
-        self.plan = Channel(_socket(ctx, zmq.XPUB, ep.plan, True, SNDHWM=0, XPUB_VERBOSE=1))
+        writer = RingWriter(Ring(ring), RING_TIMEOUT_S) if ring is not None else None
+        self.plan = Channel(
+            _socket(ctx, zmq.XPUB, ep.plan, True, SNDHWM=0, XPUB_VERBOSE=1), ring_writer=writer
+        )
         self.results = Channel(
             _socket(ctx, zmq.PULL, ep.results, True, RCVHWM=0), m.ExecutorToScheduler
         )
@@ -135,9 +165,14 @@ class SchedulerChannels:
 
 
 class ExecutorChannels:
-    def __init__(self, ctx: zmq.Context, ep: Endpoints) -> None:
+    def __init__(
+        self, ctx: zmq.Context, ep: Endpoints, ring: RingSpec | None = None, rank: int = 0
+    ) -> None:
+        reader = RingReader(Ring(ring), rank) if ring is not None else None
         self.plan = Channel(
-            _socket(ctx, zmq.SUB, ep.plan, False, RCVHWM=0, SUBSCRIBE=b""), m.SchedulerToExecutor
+            _socket(ctx, zmq.SUB, ep.plan, False, RCVHWM=0, SUBSCRIBE=b""),
+            m.SchedulerToExecutor,
+            ring_reader=reader,
         )
         self.results = Channel(_socket(ctx, zmq.PUSH, ep.results, False, SNDHWM=0))
 

@@ -6,6 +6,12 @@ the header holds only (dtype, shape, frame index). ZeroMQ sends those frames
 without copying them, and the reader wraps the received frame buffers with
 `np.frombuffer`, so a long prompt is never copied by the codec. Small arrays
 are inlined, where an extra frame would cost more than the copy.
+
+On a channel with a shared-memory ring (`ipc.shm`: the step plan's broadcast),
+arrays of at least `SHM_MIN_BYTES` are instead copied once into the message's
+slot of the ring, and the header holds (dtype, shape, sequence, offset): one
+write however many executors read it. What does not fit in the slot travels as
+frames, as without a ring.
 """
 
 from __future__ import annotations
@@ -15,24 +21,48 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from tgi_mp.ipc.shm import ALIGN, RingReader, RingWriter
+
 INLINE_LIMIT = 512  # bytes; below this an array is cheaper inline than as a frame
+# From here on an array is cheaper written once into the ring than sent as a frame
+# (perf/bench_plan_transport.py measures the crossover; RESULTS.md has the table).
+SHM_MIN_BYTES = 64 << 10
 
 _EXT_INLINE = 1
 _EXT_FRAME = 2
+_EXT_SHM = 3
 
 Frames = list[bytes | memoryview]
 
 
 class Encoder:
-    def __init__(self) -> None:
+    def __init__(self, ring: RingWriter | None = None, shm_min: int | None = None) -> None:
         self._frames: Frames = []
         self._enc = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
+        self._ring = ring
+        self._shm_min = SHM_MIN_BYTES if shm_min is None else shm_min
+        self._slot: tuple[int, int] | None = None  # (seq, offset) of this message's slot
+        self._used = 0  # bytes of the slot taken so far
 
     def encode(self, msg: msgspec.Struct) -> Frames:
         self._frames = [b""]
+        self._slot, self._used = None, 0
         self._frames[0] = self._enc.encode(msg)  # the hook appends array frames meanwhile
         frames, self._frames = self._frames, []
         return frames
+
+    def _to_ring(self, arr: np.ndarray, meta: tuple) -> msgspec.msgpack.Ext | None:
+        ring = self._ring.ring
+        start = -(-self._used // ALIGN) * ALIGN
+        if start + arr.nbytes > ring.spec.slot_size:
+            return None  # the slot is full: this one goes as a frame
+        if self._slot is None:
+            self._slot = self._ring.acquire()  # may wait for readers to release it
+        seq, base = self._slot
+        offset = base + start
+        ring.data[offset : offset + arr.nbytes] = arr.reshape(-1).view(np.uint8)
+        self._used = start + arr.nbytes
+        return msgspec.msgpack.Ext(_EXT_SHM, self._enc.encode((*meta, seq, offset)))
 
     def _enc_hook(self, obj: Any) -> Any:
         if isinstance(obj, np.ndarray):
@@ -42,6 +72,9 @@ class Encoder:
             meta = (arr.dtype.str, obj.shape)  # not arr's: ascontiguousarray makes 0-d 1-d
             if arr.nbytes < INLINE_LIMIT:
                 return msgspec.msgpack.Ext(_EXT_INLINE, self._enc.encode((*meta, arr.tobytes())))
+            ring = self._ring is not None and arr.nbytes >= self._shm_min
+            if ring and (ext := self._to_ring(arr, meta)) is not None:
+                return ext
             self._frames.append(memoryview(arr).cast("B"))
             return msgspec.msgpack.Ext(_EXT_FRAME, self._enc.encode((*meta, len(self._frames) - 1)))
         if isinstance(obj, np.generic):
@@ -52,8 +85,9 @@ class Encoder:
 class Decoder:
     """Decodes one tagged union; arrays are read-only views of the received frames."""
 
-    def __init__(self, msg_type: Any) -> None:
+    def __init__(self, msg_type: Any, ring: RingReader | None = None) -> None:
         self._frames: list[Any] = []
+        self.ring = ring
         self._meta = msgspec.msgpack.Decoder(tuple)
         self._dec = msgspec.msgpack.Decoder(
             msg_type, ext_hook=self._ext_hook, dec_hook=self._dec_hook
@@ -67,6 +101,12 @@ class Decoder:
             self._frames = []
 
     def _ext_hook(self, code: int, data: memoryview) -> np.ndarray:
+        if code == _EXT_SHM:
+            dtype, shape, seq, offset = self._meta.decode(data)
+            if self.ring is None:
+                raise ValueError("a shared-memory array on a channel without the ring")
+            self.ring.saw(seq)
+            return self.ring.ring.view(np.dtype(dtype), tuple(shape), offset)
         dtype, shape, payload = self._meta.decode(data)
         if code == _EXT_INLINE:
             buf = payload

@@ -112,6 +112,10 @@ class Error(msgspec.Struct, tag=True, array_like=True, gc=False):
 
 # Upper bounds of the duration histograms (TGI's: 0.0001 x 1.5^k s, k = 1..35).
 DURATION_BUCKETS = [0.0001 * 1.5**k for k in range(1, 36)]
+# The executor's gaps between steps are tens of microseconds to milliseconds.
+GAP_BUCKETS = [0.00001 * 1.5**k for k in range(0, 30)]
+# The executor timings reported with every step (rank 0's), in this order.
+EXECUTOR_TIMINGS = ("idle", "plan_decode", "result_send")
 
 
 class SchedulerStats(msgspec.Struct, tag=True, array_like=True, gc=False):
@@ -133,6 +137,8 @@ class SchedulerStats(msgspec.Struct, tag=True, array_like=True, gc=False):
     cache_hit_tokens: int = 0  # of those, served from the prefix cache
     cached_blocks: int = 0  # blocks holding a cached prefix (in use or evictable)
     comm_time: float = 0.0  # of forward_time, rank 0's tensor-parallel all-reduces
+    # Per EXECUTOR_TIMINGS name: (GAP_BUCKETS counts, sum, count).
+    executor_timings: list[tuple[list[int], float, int]] = []
     # Steps by method (0: with prefill work, 1: decode only): count, forward seconds,
     # and forward durations per DURATION_BUCKETS bucket.
     forward_counts: list[int] = msgspec.field(default_factory=lambda: [0, 0])
@@ -165,6 +171,11 @@ class BatchLayout(msgspec.Struct, array_like=True, gc=False):
     input_ids: np.ndarray  # int32 [sum(query_lens)]
     block_counts: np.ndarray  # int32 [B]
     block_tables: np.ndarray  # int32 [sum(block_counts)]
+    # Overlapped scheduling: sequence i's last input token is the one the previous step
+    # sampled at row `input_from[i]` of its sampled tokens (-1: `input_ids` has it). The
+    # scheduler planned this step before that token came back; each executor fills it in
+    # from its own copy of the previous step's tokens. None: no row refers back.
+    input_from: np.ndarray | None = None  # int32 [B]
 
 
 class SamplingColumns(msgspec.Struct, array_like=True, gc=False):
@@ -284,6 +295,12 @@ class StepResult(msgspec.Struct, tag=True, array_like=True, gc=False):
     top_logprobs: np.ndarray | None = None
     prompt_logprobs: np.ndarray | None = None  # float32 [sum(plan.prompt_logprobs)]
     comm_time: float = 0.0  # of forward_time, seconds in tensor-parallel all-reduces
+    # Rank 0 between steps: idle from the previous step's result sent to this plan
+    # decoded (overlap makes it short), of which decoding the plan; and how long sending
+    # the previous step's result took.
+    idle_time: float = 0.0
+    plan_decode_time: float = 0.0
+    result_send_time: float = 0.0
 
 
 class ExecutorFailed(msgspec.Struct, tag=True, array_like=True, gc=False):

@@ -9,6 +9,9 @@ meanwhile), apply them, and send each frontend its requests' tokens.
 
 from __future__ import annotations
 
+import bisect
+import os
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -47,6 +50,11 @@ class SchedulerProcess:
         self.forward_buckets = [[0] * len(m.DURATION_BUCKETS) for _ in range(2)]
         self.step_sums = [0.0, 0.0]
         self.step_buckets = [[0] * len(m.DURATION_BUCKETS) for _ in range(2)]
+        self._last_result_at = 0.0
+        # Rank 0's gaps between steps (m.EXECUTOR_TIMINGS): bucket counts, sums, counts.
+        self.gap_buckets = [[0] * len(m.GAP_BUCKETS) for _ in m.EXECUTOR_TIMINGS]
+        self.gap_sums = [0.0] * len(m.EXECUTOR_TIMINGS)
+        self.gap_counts = [0] * len(m.EXECUTOR_TIMINGS)
 
     def wait_for_executors(self) -> m.SchedulerReady:
         n, timeout_ms = self.cfg.num_shards, int(self.cfg.startup_timeout * 1000)
@@ -92,32 +100,56 @@ class SchedulerProcess:
     # ------------------------------------------------------------ the loop
 
     def serve_forever(self) -> None:
+        """With overlap, step N+1 is planned and sent before step N's tokens are back:
+        the executors go from one forward to the next without waiting for us, and we
+        apply N's tokens (and send N+1's grammar masks, which need them) meanwhile."""
+        overlap = self.cfg.overlap_scheduling
+        inflight = None  # the step sent whose tokens are not back yet
         while True:
             self._drain_frontend(block_ms=0)
             t0 = time.perf_counter()
             step, ended = self.core.schedule()
             self._emit(ended)
-            if step is None:  # idle; or waiting for grammar matchers, then check again soon
+            if step is not None:
+                self.ch.plan.send(step.plan)
+                step.sent_at = time.perf_counter()
+                if inflight is None:
+                    self._send_masks(step)
+            planning = time.perf_counter() - t0
+            self.times["schedule"] += planning
+            self.times["busy"] += planning
+            if inflight is not None:
+                self._complete(inflight)
+                if step is not None:  # its masks follow the tokens they depend on
+                    self._send_masks(step)
+            inflight = step
+            if inflight is not None and not overlap:
+                self._complete(inflight)
+                inflight = None
+            if step is None and inflight is None:
+                # Idle; or waiting for grammar matchers, then check again soon.
                 self._drain_frontend(block_ms=5 if self.core.building_matchers() else 1000)
-                continue
-            self.ch.plan.send(step.plan)
-            if len(step.plan.grammar.rows):  # filled while the executors run the forward
-                self.ch.plan.send(self._masks(step))
-            t1 = time.perf_counter()
-            result = self._wait_for_result(step.plan.step_id)
-            t2 = time.perf_counter()
-            prefill_before = self.core.stats.prefill_tokens
-            self._emit(
-                self.core.update(step, result.token_ids, result.prompt_logprobs),
-                result,
-            )
-            t3 = time.perf_counter()
-            self.times["schedule"] += (t1 - t0) + (t3 - t2)
-            self.times["step"] += t2 - t1
-            self.times["forward"] += result.forward_time
-            self.times["comm"] += result.comm_time
-            self._observe_step(self.core.stats.prefill_tokens == prefill_before, result, t2 - t1)
-            self.times["busy"] += t3 - t0
+
+    def _send_masks(self, step) -> None:
+        if len(step.plan.grammar.rows):  # filled while the executors run the forward
+            self.ch.plan.send(self._masks(step))
+
+    def _complete(self, step) -> None:
+        """Waits for `step`'s tokens and applies them. Its step time runs from when the
+        executors could start it (sent, or the previous step's tokens back if later)."""
+        result = self._wait_for_result(step.plan.step_id)
+        t2 = time.perf_counter()
+        started = max(step.sent_at, self._last_result_at)
+        self._last_result_at = t2
+        self._emit(self.core.update(step, result.token_ids, result.prompt_logprobs), result)
+        t3 = time.perf_counter()
+        self.times["schedule"] += t3 - t2
+        self.times["step"] += t2 - started
+        self.times["forward"] += result.forward_time
+        self.times["comm"] += result.comm_time
+        self._observe_step(step.decode_only, result, t2 - started)
+        self._observe_gaps(result)
+        self.times["busy"] += t3 - t2
 
     def _masks(self, step) -> m.StepMask:
         t0 = time.perf_counter()
@@ -140,6 +172,15 @@ class SchedulerProcess:
                 if seconds <= bound:
                     buckets[i] += 1
                     break
+
+    def _observe_gaps(self, result: m.StepResult) -> None:
+        gaps = (result.idle_time, result.plan_decode_time, result.result_send_time)
+        for i, seconds in enumerate(gaps):
+            self.gap_sums[i] += seconds
+            self.gap_counts[i] += 1
+            k = bisect.bisect_left(m.GAP_BUCKETS, seconds)  # the first bound >= seconds
+            if k < len(m.GAP_BUCKETS):  # else only +Inf (the count) takes it
+                self.gap_buckets[i][k] += 1
 
     def _wait_for_result(self, step_id: int) -> m.StepResult:
         while True:
@@ -238,14 +279,20 @@ class SchedulerProcess:
             step_sums=self.step_sums,
             step_buckets=self.step_buckets,
             admissions=core.stats.admissions,
+            executor_timings=list(
+                zip(self.gap_buckets, self.gap_sums, self.gap_counts, strict=True)
+            ),
         )
 
 
 def run(cfg: EngineConfig) -> int:
     ctx = zmq.Context()
-    ch = SchedulerChannels(ctx, Endpoints(cfg.ipc_root))
+    ch = SchedulerChannels(ctx, Endpoints(cfg.ipc_root), cfg.plan_ring)
+    if cfg.plan_ring is not None:
+        os.close(cfg.plan_ring.fd)  # mapped: the mapping keeps the ring alive
     proc = SchedulerProcess(cfg, ch)
     linger = 0
+    terminated = False
     try:
         ready = proc.wait_for_executors()
         log.info(
@@ -258,6 +305,9 @@ def run(cfg: EngineConfig) -> int:
         )
         ch.supervisor.send(ready)
         proc.serve_forever()
+    except SystemExit:
+        terminated = True
+        raise
     except (ExecutorDied, TimeoutError) as e:
         log.error("%s", e)
         # The supervisor tells every client, naming the root cause: an executor's error
@@ -269,12 +319,17 @@ def run(cfg: EngineConfig) -> int:
         ch.plan.send(m.Shutdown("scheduler exiting"))  # one write reaches every executor
         ch.close(linger)
         ctx.term()
+        if terminated:
+            # Told to stop: by the supervisor's teardown (which removes the runtime
+            # directory too, after us) or by its death (kill -9; we alone of its children
+            # get SIGTERM rather than SIGKILL, so that the directory goes with us).
+            Endpoints(cfg.ipc_root).remove()
     return 0
 
 
 def main() -> None:
     path, parent = sys.argv[1], int(sys.argv[2])
-    bind_to_parent(parent)
+    bind_to_parent(parent, signal.SIGTERM)
     exit_on_sigterm()
     sys.exit(run(EngineConfig.load(path)))
 

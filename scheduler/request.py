@@ -22,15 +22,24 @@ class Request:
     step computes `num_tokens - num_computed` tokens at most; when it catches
     up, the last position's logits give the next token. Preemption resets
     `num_computed` to 0 and keeps the tokens, so recompute is a longer prefill.
+
+    With overlapped scheduling the next step is planned while one is in flight:
+    `num_inflight` of its tokens are being computed and `num_pending` tokens
+    are being sampled (their ids unknown until the step's result is applied;
+    the sampled one is row `inflight_row` of that step's tokens). Planning reads
+    the `planned_*` counts, which include them.
     """
 
     __slots__ = (
         "block_ids",
         "block_keys",
         "frontend",
+        "inflight_row",
         "matcher",
         "num_cached",
         "num_computed",
+        "num_inflight",
+        "num_pending",
         "num_preemptions",
         "num_prompt",
         "num_tokens",
@@ -64,6 +73,9 @@ class Request:
         self.tokens[: self.num_prompt] = prompt
         self.num_tokens = self.num_prompt
         self.num_computed = 0
+        self.num_inflight = 0
+        self.num_pending = 0
+        self.inflight_row = -1
         self.block_ids: list[int] = []
         # Prefix-cache keys of the leading full, computed blocks of `block_ids`.
         self.block_keys: list = []
@@ -84,12 +96,27 @@ class Request:
     def num_generated(self) -> int:
         return self.num_tokens - self.num_prompt
 
+    @property
+    def planned_computed(self) -> int:
+        """Tokens whose KV is in the blocks once the step in flight is done."""
+        return self.num_computed + self.num_inflight
+
+    @property
+    def planned_tokens(self) -> int:
+        """Tokens once the step in flight's sampled token is appended."""
+        return self.num_tokens + self.num_pending
+
+    def reset_inflight(self) -> None:
+        """What is in flight for this request will be discarded (preempted, finished)."""
+        self.num_inflight = self.num_pending = 0
+        self.inflight_row = -1
+
     def prompt_logprobs_wanted(self, n: int) -> int:
         """How many of the next `n` positions score a prompt token: those whose next token
         is in the prompt, until the first token is generated (a recompute skips them)."""
-        if self.prompt_logprobs is None or self.num_generated:
+        if self.prompt_logprobs is None or self.num_generated + self.num_pending:
             return 0
-        return max(0, min(n, self.num_prompt - 1 - self.num_computed))
+        return max(0, min(n, self.num_prompt - 1 - self.planned_computed))
 
     def append(self, token: int) -> None:
         self.tokens[self.num_tokens] = token

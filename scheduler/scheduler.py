@@ -143,12 +143,14 @@ class Scheduler:
             self._admit_waiting(reqs, num_new, budget)
         if not reqs:
             return None, ended
+        prefill_before = self.stats.prefill_tokens
         try:
             plan = self._plan(reqs, num_new)
         except Exception:
             # One request's columns broke the plan: fail that one, plan the rest next time.
             return None, ended + self._fail_unplannable(reqs, num_new)
-        return ScheduledStep(plan, reqs, num_new), ended
+        decode_only = self.stats.prefill_tokens == prefill_before
+        return ScheduledStep(plan, reqs, num_new, decode_only), ended
 
     def _matchers_built(self) -> list[Output]:
         """Waiting requests whose grammar matcher is ready take it; those whose grammar
@@ -183,8 +185,11 @@ class Scheduler:
                 preempted = True
             if req.status != Status.RUNNING:
                 break
+            if req.num_pending and req.num_generated + req.num_pending >= req.params.max_new_tokens:
+                i += 1  # the step in flight gives its last token: nothing more to compute
+                continue
             # A prompt chunk shrinks to the room left rather than preempt anyone.
-            n = min(req.num_tokens - req.num_computed, budget, self._room(req))
+            n = min(req.planned_tokens - req.planned_computed, budget, self._room(req))
             self._reserve(req, n)
             reqs.append(req)
             num_new.append(n)
@@ -243,11 +248,12 @@ class Scheduler:
 
     def _room(self, req: Request) -> int:
         """Tokens `req` can still add: the rest of its last block plus every free block."""
-        return (len(req.block_ids) + self.pool.num_free) * self.cfg.block_size - req.num_computed
+        free = (len(req.block_ids) + self.pool.num_free) * self.cfg.block_size
+        return free - req.planned_computed
 
     def _reserve(self, req: Request, n: int) -> bool:
         """Makes sure `req` owns blocks for its next `n` tokens."""
-        need = self.pool.blocks_for(req.num_computed + n) - len(req.block_ids)
+        need = self.pool.blocks_for(req.planned_computed + n) - len(req.block_ids)
         if need <= 0:
             return True
         if need > self.pool.num_free:
@@ -287,7 +293,10 @@ class Scheduler:
             if not self._caching(req):
                 continue
             parent = req.block_keys[-1] if req.block_keys else None
-            for i in range(len(req.block_keys), (req.num_computed + n) // bs):
+            # Only blocks of known tokens (not one still being sampled) have a key.
+            for i in range(
+                len(req.block_keys), min(req.planned_computed + n, req.num_tokens) // bs
+            ):
                 parent = self.pool.key(parent, req.tokens[i * bs : (i + 1) * bs])
                 keys.add(parent)
         return keys
@@ -296,6 +305,7 @@ class Scheduler:
         self.pool.release(req.block_ids)
         req.block_ids, req.block_keys = [], []
         req.num_computed = 0
+        req.reset_inflight()
         req.started = False
 
     def _cache_full_blocks(self, req: Request) -> None:
@@ -320,8 +330,24 @@ class Scheduler:
         plan = build_step_plan(self._step_id + 1, reqs, num_new, released)
         self._step_id += 1
         self._released = []
-        for req in reqs:  # their first plan carried their cached-prefix history
-            req.started = True
+        row = 0
+        for req, n, sampled in zip(reqs, num_new, plan.sampling.sample.tolist(), strict=True):
+            # Decode = the one token sampled last step; a preempted request's recompute
+            # of its generated tokens is prefill work. Counted as planned: a row the step
+            # in flight makes moot (its request finished) was computed all the same.
+            if (
+                req.num_generated + req.num_pending
+                and req.planned_computed == req.planned_tokens - 1
+            ):
+                self.stats.decode_tokens += n
+            else:
+                self.stats.prefill_tokens += n
+            req.started = True  # their first plan carried their cached-prefix history
+            req.num_inflight += n
+            req.inflight_row = row if sampled else -1
+            if sampled:
+                req.num_pending += 1
+                row += 1
         return plan
 
     def _fail_unplannable(self, reqs: list[Request], num_new: list[int]) -> list[Output]:
@@ -371,12 +397,6 @@ class Scheduler:
             step.plan.prompt_logprobs.counts.tolist(),
             strict=True,
         ):
-            # Decode = the one token sampled last step; a preempted request's recompute
-            # of its generated tokens is prefill work.
-            if req.num_generated and req.num_computed == req.num_tokens - 1:
-                self.stats.decode_tokens += n
-            else:
-                self.stats.prefill_tokens += n
             if do_sample:  # consumed even for a row that ended meanwhile: keeps k aligned
                 k += 1
             values = None
@@ -408,10 +428,12 @@ class Scheduler:
             start = req.num_computed + 1
             req.prompt_logprobs[start : start + len(values)] = values
         req.num_computed += n
+        req.num_inflight -= n
         if self._caching(req):
             self._cache_full_blocks(req)
         if row < 0:
             return None
+        req.num_pending -= 1
         token = tokens[row]
         req.append(token)
         reason = req.finish_reason(token, self.cfg.eos_token_ids)

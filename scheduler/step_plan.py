@@ -32,6 +32,8 @@ class ScheduledStep:
     plan: StepPlan
     reqs: list[Request]
     num_new: list[int]
+    decode_only: bool = False  # no prompt work in it (the metrics' "decode" method)
+    sent_at: float = 0.0  # when the scheduler sent it (perf_counter)
 
 
 @dataclass
@@ -53,22 +55,27 @@ def build_step_plan(
     ids that ended since the last plan (executors drop their per-sequence state)."""
     n = len(reqs)
     query_lens = np.array(num_new, dtype=np.int32)
-    context_lens = np.fromiter((r.num_computed for r in reqs), np.int32, n)
+    context_lens = np.fromiter((r.planned_computed for r in reqs), np.int32, n)
+    # A row whose last input is the token its step in flight samples: a placeholder
+    # here, filled in by the executors from that step's tokens (`input_from`).
+    input_from = np.fromiter((r.inflight_row if r.num_pending else -1 for r in reqs), np.int32, n)
     layout = BatchLayout(
         query_lens=query_lens,
         context_lens=context_lens,
         input_ids=np.concatenate(
             [
-                r.tokens[r.num_computed : r.num_computed + k]
-                for r, k in zip(reqs, num_new, strict=True)
+                _inputs(r, start, k)
+                for r, start, k in zip(reqs, context_lens.tolist(), num_new, strict=True)
             ]
         ),
         block_counts=np.fromiter((len(r.block_ids) for r in reqs), np.int32, n),
         block_tables=np.fromiter(
             (b for r in reqs for b in r.block_ids), np.int32, sum(len(r.block_ids) for r in reqs)
         ),
+        input_from=input_from if (input_from >= 0).any() else None,
     )
-    sample = context_lens + query_lens == np.fromiter((r.num_tokens for r in reqs), np.int32, n)
+    planned = np.fromiter((r.planned_tokens for r in reqs), np.int32, n)
+    sample = context_lens + query_lens == planned
     constrained = [i for i, r in enumerate(reqs) if sample[i] and r.matcher is not None]
     return StepPlan(
         step_id=step_id,
@@ -79,6 +86,14 @@ def build_step_plan(
         bias=_bias([r.params for r in reqs]),
         grammar=GrammarColumns(np.array(constrained, dtype=np.int32)),
     )
+
+
+def _inputs(req: Request, start: int, k: int) -> np.ndarray:
+    """Tokens [start, start + k) of `req`; a token still being sampled reads as 0."""
+    known = req.tokens[start : min(start + k, req.num_tokens)]
+    if len(known) == k:
+        return known
+    return np.concatenate([known, np.zeros(k - len(known), np.int32)])
 
 
 def _sampling(reqs: list[Request], sample: np.ndarray) -> SamplingColumns:
@@ -93,7 +108,9 @@ def _sampling(reqs: list[Request], sample: np.ndarray) -> SamplingColumns:
         typical_p=np.array([p.typical_p for p in params], dtype=np.float32),
         min_p=np.array([p.min_p for p in params], dtype=np.float32),
         seeds=np.array([r.seed for r in reqs], dtype=np.int64),
-        sample_index=np.fromiter((r.num_generated for r in reqs), np.int32, len(reqs)),
+        sample_index=np.fromiter(
+            (r.num_generated + r.num_pending for r in reqs), np.int32, len(reqs)
+        ),
         top_n=np.array([p.top_n_tokens for p in params], dtype=np.int32),
         watermark=np.array([p.watermark for p in params], dtype=bool),
     )
@@ -124,7 +141,7 @@ def _penalties(reqs: list[Request], released: np.ndarray) -> PenaltyColumns:
 def _prompt_logprobs(reqs: list[Request], num_new: list[int]) -> PromptLogprobColumns:
     scored = [r.prompt_logprobs_wanted(k) for r, k in zip(reqs, num_new, strict=True)]
     targets = [
-        r.tokens[r.num_computed + 1 : r.num_computed + 1 + k]
+        r.tokens[r.planned_computed + 1 : r.planned_computed + 1 + k]
         for r, k in zip(reqs, scored, strict=True)
         if k
     ]

@@ -10,6 +10,7 @@ import os
 
 import msgspec
 
+from tgi_mp.ipc.shm import RingSpec
 from tgi_mp.model_source import ModelConfig, ModelSource
 from tgi_mp.options import CHOICES, DEFAULTS, sequences_per_step, step_tokens
 
@@ -36,6 +37,8 @@ class EngineConfig(msgspec.Struct, frozen=True):
     torch_threads: int | None = None
     startup_timeout: float = 600.0
     prefix_caching: bool = DEFAULTS["prefix_caching"]
+    overlap_scheduling: bool = DEFAULTS["overlap_scheduling"]
+    shared_memory: bool = DEFAULTS["shared_memory"]
     load_format: str = DEFAULTS["load_format"]
     quantize: str | None = DEFAULTS["quantize"]  # weight-only quantization method, or None
     waiting_served_ratio: float | None = DEFAULTS["waiting_served_ratio"]
@@ -45,6 +48,9 @@ class EngineConfig(msgspec.Struct, frozen=True):
     # The directory with the model's tokenizer.json (the launcher exports it), for the
     # scheduler's grammar matchers; None: the model has no tokenizer (grammars refused).
     tokenizer_dir: str | None = None
+    # The plan's shared-memory ring, made by the supervisor just before it starts the
+    # children (who inherit its descriptor); None: plans travel as ZeroMQ frames.
+    plan_ring: RingSpec | None = None
 
     def step_tokens(self, device_type: str) -> int:
         """The step's token budget on this device (`options.step_tokens`)."""

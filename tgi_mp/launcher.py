@@ -20,11 +20,13 @@ import threading
 import time
 from typing import Any
 
+import msgspec
 import zmq
 
 from tgi_mp.config import EngineConfig
 from tgi_mp.ipc import messages as m
 from tgi_mp.ipc.channels import Endpoints, SupervisorChannels
+from tgi_mp.ipc.shm import create_ring
 from tgi_mp.model_source import load_model_config, resolve_model
 
 log = logging.getLogger("tgi_mp.launcher")
@@ -89,14 +91,23 @@ class Engine:
         return engine
 
     def _spawn(self) -> None:
+        ring = create_ring(self.cfg.num_shards) if self.cfg.shared_memory else None
+        if ring is not None:
+            self.cfg = msgspec.structs.replace(self.cfg, plan_ring=ring)
+        fds = (ring.fd,) if ring is not None else ()
         path, parent = self.cfg.save(), str(os.getpid())
-        for rank in range(self.cfg.num_shards):
-            self.procs[f"executor{rank}"] = subprocess.Popen(
-                [sys.executable, "-m", "tgi_mp.executor.main", path, str(rank), parent]
+        try:
+            for rank in range(self.cfg.num_shards):
+                self.procs[f"executor{rank}"] = subprocess.Popen(
+                    [sys.executable, "-m", "tgi_mp.executor.main", path, str(rank), parent],
+                    pass_fds=fds,
+                )
+            self.procs["scheduler"] = subprocess.Popen(
+                [sys.executable, "-m", "tgi_mp.scheduler.main", path, parent], pass_fds=fds
             )
-        self.procs["scheduler"] = subprocess.Popen(
-            [sys.executable, "-m", "tgi_mp.scheduler.main", path, parent]
-        )
+        finally:
+            if ring is not None:  # the children hold it now; it dies with the last of them
+                os.close(ring.fd)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.cfg.startup_timeout

@@ -251,6 +251,22 @@ OPTIONS: tuple[Option, ...] = (
         bool,
     ),
     Option(
+        "--overlap-scheduling",
+        True,
+        "Plan step N+1 while the executors compute step N (false/0: one step at a time, "
+        "for comparison and debugging).",
+        "engine",
+        bool,
+    ),
+    Option(
+        "--shared-memory",
+        True,
+        "Send the step plan's large arrays through a shared-memory ring, written once for "
+        "every executor (false/0: as ZeroMQ frames).",
+        "engine",
+        bool,
+    ),
+    Option(
         "--waiting-served-ratio",
         None,
         "TGI's batch-growth rule, off unless given (TGI ignores it with chunked prefill, "

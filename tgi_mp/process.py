@@ -41,11 +41,12 @@ def setup_logging(name: str) -> logging.Logger:
     return logging.getLogger(f"tgi_mp.{name}")
 
 
-def bind_to_parent(parent_pid: int) -> None:
-    """Exit when the supervisor dies, even by SIGKILL, so no child is orphaned."""
+def bind_to_parent(parent_pid: int, signum: int = signal.SIGKILL) -> None:
+    """Exit when the supervisor dies, even by SIGKILL, so no child is orphaned: the
+    kernel sends us `signum` (SIGTERM for a child that cleans up after it)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc.prctl(_PR_SET_PDEATHSIG, signum)
     except (OSError, AttributeError):  # not Linux: the supervisor's teardown still applies
         pass
     if os.getppid() != parent_pid:  # it died before prctl took effect
@@ -53,9 +54,11 @@ def bind_to_parent(parent_pid: int) -> None:
 
 
 def exit_on_sigterm() -> None:
-    """SIGTERM raises SystemExit, so `finally` blocks close sockets on the way out."""
+    """SIGTERM raises SystemExit, so `finally` blocks close sockets on the way out; a
+    second SIGTERM (a dying parent's threads each send one) must not cut them short."""
 
     def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)

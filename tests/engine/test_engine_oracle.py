@@ -129,6 +129,24 @@ def test_preemption(cases):
     assert stats.blocks_free == stats.blocks_total
 
 
+def test_one_step_at_a_time_follows_the_oracle(cases):
+    """Overlapped scheduling and the plan's shared-memory ring off (every other test has
+    them on, the default): concurrent, chunked and preempted requests still give the
+    oracle's tokens."""
+    cases = cases[:6]
+    with Engine.start(
+        None,
+        dtype="float32",
+        max_batch_total_tokens=512,
+        max_batch_prefill_tokens=64,
+        overlap_scheduling=False,
+        shared_memory=False,
+    ) as engine:
+        _check("serial scheduling, frames", cases, _run(engine, cases, concurrent=True))
+        stats = asyncio.run(_stats(engine))
+    assert stats.preemptions > 0 and stats.blocks_free == stats.blocks_total
+
+
 def test_concurrent_stats_requests_all_answered(default_engine) -> None:
     async def main() -> list:
         client = default_engine.client()

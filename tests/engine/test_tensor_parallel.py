@@ -60,13 +60,20 @@ def test_two_shards_give_the_tokens_of_one(tiny_dir) -> None:
     rng = np.random.default_rng(0)
     batch = [rng.integers(3, 256, n).tolist() for n in (1, 5, 17, 40, 77)]
     results = {}
-    for n in (1, 2):
+    # Two shards with overlapped scheduling (rank 0 broadcasts its sampled tokens, which
+    # the next plan refers to) and without.
+    for n, overlap in ((1, True), (2, True), (2, False)):
         with Engine.start(
-            tiny_dir, dtype="float32", num_shards=n, max_batch_total_tokens=2048
+            tiny_dir,
+            dtype="float32",
+            num_shards=n,
+            max_batch_total_tokens=2048,
+            overlap_scheduling=overlap,
         ) as engine:
-            results[n] = (generate(engine, batch, False), generate(engine, batch, True))
-    assert results[1][0] == results[1][1]
-    assert results[2] == results[1]
+            results[n, overlap] = (generate(engine, batch, False), generate(engine, batch, True))
+    assert results[1, True][0] == results[1, True][1]
+    assert results[2, True] == results[1, True]
+    assert results[2, False] == results[1, True]
 
 
 def rank_params(source, cfg, n: int) -> list[dict[str, torch.Tensor]]:

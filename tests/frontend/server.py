@@ -72,3 +72,29 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def runtime_of(family: list) -> tuple[str, list[str]]:
+    """A running server's private runtime directory (from its children's command lines:
+    the config they read lies in it) and which of its processes map the plan ring."""
+    import os
+
+    (config,) = {a for p in family for a in p.cmdline() if a.endswith("config.msgpack")}
+    ring = []
+    for p in family:
+        try:
+            with open(f"/proc/{p.pid}/maps") as f:
+                if "memfd:tgi-mp-plan-ring" in f.read():
+                    ring.append(" ".join(p.cmdline()))
+        except OSError:
+            pass
+    return os.path.dirname(config), ring
+
+
+def tgi_mp_shm() -> list[str]:
+    """What tgi-mp might have left in /dev/shm (it names nothing there: the ring is a memfd)."""
+    import os
+
+    if not os.path.isdir("/dev/shm"):
+        return []
+    return [n for n in os.listdir("/dev/shm") if "tgi" in n.lower()]

@@ -84,11 +84,14 @@ def test_no_process_outlives_a_killed_server() -> None:
 
     import psutil
 
-    from tests.frontend.server import Server
+    from tests.frontend.server import Server, runtime_of, tgi_mp_shm
 
+    shm_before = set(tgi_mp_shm())
     server = Server("--max-batch-total-tokens", "8192")
     try:
         family = psutil.Process(server.proc.pid).children(recursive=True)
+        runtime, ring_users = runtime_of(family)
+        assert os.path.isdir(runtime) and len(ring_users) == 2
         names = " ".join(" ".join(p.cmdline()) for p in family)
         for part in ("executor.main", "scheduler.main", "frontend.main"):
             assert part in names
@@ -99,6 +102,10 @@ def test_no_process_outlives_a_killed_server() -> None:
         while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family):
             assert time.monotonic() < deadline, [p.pid for p in family if p.is_running()]
             time.sleep(0.1)
+        # Nothing of it is left either: the ring was a memfd, gone with its last mapper,
+        # and the scheduler (told by SIGTERM, not SIGKILL) removed the runtime directory.
+        assert set(tgi_mp_shm()) == shm_before
+        assert not os.path.exists(runtime), "the runtime directory went with the server"
     finally:
         server.stop()
 

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from tests.engine.oracle import TEXT
-from tests.frontend.server import Server
+from tests.frontend.server import Server, runtime_of, tgi_mp_shm
 
 
 def test_sigterm_lets_in_flight_streams_finish_and_refuses_new_ones() -> None:
@@ -125,30 +125,37 @@ def test_at_the_end_of_the_grace_period_every_request_is_told(tmp_path) -> None:
         server.stop()
 
 
-def tgi_mp_shm() -> list[str]:
-    return (
-        [n for n in os.listdir("/dev/shm") if "tgi" in n.lower()]
-        if os.path.isdir("/dev/shm")
-        else []
-    )
-
-
-@pytest.mark.parametrize("victim", ["scheduler.main", "executor.main"])
+@pytest.mark.parametrize("victim", ["scheduler.main", "executor.main", "every child"])
 def test_a_killed_child_takes_the_server_down(victim: str) -> None:
+    """kill -9 of one child, or of all of them at once: the server exits loudly and
+    leaves no process, shared memory or runtime file behind."""
     shm_before = set(tgi_mp_shm())
     server = Server("--max-batch-total-tokens", "8192")
     try:
         family = psutil.Process(server.proc.pid).children(recursive=True)
-        (child,) = [p for p in family if victim in " ".join(p.cmdline())]
+        runtime, ring_users = runtime_of(family)
+        assert os.path.isdir(runtime)
+        # The plan ring is mapped by the scheduler and the executor, and named nowhere.
+        assert sorted(u.split()[2] for u in ring_users) == [
+            "tgi_mp.executor.main",
+            "tgi_mp.scheduler.main",
+        ]
+        if victim == "every child":
+            victims = family
+        else:
+            victims = [p for p in family if victim in " ".join(p.cmdline())]
+            assert len(victims) == 1
         killed_at = time.monotonic()
-        child.send_signal(signal.SIGKILL)
+        for child in victims:
+            child.send_signal(signal.SIGKILL)
         code = server.proc.wait(10)
         assert code != 0 and time.monotonic() - killed_at < 10
         deadline = time.monotonic() + 10
         while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family):
             assert time.monotonic() < deadline, [p.pid for p in family if p.is_running()]
             time.sleep(0.1)
-        assert set(tgi_mp_shm()) == shm_before  # tgi-mp uses none; nothing appeared
+        assert set(tgi_mp_shm()) == shm_before  # tgi-mp names none; nothing appeared
+        assert not os.path.exists(runtime), "the runtime directory went with the server"
     finally:
         server.stop()
 

@@ -82,6 +82,13 @@ def test_counts_histograms_and_gauges_after_a_known_workload(server) -> None:
     assert m["tgi_batch_next_size_sum"][()] >= N and m["tgi_batch_next_size_count"][()] >= 1
     assert m["tgi_batch_inference_duration_sum"][(("method", "decode"),)] > 0
     assert m["tgi_mp_prefix_cache_hit_tokens"][()] >= 0
+    # The executor's gaps between steps: one observation per step, finer buckets.
+    steps = prefill + decode
+    for name in ("idle", "plan_decode", "result_send"):
+        assert m[f"tgi_mp_executor_{name}_seconds_count"][()] == steps
+        assert m[f"tgi_mp_executor_{name}_seconds_sum"][()] > 0
+    les = [dict(k)["le"] for k in m["tgi_mp_executor_idle_seconds_bucket"]]
+    assert les[0] == "1e-05" and les[-1] == "+Inf"
 
 
 def test_both_workers_answered_and_scrapes_agree(server) -> None:

@@ -1,4 +1,5 @@
-"""One fake executor for test_broadcast.py: python broadcast_peer.py IPC_ROOT RANK.
+"""One fake executor for test_broadcast.py:
+python broadcast_peer.py IPC_ROOT RANK [RING_FD READERS SLOTS SLOT_SIZE].
 
 Reads step plans until `Shutdown`, then reports one checksum per plan (in the
 order received) as the token ids of a `StepResult` whose step_id is its rank.
@@ -14,6 +15,7 @@ import zmq
 
 from tgi_mp.ipc import messages as m
 from tgi_mp.ipc.channels import Endpoints, ExecutorChannels
+from tgi_mp.ipc.shm import RingSpec
 
 
 def checksum(plan: m.StepPlan) -> int:
@@ -22,6 +24,8 @@ def checksum(plan: m.StepPlan) -> int:
         columns = getattr(plan, group)
         for name in columns.__struct_fields__:
             arr = getattr(columns, name)
+            if arr is None:  # an optional column not sent
+                continue
             h.update(f"{group}.{name}:{arr.dtype.str}:{arr.shape}".encode())
             h.update(arr.tobytes())
     return int.from_bytes(h.digest(), "little", signed=True)
@@ -29,12 +33,14 @@ def checksum(plan: m.StepPlan) -> int:
 
 def main() -> None:
     root, rank = sys.argv[1], int(sys.argv[2])
+    ring = RingSpec(*map(int, sys.argv[3:7])) if len(sys.argv) > 3 else None
     ctx = zmq.Context()
-    ch = ExecutorChannels(ctx, Endpoints(root))
+    ch = ExecutorChannels(ctx, Endpoints(root), ring, rank)
     sums: list[int] = []
     try:
         while not isinstance(msg := ch.plan.recv(), m.Shutdown):
             sums.append(checksum(msg))
+            ch.plan.release()  # done reading: the ring may reuse its slot
         ch.results.send(m.StepResult(rank, np.array(sums, dtype=np.int32), 0.0))
     finally:
         ch.close(linger=5000)  # let the report leave before the socket goes

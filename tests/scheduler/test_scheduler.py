@@ -56,11 +56,18 @@ def reference(
 class FakeExecutor:
     """Executes plans on a token-id 'KV cache': slot -> the token whose KV would live there."""
 
-    def __init__(self, num_blocks: int, block_size: int, fn: TokenFn = hash_token) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, fn: TokenFn = hash_token, overlap: bool = False
+    ) -> None:
         self.bs = block_size
         self.num_blocks = num_blocks
         self.kv = np.full(num_blocks * block_size, -1, dtype=np.int64)
         self.fn = fn
+        self.last = np.empty(0, dtype=np.int32)  # the previous step's sampled tokens
+        # Overlapped scheduling (scheduler.main's loop with overlap on): the step sent
+        # and not yet applied, as (step, sampled tokens, prompt scores).
+        self.overlap = overlap
+        self.inflight: tuple | None = None
 
     def _slots(self, table: np.ndarray, start: int, stop: int) -> np.ndarray:
         pos = np.arange(start, stop)
@@ -78,11 +85,17 @@ class FakeExecutor:
         assert ((lay.block_tables >= 0) & (lay.block_tables < self.num_blocks)).all()
         tables = np.split(lay.block_tables, np.cumsum(lay.block_counts)[:-1])
         starts = np.concatenate([[0], np.cumsum(lay.query_lens)])
+        ids = lay.input_ids
+        if lay.input_from is not None:  # tokens of the previous step, as runner fills them in
+            assert self.overlap, "a plan refers back to a step whose tokens were applied"
+            rows = np.flatnonzero(lay.input_from >= 0)
+            ids = ids.copy()
+            ids[starts[rows + 1] - 1] = self.last[lay.input_from[rows]]
         # Write every row's KV first, then read: as in a real forward pass, a block
         # shared by two rows of one step corrupts one of them.
         for i in range(b):
             c, q = int(lay.context_lens[i]), int(lay.query_lens[i])
-            self.kv[self._slots(tables[i], c, c + q)] = lay.input_ids[starts[i] : starts[i + 1]]
+            self.kv[self._slots(tables[i], c, c + q)] = ids[starts[i] : starts[i + 1]]
         out = []
         for i in range(b):
             if smp.sample[i]:
@@ -90,7 +103,8 @@ class FakeExecutor:
                 history = self.kv[self._slots(tables[i], 0, end)]
                 assert (history >= 0).all(), "read a slot that was never written"
                 out.append(self.fn(history))
-        return np.array(out, dtype=np.int32)
+        self.last = np.array(out, dtype=np.int32)
+        return self.last
 
     @staticmethod
     def score_prompt(plan: StepPlan) -> np.ndarray:
@@ -139,8 +153,9 @@ def check_bookkeeping(s: Scheduler) -> None:
     assert all(not r.block_ids and r.status == Status.WAITING for r in s.waiting)
     assert all(r.status == Status.RUNNING for r in s.running)
     assert len(s.running) <= s.cfg.sequences_per_step
-    for r in s.running:  # between steps, a request owns the blocks of what it computed, no more
-        assert len(r.block_ids) == s.pool.blocks_for(r.num_computed)
+    for r in s.running:  # between steps, a request owns the blocks of what it computed
+        # (and of what the step in flight computes), no more
+        assert len(r.block_ids) == s.pool.blocks_for(r.planned_computed)
         if s.cfg.prefix_caching and not r.params.prefill_logprobs:  # full blocks are keyed
             assert len(r.block_keys) == r.num_computed // s.cfg.block_size
 
@@ -152,32 +167,45 @@ def assert_drained(s: Scheduler) -> None:
 
 
 def step_once(s: Scheduler, ex: FakeExecutor, trace: Trace, between: Callable[[], None]) -> bool:
-    """One scheduler iteration as `scheduler.main` runs it; False when idle."""
+    """One scheduler iteration as `scheduler.main` runs it; False when idle. With
+    overlap, the step planned now is sent (the fake executor runs it at once, after the
+    step in flight, as real executors would) before the step in flight is applied."""
     step, ended = s.schedule()
     for out in ended:
         trace.saw(out.req.frontend, out.req.req_id, out.token, out.finish)
-    if step is None:
-        return False
-    plan = step.plan
-    cfg = s.cfg
-    assert plan.layout.query_lens.sum() <= cfg.max_batch_prefill_tokens
-    assert len(plan.layout.query_lens) <= cfg.sequences_per_step
-    for i, req in enumerate(step.reqs):
-        key = (req.frontend, req.req_id)
-        # The sampler's random stream is keyed by (seed, tokens generated so far).
-        assert plan.sampling.sample_index[i] == len(trace.tokens.get(key, []))
-        assert plan.sampling.seeds[i] == req.seed
-    trace.plans.append((plan, list(step.reqs)))
-    sampled = ex.step(plan)
-    between()  # e.g. a client aborts while the step is in flight
-    for out in s.update(step, sampled, ex.score_prompt(plan)):
-        trace.saw(out.req.frontend, out.req.req_id, out.token, out.finish)
-        if out.prompt_logprobs is not None:
-            key = (out.req.frontend, out.req.req_id)
-            assert key not in trace.prompt_logprobs, "prompt logprobs sent twice"
-            trace.prompt_logprobs[key] = out.prompt_logprobs.copy()
+    sent = None
+    if step is not None:
+        plan = step.plan
+        cfg = s.cfg
+        assert plan.layout.query_lens.sum() <= cfg.max_batch_prefill_tokens
+        assert len(plan.layout.query_lens) <= cfg.sequences_per_step
+        in_flight = Counter()  # tokens each request samples in the step in flight
+        if ex.inflight is not None:
+            before = ex.inflight[0]
+            for req, sampled in zip(before.reqs, before.plan.sampling.sample.tolist(), strict=True):
+                in_flight[(req.frontend, req.req_id)] += sampled and req.status == Status.RUNNING
+        for i, req in enumerate(step.reqs):
+            key = (req.frontend, req.req_id)
+            # The sampler's random stream is keyed by (seed, tokens generated so far).
+            generated = len(trace.tokens.get(key, [])) + in_flight[key]
+            assert plan.sampling.sample_index[i] == generated
+            assert plan.sampling.seeds[i] == req.seed
+        trace.plans.append((plan, list(step.reqs)))
+        sent = (step, ex.step(plan), ex.score_prompt(plan))
+    between()  # e.g. a client aborts while a step is in flight
+    if ex.overlap:
+        applied, ex.inflight = ex.inflight, sent
+    else:
+        applied = sent
+    if applied is not None:
+        for out in s.update(*applied):
+            trace.saw(out.req.frontend, out.req.req_id, out.token, out.finish)
+            if out.prompt_logprobs is not None:
+                key = (out.req.frontend, out.req.req_id)
+                assert key not in trace.prompt_logprobs, "prompt logprobs sent twice"
+                trace.prompt_logprobs[key] = out.prompt_logprobs.copy()
     check_bookkeeping(s)
-    return True
+    return step is not None or ex.inflight is not None
 
 
 def run_all(
@@ -208,9 +236,21 @@ def prompt_of(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.integers(1, VOCAB, n, dtype=np.int32)
 
 
+@pytest.fixture(params=[False, True], ids=["serial", "overlap"])
+def make(request) -> Iterator[Callable[..., tuple[Scheduler, FakeExecutor]]]:
+    """Builds a scheduler and its fake executor, driven one step at a time and with
+    overlapped scheduling; after the test, every block must be free."""
+    yield from _builder(request.param)
+
+
 @pytest.fixture
-def make() -> Iterator[Callable[..., tuple[Scheduler, FakeExecutor]]]:
-    """Builds a scheduler and its fake executor; after the test, every block must be free."""
+def make_serial() -> Iterator[Callable[..., tuple[Scheduler, FakeExecutor]]]:
+    """`make`, one step at a time only: for white-box tests that plan and apply steps by
+    hand at chosen points (overlap's own timing is the stress test's)."""
+    yield from _builder(False)
+
+
+def _builder(overlap: bool) -> Iterator[Callable[..., tuple[Scheduler, FakeExecutor]]]:
     made: list[Scheduler] = []
 
     def build(
@@ -219,7 +259,7 @@ def make() -> Iterator[Callable[..., tuple[Scheduler, FakeExecutor]]]:
         cfg = SchedulerConfig(num_blocks=num_blocks, block_size=block_size, **kw)
         s = Scheduler(cfg)
         made.append(s)
-        return s, FakeExecutor(num_blocks, block_size, fn)
+        return s, FakeExecutor(num_blocks, block_size, fn, overlap=overlap)
 
     yield build
     for s in made:
@@ -538,9 +578,9 @@ def test_penalised_requests_get_their_cached_history(make) -> None:
 # ---------------------------------------------------------------- aborts
 
 
-def test_abort_waiting_and_running(make) -> None:
+def test_abort_waiting_and_running(make_serial) -> None:
     rng = np.random.default_rng(6)
-    s, ex = make(num_blocks=64, max_batch_size=1)
+    s, ex = make_serial(num_blocks=64, max_batch_size=1)
     running = add(s, 1, prompt_of(rng, 9), max_new_tokens=50)
     waiting = add(s, 2, prompt_of(rng, 9), max_new_tokens=50)
     kept = add(s, 3, prompt_of(rng, 9), max_new_tokens=5)
@@ -574,10 +614,10 @@ def test_abort_waiting_and_running(make) -> None:
     check_outputs(trace, [kept])
 
 
-def test_abort_while_step_in_flight(make) -> None:
+def test_abort_while_step_in_flight(make_serial) -> None:
     """An abort between plan and result takes effect after the step's tokens are applied."""
     rng = np.random.default_rng(7)
-    s, ex = make()
+    s, ex = make_serial()
     a = add(s, 1, prompt_of(rng, 5), max_new_tokens=10)
     b = add(s, 2, prompt_of(rng, 5), max_new_tokens=10)
     trace = Trace()
@@ -591,8 +631,8 @@ def test_abort_while_step_in_flight(make) -> None:
     check_outputs(trace, [b])
 
 
-def test_abort_after_finish_is_ignored(make) -> None:
-    s, ex = make()
+def test_abort_after_finish_is_ignored(make_serial) -> None:
+    s, ex = make_serial()
     r = add(s, 1, [1, 2, 3], max_new_tokens=2)
     trace = Trace()
     step_once(s, ex, trace, lambda: None)
@@ -601,11 +641,11 @@ def test_abort_after_finish_is_ignored(make) -> None:
     check_outputs(trace, [r])
 
 
-def test_row_finished_mid_step_does_not_shift_tokens(make) -> None:
+def test_row_finished_mid_step_does_not_shift_tokens(make_serial) -> None:
     """White-box: if a request ends while its step is in flight (today only `_finish` can do
     that), the sampled tokens of the rows after it must still go to the right requests."""
     rng = np.random.default_rng(8)
-    s, ex = make()
+    s, ex = make_serial()
     a = add(s, 1, prompt_of(rng, 5), max_new_tokens=10)
     b = add(s, 2, prompt_of(rng, 5), max_new_tokens=10)
     trace = Trace()
@@ -737,8 +777,8 @@ def test_a_request_whose_plan_breaks_fails_alone(make, monkeypatch) -> None:
     check_outputs(run_all(s, ex), good)
 
 
-def test_a_request_whose_update_breaks_fails_alone(make) -> None:
-    s, ex = make()
+def test_a_request_whose_update_breaks_fails_alone(make_serial) -> None:
+    s, ex = make_serial()
     bad = add(s, 1, [5, 6, 7], max_new_tokens=3)
     good = [add(s, i, list(range(1, 2 + i)), max_new_tokens=4) for i in (2, 3)]
     trace = Trace()
