@@ -47,7 +47,7 @@ def run(cfg: EngineConfig, rank: int) -> int:
                 runner.step_tokens,
             )
         )
-        ended = time.perf_counter()  # of the last step (its result sent)
+        ended = time.perf_counter()  # the last step's compute (its result then sent)
         send_time = 0.0
         while True:
             plan = ch.plan.recv()
@@ -55,14 +55,15 @@ def run(cfg: EngineConfig, rank: int) -> int:
                 log.info("shutting down: %s", plan.reason)
                 return 0
             t0 = time.perf_counter()
-            idle = t0 - ended
+            idle = t0 - ended  # the last result sent, this plan waited for and decoded
             comm0 = runner.tp.comm_time
             out = runner.step(plan, lambda plan=plan: _read_mask(ch, plan))
             if rank != 0 and len(plan.grammar.rows):  # the broadcast's next message is it
                 _read_mask(ch, plan)
             ch.plan.release()  # this step's arrays are read: their ring slots may be reused
+            ended = time.perf_counter()
             if rank == 0:
-                elapsed = time.perf_counter() - t0
+                elapsed = ended - t0
                 ch.results.send(
                     StepResult(
                         plan.step_id,
@@ -78,8 +79,7 @@ def run(cfg: EngineConfig, rank: int) -> int:
                         send_time,
                     )
                 )
-                send_time = time.perf_counter() - t0 - elapsed
-            ended = time.perf_counter()
+                send_time = time.perf_counter() - ended
     except SystemExit:
         raise
     except BaseException as e:  # report, then die loudly: the supervisor takes it from there

@@ -314,8 +314,9 @@ def _step_metrics(text: _Text, stats: SchedulerStats) -> None:
         ]
         text.histogram(name, help_, DURATION_BUCKETS, series)
     helps = {
-        "idle": "Executor (rank 0) idle between steps: previous result sent to this plan "
-        "decoded, including time with nothing to do (s)",
+        "idle": "Executor (rank 0) gap between steps: end of one step's compute to the "
+        "start of the next (result sent, plan waited for and decoded), including time "
+        "with nothing to do (s)",
         "plan_decode": "Executor (rank 0) time decoding a step plan (s)",
         "result_send": "Executor (rank 0) time sending a step's result (s)",
     }

@@ -295,9 +295,9 @@ class StepResult(msgspec.Struct, tag=True, array_like=True, gc=False):
     top_logprobs: np.ndarray | None = None
     prompt_logprobs: np.ndarray | None = None  # float32 [sum(plan.prompt_logprobs)]
     comm_time: float = 0.0  # of forward_time, seconds in tensor-parallel all-reduces
-    # Rank 0 between steps: idle from the previous step's result sent to this plan
-    # decoded (overlap makes it short), of which decoding the plan; and how long sending
-    # the previous step's result took.
+    # Rank 0 between steps: the gap from the end of the previous step's compute to the
+    # start of this one's (sending that result, waiting for this plan, decoding it), and
+    # two of its parts: decoding this plan, sending the previous result.
     idle_time: float = 0.0
     plan_decode_time: float = 0.0
     result_send_time: float = 0.0
