@@ -74,6 +74,7 @@ def run(cfg: EngineConfig, rank: int) -> int:
                         out.top_logprobs,
                         out.prompt_logprobs,
                         runner.tp.comm_time - comm0,
+                        out.counts,
                         idle,
                         ch.plan.decode_time,
                         send_time,

@@ -20,7 +20,7 @@ from tgi_mp.executor.device import (
     resolve_device,
     resolve_dtype,
 )
-from tgi_mp.executor.logits import LogitsPipeline, to_device
+from tgi_mp.executor.logits import LogitsPipeline, RowInputs, to_device
 from tgi_mp.executor.parallel import join
 from tgi_mp.executor.sampler import SamplingTensors
 from tgi_mp.executor.staging import HostStaging
@@ -39,6 +39,15 @@ class StepOutput:
     top_ids: np.ndarray | None = None  # int32 [sampled rows, max top_n]
     top_logprobs: np.ndarray | None = None
     prompt_logprobs: np.ndarray | None = None  # float32 [sum(plan.prompt_logprobs)]
+    # With proposals verified: tokens per sampled row (the arrays hold them row after
+    # row); None: one each.
+    counts: np.ndarray | None = None
+
+    def last_tokens(self) -> np.ndarray:
+        """Each sampled row's last token."""
+        if self.counts is None:
+            return self.tokens
+        return self.tokens[np.cumsum(self.counts) - 1]
 
 
 # Prompt positions scored per LM-head call: bounds the [positions, vocab] logits.
@@ -253,6 +262,9 @@ class ModelRunner:
         tables[np.arange(tables.shape[1])[None, :] < counts[:, None]] = layout.block_tables
         rows = np.flatnonzero(s.sample)
         last_token = (np.cumsum(layout.query_lens) - 1)[rows]
+        proposed = plan.speculative[rows] if plan.speculative is not None else None
+        if proposed is not None:  # a row verifying k proposals samples first after its
+            last_token = last_token - proposed  # last real token, k positions back
         attn = AttentionInputs.plan(
             layout.query_lens,
             layout.context_lens,
@@ -301,18 +313,109 @@ class ModelRunner:
                 self.logits.grammar_bias(read_mask()),
             )
         tokens, logprobs, top_ids, top_lps = self.logits(logits, inputs)
-        tokens = tokens.to(torch.int32)
-        if self._share_tokens:  # the other ranks' next inputs may refer to them
-            self.tp.broadcast_from_first(tokens)
-        wanted = [tokens, logprobs]
+        wanted = [tokens.to(torch.int32), logprobs]
         if top_ids is not None:
             wanted += [top_ids.to(torch.int32), top_lps]
+        spec = None
+        if proposed is not None and proposed.any():
+            spec = self._sample_proposals(plan, rows, proposed, last_token, hidden)
+            wanted += [spec[0].to(torch.int32), *spec[1:]]
         host = self.staging.download(wanted)  # one wait for all of them
         out = StepOutput(host[0], host[1], prompt_logprobs=prompt_logprobs)
-        self._last_tokens = host[0]
         if top_ids is not None:
             out.top_ids, out.top_logprobs = host[2], host[3]
+        if spec is not None:
+            self._accept(out, plan, rows, proposed, host[2 + 2 * (top_ids is not None) :])
+        # The next plan may refer to each row's last token (overlapped scheduling).
+        self._last_tokens = out.last_tokens()
+        if self._share_tokens:  # ... on the other ranks too
+            self.tp.broadcast_from_first(torch.from_numpy(self._last_tokens).to(self.device))
         return out
+
+    def _sample_proposals(
+        self,
+        plan: StepPlan,
+        rows: np.ndarray,
+        proposed: np.ndarray,
+        first: np.ndarray,
+        hidden: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """The target's tokens after each proposal of the rows verifying some: position j
+        of a row's k (its input the j-th proposal) draws as the row's (j+1)-th token would
+        alone, same seed and token index, so accepting the leading matches and the first
+        disagreement is exact for greedy and rejection sampling for a point-mass
+        proposal (accept x with probability p(x); else the draw, from p without x)."""
+        spec = np.flatnonzero(proposed)
+        reps = proposed[spec]
+        j = np.arange(int(reps.sum())) - np.repeat(np.cumsum(reps) - reps, reps) + 1
+        plan_rows = np.repeat(rows[spec], reps)
+        positions = np.repeat(first[spec], reps) + j
+        s, dev = plan.sampling, self.device
+        sampling = SamplingTensors(
+            to_device(s.temperature[plan_rows], torch.float32, dev),
+            to_device(s.top_k[plan_rows], torch.int64, dev),
+            to_device(s.top_p[plan_rows], torch.float32, dev),
+            to_device(s.typical_p[plan_rows], torch.float32, dev),
+            to_device(s.min_p[plan_rows], torch.float32, dev),
+            to_device(s.seeds[plan_rows], torch.int64, dev),
+            to_device(s.sample_index[plan_rows] + j, torch.int64, dev),
+        )
+        inputs = RowInputs(sampling, int(s.top_n.max()))
+        b = plan.bias
+        if len(b.ids):  # the rows' logit bias, at each of their positions
+            counts = b.counts[plan_rows]
+            at = (np.cumsum(b.counts) - b.counts)[plan_rows]
+            entry = (
+                np.repeat(at, counts)
+                + np.arange(counts.sum())
+                - np.repeat(np.cumsum(counts) - counts, counts)
+            )
+            inputs.bias = (
+                to_device(np.repeat(np.arange(len(plan_rows)), counts), torch.int64, dev),
+                to_device(b.ids[entry], torch.int64, dev),
+                to_device(b.values[entry], torch.float32, dev),
+            )
+        pos = to_device(positions, torch.int64, dev)
+        tokens, logprobs, top_ids, top_lps = self.logits(
+            self.model.compute_logits(hidden[pos]), inputs
+        )
+        return (tokens, logprobs) + (
+            (top_ids.to(torch.int32), top_lps) if top_ids is not None else ()
+        )
+
+    @staticmethod
+    def _accept(
+        out: StepOutput, plan: StepPlan, rows: np.ndarray, proposed: np.ndarray, extra: list
+    ) -> None:
+        """Each verifying row keeps its first token, then the target's token after each
+        proposal as long as the proposal before it was the target's own: 1 + accepted
+        tokens per row, in `out`'s arrays row after row (`out.counts`)."""
+        ends = np.cumsum(plan.layout.query_lens)[rows]  # one past each row's last input
+        inputs = plan.layout.input_ids
+        extra_tokens, extra_lps = extra[0], extra[1]
+        tokens, lps, keep_top = [], [], []
+        counts = np.ones(len(rows), dtype=np.int32)
+        at = 0  # into the extra arrays
+        for i, k in enumerate(proposed.tolist()):
+            tokens.append(out.tokens[i : i + 1])
+            lps.append(out.logprobs[i : i + 1])
+            keep_top.append(("main", i, i + 1))
+            if not k:
+                continue
+            drawn = np.concatenate([out.tokens[i : i + 1], extra_tokens[at : at + k]])
+            agree = drawn[:k] == inputs[ends[i] - k : ends[i]]
+            accepted = int(np.cumprod(agree).sum())
+            tokens.append(extra_tokens[at : at + accepted])
+            lps.append(extra_lps[at : at + accepted])
+            keep_top.append(("extra", at, at + accepted))
+            counts[i] = 1 + accepted
+            at += k
+        if out.top_ids is not None:
+            sources = {"main": (out.top_ids, out.top_logprobs), "extra": (extra[2], extra[3])}
+            out.top_ids = np.concatenate([sources[w][0][a:b] for w, a, b in keep_top])
+            out.top_logprobs = np.concatenate([sources[w][1][a:b] for w, a, b in keep_top])
+        out.tokens, out.logprobs = np.concatenate(tokens), np.concatenate(lps)
+        out.counts = counts
 
     def _fill_inputs(self, plan: StepPlan) -> StepPlan:
         """The plan with the input tokens it refers back to (overlapped scheduling: the

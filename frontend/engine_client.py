@@ -139,18 +139,21 @@ class EngineClient:
             top_lps = msg.top_logprobs.tolist() if msg.top_logprobs is not None else None
             prompt_lps = {req_id: lps.tolist() for req_id, lps in msg.prompt_logprobs}
             cached = dict(msg.num_cached_tokens)
+            # A request may have several tokens in one batch (speculative decoding): its
+            # finish goes with its last.
+            last = {req_id: i for i, req_id in enumerate(msg.req_ids.tolist())}
             for i, (req_id, token, logprob) in enumerate(rows):
                 q = queues.get(req_id)
                 if q is not None:
-                    reason = finished.pop(req_id, None)
+                    reason = finished.pop(req_id, None) if last[req_id] == i else None
                     finish = None if reason is None else m.FinishReason(reason)
                     out = TokenOutput(token, finish, logprob)
                     if top_ids is not None:
                         out.top = list(zip(top_ids[i], top_lps[i], strict=True))
-                    if prompt_lps:
-                        out.prompt_logprobs = prompt_lps.get(req_id)
+                    if prompt_lps:  # with its first token only
+                        out.prompt_logprobs = prompt_lps.pop(req_id, None)
                     if cached:
-                        out.cached_tokens = cached.get(req_id)
+                        out.cached_tokens = cached.pop(req_id, None)
                     q.put_nowait(out)
             for req_id, reason in finished.items():  # ended without a token this step
                 if (q := queues.get(req_id)) is not None:

@@ -255,6 +255,23 @@ def _engine_metrics(text: _Text, stats: SchedulerStats, block_size: int) -> None
     text.gauge("tgi_mp_kv_blocks_total", "KV blocks", stats.blocks_total)
     text.counter("tgi_mp_preemptions", "Requests preempted since start", stats.preemptions)
     text.counter(
+        "tgi_mp_spec_proposed_tokens",
+        "Speculative decoding: proposed tokens verified since start",
+        stats.spec_proposed_tokens,
+    )
+    text.counter(
+        "tgi_mp_spec_accepted_tokens",
+        "Speculative decoding: proposed tokens the model agreed with since start",
+        stats.spec_accepted_tokens,
+    )
+    text.gauge(
+        "tgi_mp_spec_acceptance_rate",
+        "Accepted / proposed tokens since start (0 before any proposal)",
+        stats.spec_accepted_tokens / stats.spec_proposed_tokens
+        if stats.spec_proposed_tokens
+        else 0.0,
+    )
+    text.counter(
         "tgi_mp_prefix_cache_admitted_tokens",
         "Tokens of requests admitted since start (again after a preemption)",
         stats.admitted_tokens,

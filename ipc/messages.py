@@ -149,6 +149,8 @@ class SchedulerStats(msgspec.Struct, tag=True, array_like=True, gc=False):
     step_buckets: list[list[int]] = []
     admissions: dict[int, int] = {}  # steps that admitted n new requests, by n
     grammar_time: float = 0.0  # filling grammar masks (while the executors run the forward)
+    spec_proposed_tokens: int = 0  # speculative decoding: proposals verified
+    spec_accepted_tokens: int = 0  # of which the target model agreed with
 
 
 SchedulerToFrontend = TokenBatch | Error | SchedulerStats
@@ -253,6 +255,10 @@ class StepPlan(msgspec.Struct, tag=True, array_like=True, gc=False):
     prompt_logprobs: PromptLogprobColumns
     bias: LogitBiasColumns
     grammar: GrammarColumns = msgspec.field(default_factory=_no_grammar)
+    # Speculative decoding: row i's input ends with `speculative[i]` proposed tokens
+    # (n-gram lookup) after its last real one; its sampled tokens are the target's at
+    # each of those positions that the proposals match, plus one. None: no proposals.
+    speculative: np.ndarray | None = None  # int32 [B]
 
 
 class StepMask(msgspec.Struct, tag=True, array_like=True, gc=False):
@@ -295,6 +301,9 @@ class StepResult(msgspec.Struct, tag=True, array_like=True, gc=False):
     top_logprobs: np.ndarray | None = None
     prompt_logprobs: np.ndarray | None = None  # float32 [sum(plan.prompt_logprobs)]
     comm_time: float = 0.0  # of forward_time, seconds in tensor-parallel all-reduces
+    # With proposals in the plan: tokens per sampled row (1 + proposals accepted), and
+    # `token_ids` (logprobs, top-n) hold them row after row. None: one per sampled row.
+    token_counts: np.ndarray | None = None  # int32 [sampled rows]
     # Rank 0 between steps: the gap from the end of the previous step's compute to the
     # start of this one's (sending that result, waiting for this plan, decoding it), and
     # two of its parts: decoding this plan, sending the previous result.

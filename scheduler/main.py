@@ -81,6 +81,10 @@ class SchedulerProcess:
                 prefix_caching=self.cfg.prefix_caching,
                 waiting_served_ratio=self.cfg.waiting_served_ratio,
                 max_waiting_tokens=self.cfg.max_waiting_tokens,
+                speculate=self.cfg.speculate,
+                speculate_ngram_max=self.cfg.speculate_ngram_max,
+                speculate_ngram_min=self.cfg.speculate_ngram_min,
+                speculate_max_batch=self.cfg.speculate_max_batch,
             ),
             grammars=Grammars(
                 read_tokenizer(self.cfg.tokenizer_dir), mc.vocab_size, mc.eos_token_ids
@@ -118,7 +122,8 @@ class SchedulerProcess:
             planning = time.perf_counter() - t0
             self.times["schedule"] += planning
             self.times["busy"] += planning
-            if inflight is not None:
+            completed = inflight is not None
+            if completed:
                 self._complete(inflight)
                 if step is not None:  # its masks follow the tokens they depend on
                     self._send_masks(step)
@@ -126,8 +131,9 @@ class SchedulerProcess:
             if inflight is not None and not overlap:
                 self._complete(inflight)
                 inflight = None
-            if step is None and inflight is None:
-                # Idle; or waiting for grammar matchers, then check again soon.
+            if step is None and not completed:
+                # Idle (what was waiting on the step in flight is planned next time
+                # round); or waiting for grammar matchers, then check again soon.
                 self._drain_frontend(block_ms=5 if self.core.building_matchers() else 1000)
 
     def _send_masks(self, step) -> None:
@@ -141,7 +147,10 @@ class SchedulerProcess:
         t2 = time.perf_counter()
         started = max(step.sent_at, self._last_result_at)
         self._last_result_at = t2
-        self._emit(self.core.update(step, result.token_ids, result.prompt_logprobs), result)
+        outputs = self.core.update(
+            step, result.token_ids, result.prompt_logprobs, result.token_counts
+        )
+        self._emit(outputs, result)
         t3 = time.perf_counter()
         self.times["schedule"] += t3 - t2
         self.times["step"] += t2 - started
@@ -279,6 +288,8 @@ class SchedulerProcess:
             step_sums=self.step_sums,
             step_buckets=self.step_buckets,
             admissions=core.stats.admissions,
+            spec_proposed_tokens=core.stats.spec_proposed_tokens,
+            spec_accepted_tokens=core.stats.spec_accepted_tokens,
             executor_timings=list(
                 zip(self.gap_buckets, self.gap_sums, self.gap_counts, strict=True)
             ),

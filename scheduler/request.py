@@ -42,6 +42,7 @@ class Request:
         "num_pending",
         "num_preemptions",
         "num_prompt",
+        "num_proposed",
         "num_tokens",
         "params",
         "pending_matcher",
@@ -49,6 +50,7 @@ class Request:
         "req_id",
         "seed",
         "seq_id",
+        "spec_inflight",
         "started",
         "status",
         "tokens",
@@ -76,6 +78,10 @@ class Request:
         self.num_inflight = 0
         self.num_pending = 0
         self.inflight_row = -1
+        # Speculative decoding: proposals the plan being built appends to its input (held
+        # in `tokens` past `num_tokens`), and whether a step verifying some is in flight.
+        self.num_proposed = 0
+        self.spec_inflight = False
         self.block_ids: list[int] = []
         # Prefix-cache keys of the leading full, computed blocks of `block_ids`.
         self.block_keys: list = []
@@ -103,13 +109,15 @@ class Request:
 
     @property
     def planned_tokens(self) -> int:
-        """Tokens once the step in flight's sampled token is appended."""
-        return self.num_tokens + self.num_pending
+        """Tokens once the step in flight's sampled token is appended (and the proposals
+        of the plan being built)."""
+        return self.num_tokens + self.num_pending + self.num_proposed
 
     def reset_inflight(self) -> None:
         """What is in flight for this request will be discarded (preempted, finished)."""
-        self.num_inflight = self.num_pending = 0
+        self.num_inflight = self.num_pending = self.num_proposed = 0
         self.inflight_row = -1
+        self.spec_inflight = False
 
     def prompt_logprobs_wanted(self, n: int) -> int:
         """How many of the next `n` positions score a prompt token: those whose next token

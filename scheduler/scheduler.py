@@ -24,6 +24,7 @@ from tgi_mp.scheduler.admission import RequestRejected, request_problem
 from tgi_mp.scheduler.block_pool import BlockKey, BlockPool, HashFn, chain_hash
 from tgi_mp.scheduler.grammar import Grammars, GrammarUnavailable
 from tgi_mp.scheduler.request import Request, Status
+from tgi_mp.scheduler.speculation import can_speculate, ngram_proposal
 from tgi_mp.scheduler.step_plan import Output, ScheduledStep, build_step_plan
 
 log = logging.getLogger("tgi_mp.scheduler")
@@ -45,6 +46,12 @@ class SchedulerConfig:
     # ratio x running are waiting, or after `max_waiting_tokens` steps without admitting.
     waiting_served_ratio: float | None = DEFAULTS["waiting_served_ratio"]
     max_waiting_tokens: int = DEFAULTS["max_waiting_tokens"]
+    # Speculative decoding (n-gram proposals, scheduler/speculation.py): up to this many
+    # proposals per decoding request a step, while at most `speculate_max_batch` run.
+    speculate: int = DEFAULTS["speculate"]
+    speculate_ngram_max: int = DEFAULTS["speculate_ngram_max"]
+    speculate_ngram_min: int = DEFAULTS["speculate_ngram_min"]
+    speculate_max_batch: int = DEFAULTS["speculate_max_batch"]
 
     @property
     def sequences_per_step(self) -> int:
@@ -61,6 +68,8 @@ class Stats:
     # steps that admitted n requests, by n (TGI's "next batch size")
     admissions: dict[int, int] = field(default_factory=dict)
     cache_hit_tokens: int = 0  # of which served from the prefix cache
+    spec_proposed_tokens: int = 0  # proposals verified (of requests still running then)
+    spec_accepted_tokens: int = 0  # of which the target agreed with
 
 
 class Scheduler:
@@ -148,6 +157,8 @@ class Scheduler:
             plan = self._plan(reqs, num_new)
         except Exception:
             # One request's columns broke the plan: fail that one, plan the rest next time.
+            for req in reqs:
+                req.num_proposed = 0
             return None, ended + self._fail_unplannable(reqs, num_new)
         decode_only = self.stats.prefill_tokens == prefill_before
         return ScheduledStep(plan, reqs, num_new, decode_only), ended
@@ -176,6 +187,7 @@ class Scheduler:
         preempted)."""
         budget = self.cfg.max_batch_prefill_tokens
         preempted = False
+        speculating = 0 < len(self.running) <= self.cfg.speculate_max_batch and self.cfg.speculate
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -188,14 +200,36 @@ class Scheduler:
             if req.num_pending and req.num_generated + req.num_pending >= req.params.max_new_tokens:
                 i += 1  # the step in flight gives its last token: nothing more to compute
                 continue
+            if req.spec_inflight or (speculating and req.num_pending and can_speculate(req)):
+                # Its next proposals need the tokens the step in flight accepts: it waits
+                # for them (one step at a time while it speculates; others overlap).
+                i += 1
+                continue
             # A prompt chunk shrinks to the room left rather than preempt anyone.
             n = min(req.planned_tokens - req.planned_computed, budget, self._room(req))
+            if speculating and n == 1 and req.num_generated and can_speculate(req):
+                # Proposals never take the block a request after this one needs for its
+                # own next token: they must not cause a preemption.
+                others = (len(self.running) - i - 1) * self.cfg.block_size
+                n += self._propose(req, min(budget - 1, self._room(req) - 1 - others))
             self._reserve(req, n)
             reqs.append(req)
             num_new.append(n)
             budget -= n
             i += 1
         return budget, preempted
+
+    def _propose(self, req: Request, room: int) -> int:
+        """Puts n-gram proposals for a decoding request's next tokens after its last one
+        (in `tokens`, past `num_tokens`): how many."""
+        cfg = self.cfg
+        k = min(cfg.speculate, room, req.params.max_new_tokens - req.num_generated - 1)
+        proposal = ngram_proposal(
+            req.tokens[: req.num_tokens], k, cfg.speculate_ngram_max, cfg.speculate_ngram_min
+        )
+        req.tokens[req.num_tokens : req.num_tokens + len(proposal)] = proposal
+        req.num_proposed = len(proposal)
+        return len(proposal)
 
     def _admit_waiting(self, reqs: list[Request], num_new: list[int], budget: int) -> None:
         """Waiting requests in arrival order into what is left of the budget, the last
@@ -335,10 +369,8 @@ class Scheduler:
             # Decode = the one token sampled last step; a preempted request's recompute
             # of its generated tokens is prefill work. Counted as planned: a row the step
             # in flight makes moot (its request finished) was computed all the same.
-            if (
-                req.num_generated + req.num_pending
-                and req.planned_computed == req.planned_tokens - 1
-            ):
+            last = req.num_tokens + req.num_pending - 1  # the last token, known or not
+            if req.num_generated + req.num_pending and req.planned_computed == last:
                 self.stats.decode_tokens += n
             else:
                 self.stats.prefill_tokens += n
@@ -348,6 +380,9 @@ class Scheduler:
             if sampled:
                 req.num_pending += 1
                 row += 1
+            if req.num_proposed:  # the plan has them: from now on the step in flight does
+                req.spec_inflight = True
+                req.num_proposed = 0
         return plan
 
     def _fail_unplannable(self, reqs: list[Request], num_new: list[int]) -> list[Output]:
@@ -377,26 +412,38 @@ class Scheduler:
         step: ScheduledStep,
         sampled: np.ndarray,
         prompt_logprobs: np.ndarray | None = None,
+        counts: np.ndarray | None = None,
     ) -> list[Output]:
-        """Applies a step's sampled tokens (one per row with `plan.sample` set), and the
-        prompt logprobs of the rows that asked for them."""
+        """Applies a step's sampled tokens (one per row with `plan.sample` set, or
+        `counts[i]` for the i-th such row when it verified proposals), and the prompt
+        logprobs of the rows that asked for them."""
         outputs: list[Output] = []
         tokens = sampled.tolist()
         sample = step.plan.sampling.sample
-        if len(tokens) != int(sample.sum()):
+        n_sampled = int(sample.sum())
+        if counts is None:
+            counts = np.ones(n_sampled, dtype=np.int32)
+        if len(counts) != n_sampled or len(tokens) != int(counts.sum()):
             raise ValueError(
-                f"step {step.plan.step_id}: {len(tokens)} tokens, {int(sample.sum())} sampled rows"
+                f"step {step.plan.step_id}: {len(tokens)} tokens in {len(counts)} counts "
+                f"for {n_sampled} sampled rows"
             )
+        firsts = (np.cumsum(counts) - counts).tolist()
+        counts = counts.tolist()
+        proposed = step.plan.speculative
+        proposed = proposed.tolist() if proposed is not None else [0] * len(step.reqs)
         k = 0
         scored_at = 0  # offset of the current row's entries in `prompt_logprobs`
         self.stats.steps += 1
-        for req, n, do_sample, scored in zip(
+        for req, n, do_sample, scored, spec in zip(
             step.reqs,
             step.num_new,
             sample.tolist(),
             step.plan.prompt_logprobs.counts.tolist(),
+            proposed,
             strict=True,
         ):
+            first, count = (firsts[k], counts[k]) if do_sample else (-1, 0)
             if do_sample:  # consumed even for a row that ended meanwhile: keeps k aligned
                 k += 1
             values = None
@@ -405,13 +452,10 @@ class Scheduler:
                 scored_at += scored
             if req.status != Status.RUNNING:  # preempted is impossible mid-step; aborted is not
                 continue
-            sampled_at = k - 1 if do_sample else -1
             try:
-                out = self._apply(req, n, values, tokens, sampled_at)
+                outputs += self._apply(req, n, values, tokens, first, count, spec)
             except Exception as e:  # this request's bookkeeping broke: it alone fails
-                out = self._fail(req, e)
-            if out is not None:
-                outputs.append(out)
+                outputs.append(self._fail(req, e))
         return outputs
 
     def _apply(
@@ -420,35 +464,51 @@ class Scheduler:
         n: int,
         values: np.ndarray | None,
         tokens: list[int],
-        row: int,
-    ) -> Output | None:
-        """One request's part of a step: `n` tokens computed, its prompt logprobs
-        (`values`), and the token sampled at `row` of the step's arrays (-1: none)."""
+        first: int,
+        count: int,
+        proposed: int,
+    ) -> list[Output]:
+        """One request's part of a step: `n` tokens computed (`proposed` of them
+        proposals, of which `count - 1` were accepted), its prompt logprobs (`values`),
+        and the `count` tokens sampled from `first` on in the step's arrays."""
         if values is not None:
             start = req.num_computed + 1
             req.prompt_logprobs[start : start + len(values)] = values
-        req.num_computed += n
         req.num_inflight -= n
+        # The KV of rejected proposals is not kept: their positions are computed again.
+        req.num_computed += n - (proposed - max(count - 1, 0))
         if self._caching(req):
             self._cache_full_blocks(req)
-        if row < 0:
-            return None
+        if first < 0:
+            return []
         req.num_pending -= 1
-        token = tokens[row]
-        req.append(token)
-        reason = req.finish_reason(token, self.cfg.eos_token_ids)
-        if req.matcher is not None:
-            if not req.matcher.consume_token(token):
-                why = req.matcher.get_error().splitlines()[0]  # the rest is a state dump
-                raise RuntimeError(f"token {token} broke the grammar: {why}")
-            if reason is None and req.matcher.is_stopped():  # complete: nothing may follow
-                reason = FinishReason.EOS
-        out = Output(req, token, reason, row)
-        if req.num_generated == 1:
-            out.prompt_logprobs = req.prompt_logprobs
-        if reason is not None:
-            self._finish(req, reason)
-        return out
+        if proposed:
+            req.spec_inflight = False
+            self.stats.spec_proposed_tokens += proposed
+            self.stats.spec_accepted_tokens += count - 1
+        outs = []
+        for row in range(first, first + count):
+            token = tokens[row]
+            req.append(token)
+            reason = req.finish_reason(token, self.cfg.eos_token_ids)
+            if req.matcher is not None:
+                if not req.matcher.consume_token(token):
+                    why = req.matcher.get_error().splitlines()[0]  # the rest is a state dump
+                    raise RuntimeError(f"token {token} broke the grammar: {why}")
+                if reason is None and req.matcher.is_stopped():  # complete: nothing may follow
+                    reason = FinishReason.EOS
+            out = Output(req, token, reason, row)
+            if req.num_generated == 1:
+                out.prompt_logprobs = req.prompt_logprobs
+            outs.append(out)
+            if reason is not None:  # what was accepted after it is never emitted
+                self._finish(req, reason)
+                return outs
+        if proposed:  # blocks reserved for rejected proposals go back
+            keep = self.pool.blocks_for(req.num_computed)
+            self.pool.release(req.block_ids[keep:])
+            del req.block_ids[keep:]
+        return outs
 
     def _finish(self, req: Request, reason: FinishReason) -> Output:
         if req.status == Status.RUNNING:

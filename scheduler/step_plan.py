@@ -77,6 +77,7 @@ def build_step_plan(
     planned = np.fromiter((r.planned_tokens for r in reqs), np.int32, n)
     sample = context_lens + query_lens == planned
     constrained = [i for i, r in enumerate(reqs) if sample[i] and r.matcher is not None]
+    proposed = np.fromiter((r.num_proposed for r in reqs), np.int32, n)
     return StepPlan(
         step_id=step_id,
         layout=layout,
@@ -85,12 +86,13 @@ def build_step_plan(
         prompt_logprobs=_prompt_logprobs(reqs, num_new),
         bias=_bias([r.params for r in reqs]),
         grammar=GrammarColumns(np.array(constrained, dtype=np.int32)),
+        speculative=proposed if proposed.any() else None,
     )
 
 
 def _inputs(req: Request, start: int, k: int) -> np.ndarray:
     """Tokens [start, start + k) of `req`; a token still being sampled reads as 0."""
-    known = req.tokens[start : min(start + k, req.num_tokens)]
+    known = req.tokens[start : min(start + k, req.num_tokens + req.num_proposed)]
     if len(known) == k:
         return known
     return np.concatenate([known, np.zeros(k - len(known), np.int32)])

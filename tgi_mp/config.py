@@ -38,6 +38,10 @@ class EngineConfig(msgspec.Struct, frozen=True):
     startup_timeout: float = 600.0
     prefix_caching: bool = DEFAULTS["prefix_caching"]
     overlap_scheduling: bool = DEFAULTS["overlap_scheduling"]
+    speculate: int = DEFAULTS["speculate"]
+    speculate_ngram_max: int = DEFAULTS["speculate_ngram_max"]
+    speculate_ngram_min: int = DEFAULTS["speculate_ngram_min"]
+    speculate_max_batch: int = DEFAULTS["speculate_max_batch"]
     shared_memory: bool = DEFAULTS["shared_memory"]
     load_format: str = DEFAULTS["load_format"]
     quantize: str | None = DEFAULTS["quantize"]  # weight-only quantization method, or None
@@ -72,6 +76,13 @@ class EngineConfig(msgspec.Struct, frozen=True):
                 f"max_batch_prefill_tokens ({self.max_batch_prefill_tokens})"
             )
         check_divisible(self.model_config, self.num_shards)
+        if self.speculate < 0 or self.speculate_max_batch < 0:
+            raise ValueError("speculate and speculate_max_batch must be >= 0")
+        if not 1 <= self.speculate_ngram_min <= self.speculate_ngram_max:
+            raise ValueError(
+                "speculate_ngram_min must be >= 1 and <= speculate_ngram_max, got "
+                f"{self.speculate_ngram_min} and {self.speculate_ngram_max}"
+            )
         if not 0.0 < self.kv_cache_fraction <= 1.0:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if not 0.0 < self.watermark_gamma < 1.0:

@@ -282,6 +282,38 @@ OPTIONS: tuple[Option, ...] = (
         "engine",
         int,
     ),
+    Option(
+        "--speculate",
+        0,
+        "Speculative decoding: up to N tokens a step proposed per decoding request by "
+        "n-gram lookup in its own prompt and output, verified in one forward (0: off). "
+        "Greedy and seeded output are unchanged, token for token.",
+        "engine",
+        int,
+    ),
+    Option(
+        "--speculate-ngram-max",
+        3,
+        "Longest suffix (tokens) the n-gram proposer matches; shorter ones are tried next.",
+        "engine",
+        int,
+    ),
+    Option(
+        "--speculate-ngram-min",
+        1,
+        "Shortest suffix the n-gram proposer matches.",
+        "engine",
+        int,
+    ),
+    Option(
+        "--speculate-max-batch",
+        4,
+        "Speculate only while at most this many requests decode in a step: beyond it a "
+        "step is bound by compute, not weight reads, and proposals cost more than they "
+        "save (perf/RESULTS.md measures it).",
+        "engine",
+        int,
+    ),
     # ---------------------------------------------------------------- HTTP
     Option(
         "--hostname",

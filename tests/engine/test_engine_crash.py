@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from tests.frontend.server import tgi_mp_shm
 from tgi_mp.frontend.engine_client import EngineError
 from tgi_mp.ipc.messages import SamplingParams
 from tgi_mp.launcher import Engine, EngineStartupError
@@ -31,8 +32,13 @@ def test_killed_child_fails_every_client(victim: str) -> None:
 
 def assert_killing_is_loud(engine: Engine, victim: str) -> None:
     """SIGKILL `victim` mid-generation: every client fails within 10 s naming it, every
-    process exits, the IPC directory is removed."""
+    process exits, the IPC directory is removed, and nothing appeared in /dev/shm (the
+    plan ring every process maps is a memfd, gone with them)."""
     pids = [p.pid for p in engine.procs.values()]
+    shm_before = set(tgi_mp_shm())
+    for pid in pids:
+        with open(f"/proc/{pid}/maps") as f:
+            assert "memfd:tgi-mp-plan-ring" in f.read(), f"pid {pid} maps the plan ring"
     try:
 
         async def main() -> tuple[list[BaseException | None], float]:
@@ -74,6 +80,7 @@ def assert_killing_is_loud(engine: Engine, victim: str) -> None:
     finally:
         engine.shutdown()
     assert not os.path.exists(engine.endpoints.root), "the private IPC directory is removed"
+    assert set(tgi_mp_shm()) == shm_before
 
 
 def test_startup_failure_is_reported() -> None:

@@ -3,9 +3,9 @@
 The bundled SmolLM2 in float32, prompts of 1 to 640 tokens, 32 new tokens each,
 run (a) one at a time, (b) all at once, each prompt now whole in the prefix
 cache, (c) with 64-token prefill chunks and the prefix cache off, and (d) in a KV
-cache small enough to force preemption and evictions, then again on what the
-cache kept. Also: grammar-constrained rows beside free ones leave the free ones'
-tokens unchanged.
+cache small enough to force preemption and evictions (with speculative decoding
+on), then again on what the cache kept. Also: grammar-constrained rows beside
+free ones leave the free ones' tokens unchanged.
 """
 
 from __future__ import annotations
@@ -111,22 +111,50 @@ def test_chunked_prefill(cases):
     assert stats.blocks_free == stats.blocks_total
 
 
-def test_preemption(cases):
+def test_preemption_with_speculative_decoding(cases, default_engine):
+    """A KV cache that forces preemption and evictions, with `--speculate 4` (n-gram
+    proposals) on: greedy tokens are the oracle's, concurrent and alone; a seeded sampled
+    request draws the very tokens it draws without speculation (`default_engine`)."""
     # Room for the longest of these requests (257 + 32 tokens) but not for all at once.
     cases = cases[:6]
     with Engine.start(
-        None, dtype="float32", max_batch_total_tokens=512, max_batch_prefill_tokens=128
+        None,
+        dtype="float32",
+        max_batch_total_tokens=512,
+        max_batch_prefill_tokens=128,
+        speculate=4,
+        speculate_max_batch=16,
     ) as engine:
-        _check("preemption", cases, _run(engine, cases, concurrent=True))
+        _check("preemption, speculate 4", cases, _run(engine, cases, concurrent=True))
         first = asyncio.run(_stats(engine))
         # 32 blocks cannot keep every prompt's blocks: some were evicted, some remain.
         _check("after evictions", cases, _run(engine, cases, concurrent=True))
         stats = asyncio.run(_stats(engine))
+        _check("speculate 4, alone", cases[:3], _run(engine, cases[:3], concurrent=False))
+        spec_draws = asyncio.run(_sampled(engine, [c[0] for c in cases[:3]]))
+        spec = asyncio.run(_stats(engine))
     print(f"[oracle] preemptions: {first.preemptions}, cache hits {stats.cache_hit_tokens}")
     assert first.preemptions > 0, "the small KV cache must have forced preemption"
     total = sum(len(p) - 1 for p, _, _ in cases)
     assert 0 < stats.cache_hit_tokens - first.cache_hit_tokens < total
-    assert stats.blocks_free == stats.blocks_total
+    assert spec.blocks_free == spec.blocks_total
+    print(f"[oracle] speculation: {spec.spec_accepted_tokens}/{spec.spec_proposed_tokens}")
+    assert 0 < spec.spec_accepted_tokens < spec.spec_proposed_tokens
+    assert spec_draws == asyncio.run(_sampled(default_engine, [c[0] for c in cases[:3]]))
+
+
+async def _sampled(engine: Engine, prompts_: list[list[int]]) -> list[list[int]]:
+    """Three seeded, sampled requests at once."""
+    sampled = [
+        SamplingParams(max_new_tokens=24, do_sample=True, temperature=t, top_p=p, seed=s)
+        for t, p, s in ((0.7, 1.0, 1), (1.0, 0.9, 2), (1.3, 1.0, 3))
+    ]
+    client = engine.client()
+    try:
+        runs = (_tokens(client, p, q) for p, q in zip(prompts_, sampled, strict=True))
+        return list(await asyncio.gather(*runs))
+    finally:
+        client.close()
 
 
 def test_one_step_at_a_time_follows_the_oracle(cases):
@@ -145,6 +173,10 @@ def test_one_step_at_a_time_follows_the_oracle(cases):
         _check("serial scheduling, frames", cases, _run(engine, cases, concurrent=True))
         stats = asyncio.run(_stats(engine))
     assert stats.preemptions > 0 and stats.blocks_free == stats.blocks_total
+
+
+async def _tokens(client, prompt: list[int], params: SamplingParams) -> list[int]:
+    return [o.token_id async for o in client.generate(prompt, params) if o.token_id >= 0]
 
 
 def test_concurrent_stats_requests_all_answered(default_engine) -> None:

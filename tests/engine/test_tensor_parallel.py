@@ -61,7 +61,7 @@ def test_two_shards_give_the_tokens_of_one(tiny_dir) -> None:
     batch = [rng.integers(3, 256, n).tolist() for n in (1, 5, 17, 40, 77)]
     results = {}
     # Two shards with overlapped scheduling (rank 0 broadcasts its sampled tokens, which
-    # the next plan refers to) and without.
+    # the next plan refers to) and speculative decoding, and with neither.
     for n, overlap in ((1, True), (2, True), (2, False)):
         with Engine.start(
             tiny_dir,
@@ -69,6 +69,8 @@ def test_two_shards_give_the_tokens_of_one(tiny_dir) -> None:
             num_shards=n,
             max_batch_total_tokens=2048,
             overlap_scheduling=overlap,
+            speculate=4 if (n, overlap) == (2, True) else 0,
+            speculate_max_batch=8,
         ) as engine:
             results[n, overlap] = (generate(engine, batch, False), generate(engine, batch, True))
     assert results[1, True][0] == results[1, True][1]

@@ -96,15 +96,25 @@ class FakeExecutor:
         for i in range(b):
             c, q = int(lay.context_lens[i]), int(lay.query_lens[i])
             self.kv[self._slots(tables[i], c, c + q)] = ids[starts[i] : starts[i + 1]]
-        out = []
+        out, counts, last = [], [], []
+        proposed = plan.speculative if plan.speculative is not None else np.zeros(b, np.int32)
         for i in range(b):
             if smp.sample[i]:
                 end = int(lay.context_lens[i] + lay.query_lens[i])
-                history = self.kv[self._slots(tables[i], 0, end)]
-                assert (history >= 0).all(), "read a slot that was never written"
-                out.append(self.fn(history))
-        self.last = np.array(out, dtype=np.int32)
-        return self.last
+                k = int(proposed[i])
+                # The target's token after each of the row's last k + 1 inputs, as long as
+                # the proposals (those inputs) agree with it: runner.py's verification.
+                for j in range(k + 1):
+                    history = self.kv[self._slots(tables[i], 0, end - k + j)]
+                    assert (history >= 0).all(), "read a slot that was never written"
+                    out.append(self.fn(history))
+                    if j == k or out[-1] != ids[starts[i + 1] - k + j]:
+                        break
+                counts.append(j + 1)
+                last.append(out[-1])
+        self.counts = np.array(counts, dtype=np.int32)
+        self.last = np.array(last, dtype=np.int32)  # what the next plan may refer to
+        return np.array(out, dtype=np.int32)
 
     @staticmethod
     def score_prompt(plan: StepPlan) -> np.ndarray:
@@ -191,7 +201,8 @@ def step_once(s: Scheduler, ex: FakeExecutor, trace: Trace, between: Callable[[]
             assert plan.sampling.sample_index[i] == generated
             assert plan.sampling.seeds[i] == req.seed
         trace.plans.append((plan, list(step.reqs)))
-        sent = (step, ex.step(plan), ex.score_prompt(plan))
+        tokens = ex.step(plan)
+        sent = (step, tokens, ex.score_prompt(plan), ex.counts)
     between()  # e.g. a client aborts while a step is in flight
     if ex.overlap:
         applied, ex.inflight = ex.inflight, sent
@@ -863,3 +874,89 @@ def test_randomized_stress(make) -> None:
         else:
             assert (got, reason) == (want, want_reason), key
     assert reasons == set(FinishReason) - {FinishReason.ERROR}
+
+
+# ---------------------------------------------------------------- speculative decoding
+
+
+def test_ngram_proposal_follows_the_most_recent_longest_match() -> None:
+    from tgi_mp.scheduler.speculation import ngram_proposal
+
+    t = np.array([5, 6, 7, 8, 9, 1, 6, 7, 3, 4, 6, 7], dtype=np.int32)
+    # Suffix (6, 7) last occurred before at 6..7: what followed it was 3, 4, 6.
+    assert ngram_proposal(t, 3, 3, 1).tolist() == [3, 4, 6]
+    assert ngram_proposal(t, 1, 3, 1).tolist() == [3]
+    # (9, 6, 7) never occurred: the longest match wins over a more recent shorter one.
+    t2 = np.array([1, 2, 3, 9, 2, 3, 7, 1, 2, 3], dtype=np.int32)
+    assert ngram_proposal(t2, 2, 3, 1).tolist() == [9, 2]
+    assert ngram_proposal(t2, 2, 3, 3).tolist() == [9, 2]
+    assert ngram_proposal(np.array([1, 2, 3], dtype=np.int32), 4, 3, 1).tolist() == []
+    assert ngram_proposal(t, 0, 3, 1).tolist() == []
+
+
+def test_speculation_randomized(make) -> None:
+    """Proposals accepted and rejected at random (a 'model' that often repeats itself),
+    with preemption, aborts, stops, the prefix cache and a small budget: every request's
+    tokens are its reference's, nothing is emitted after a finish, and every block ends
+    free (the fixture) with none held twice or past what was computed (every step)."""
+    seed = 99
+    rng = np.random.default_rng(seed)
+    pyrng = random.Random(seed)
+    vocab = 40
+
+    def fn(history: np.ndarray) -> int:
+        h = hash_token(history)
+        return int(history[-3]) if h % 3 and len(history) >= 3 else h % vocab
+
+    eos = frozenset({EOS})
+    s, ex = make(
+        num_blocks=30,
+        fn=fn,
+        max_batch_prefill_tokens=24,
+        max_batch_size=8,
+        eos_token_ids=eos,
+        speculate=4,
+        speculate_max_batch=8,
+    )
+    reqs: list[Request] = []
+    arrivals = {}
+    for i in range(80):
+        params = SamplingParams(
+            max_new_tokens=int(rng.integers(1, 40)),
+            ignore_eos=bool(rng.random() < 0.7),
+            stop_token_ids=tuple(int(t) for t in rng.integers(1, vocab, int(rng.integers(0, 2)))),
+            seed=i,
+        )
+        prompt = rng.integers(1, vocab, int(rng.integers(2, 30)), dtype=np.int32)
+        arrivals.setdefault(int(rng.integers(0, 150)), []).append((i, prompt, params))
+    aborted: set[tuple[bytes, int]] = set()
+
+    def maybe_abort() -> None:
+        live = [r for r in reqs if r.status != Status.FINISHED]
+        if live and pyrng.random() < 0.05:
+            r = pyrng.choice(live)
+            s.abort(r.frontend, r.req_id)
+            aborted.add((r.frontend, r.req_id))
+
+    def before(step: int) -> None:
+        for req_id, prompt, params in arrivals.get(step, []):
+            reqs.append(s.add(AddRequest(req_id, prompt, params), b"f0"))
+
+    trace = Trace()
+    for step in range(151):
+        before(step)
+        step_once(s, ex, trace, maybe_abort)
+    run_all(s, ex, trace, between=maybe_abort)
+
+    assert len(reqs) == 80
+    st = s.stats
+    assert st.spec_accepted_tokens > 50 and st.spec_proposed_tokens > st.spec_accepted_tokens, st
+    assert st.preemptions > 0, st
+    for r in reqs:
+        key = (r.frontend, r.req_id)
+        want, want_reason = reference(r.tokens[: r.num_prompt], r.params, eos, fn)
+        got, reason = trace.tokens.get(key, []), trace.finish[key]
+        if reason == FinishReason.ABORTED:
+            assert key in aborted and got == want[: len(got)]
+        else:
+            assert (got, reason) == (want, want_reason), key
