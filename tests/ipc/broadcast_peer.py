@@ -22,6 +22,11 @@ def checksum(plan: m.StepPlan) -> int:
     h = hashlib.blake2b(str(plan.step_id).encode(), digest_size=4)
     for group in plan.__struct_fields__[1:]:
         columns = getattr(plan, group)
+        if not hasattr(columns, "__struct_fields__"):  # an optional array, not a group
+            if columns is not None:
+                h.update(f"{group}:{columns.dtype.str}:{columns.shape}".encode())
+                h.update(columns.tobytes())
+            continue
         for name in columns.__struct_fields__:
             arr = getattr(columns, name)
             if arr is None:  # an optional column not sent
