@@ -82,6 +82,9 @@ def test_counts_histograms_and_gauges_after_a_known_workload(server) -> None:
     assert m["tgi_batch_next_size_sum"][()] >= N and m["tgi_batch_next_size_count"][()] >= 1
     assert m["tgi_batch_inference_duration_sum"][(("method", "decode"),)] > 0
     assert m["tgi_mp_prefix_cache_hit_tokens"][()] >= 0
+    # Speculative decoding is off by default: its counters are there, at zero.
+    assert m["tgi_mp_spec_proposed_tokens"][()] == m["tgi_mp_spec_accepted_tokens"][()] == 0
+    assert m["tgi_mp_spec_acceptance_rate"][()] == 0
     # The executor's gaps between steps: one observation per step, finer buckets.
     steps = prefill + decode
     for name in ("idle", "plan_decode", "result_send"):
