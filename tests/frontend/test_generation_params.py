@@ -123,7 +123,7 @@ def test_watermarked_text_is_detected_and_plain_text_is_not(server) -> None:
     async def generate(seed: int, watermark: bool, stream: bool = False) -> str:
         params = {"max_new_tokens": 120, "do_sample": True, "seed": seed, "watermark": watermark}
         body = {"inputs": "Once upon a time", "parameters": params}
-        # Nine 120-token requests at once: on a busy machine they take minutes, not seconds.
+        # Five 120-token requests at once: on a busy machine they take minutes, not seconds.
         async with httpx.AsyncClient(timeout=540) as c:
             r = await c.post(
                 server.url + ("/generate_stream" if stream else "/generate"), json=body
@@ -131,15 +131,16 @@ def test_watermarked_text_is_detected_and_plain_text_is_not(server) -> None:
         assert r.status_code == 200, r.text
         return sse_events(r.text)[-1]["generated_text"] if stream else r.json()["generated_text"]
 
-    seeds = (1, 2, 3)
+    seeds = (1, 2)
 
     async def everything() -> list[str]:
-        kinds = [(True, False), (False, False), (True, True)]  # marked, plain, marked stream
-        return await asyncio.gather(*(generate(s, w, st) for w, st in kinds for s in seeds))
+        kinds = [(True, False), (False, False)]  # marked, plain; and one marked stream
+        runs = [generate(s, w, st) for w, st in kinds for s in seeds]
+        return await asyncio.gather(*runs, generate(seeds[0], True, True))
 
     texts = asyncio.run(everything())
-    marked, plain, streamed = texts[:3], texts[3:6], texts[6:]
-    assert streamed == marked  # the stream of a watermarked request is the same text
+    marked, plain, streamed = texts[:2], texts[2:4], texts[4]
+    assert streamed == marked[0]  # the stream of a watermarked request is the same text
     for m, p in zip(marked, plain, strict=True):
         z_marked = score_text(m, tokenizer(), gamma=0.5).z
         z_plain = score_text(p, tokenizer(), gamma=0.5).z
