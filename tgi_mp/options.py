@@ -287,7 +287,7 @@ OPTIONS: tuple[Option, ...] = (
         0,
         "Speculative decoding: up to N tokens a step proposed per decoding request by "
         "n-gram lookup in its own prompt and output, verified in one forward (0: off). "
-        "Greedy and seeded output are unchanged, token for token.",
+        "Greedy and seeded output are unchanged (token for token in float32).",
         "engine",
         int,
     ),
@@ -308,7 +308,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--speculate-max-batch",
         4,
-        "Speculate only while at most this many requests decode in a step: beyond it a "
+        "Speculate only while at most this many requests run: beyond it a "
         "step is bound by compute, not weight reads, and proposals cost more than they "
         "save (perf/RESULTS.md measures it).",
         "engine",
