@@ -74,12 +74,19 @@ class Engine:
     @classmethod
     def start(cls, model_id: str | None = None, revision: str | None = None, **opts: Any) -> Engine:
         source = resolve_model(model_id, revision)
-        endpoints = Endpoints.create()
         opts.setdefault("tokenizer_dir", _tokenizer_dir(source))
-        cfg = EngineConfig(
-            model=source, model_config=load_model_config(source), ipc_root=endpoints.root, **opts
-        )
-        engine = cls(cfg, endpoints)
+        endpoints = Endpoints.create()
+        try:  # a refused configuration leaves no runtime directory behind
+            cfg = EngineConfig(
+                model=source,
+                model_config=load_model_config(source),
+                ipc_root=endpoints.root,
+                **opts,
+            )
+            engine = cls(cfg, endpoints)
+        except BaseException:
+            endpoints.remove()
+            raise
         try:
             engine._spawn()
             engine._wait_ready()

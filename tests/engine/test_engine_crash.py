@@ -87,3 +87,14 @@ def test_startup_failure_is_reported() -> None:
     # A KV cache far beyond memory makes the executor fail while allocating it.
     with pytest.raises(EngineStartupError, match=r"executor0 failed at start.*allocate"):
         Engine.start(None, max_batch_total_tokens=1 << 40, startup_timeout=120)
+
+
+def test_a_refused_configuration_leaves_no_runtime_directory() -> None:
+    import glob
+    import tempfile
+
+    pattern = os.path.join(tempfile.gettempdir(), "tgi-mp-*")
+    before = set(glob.glob(pattern))
+    with pytest.raises(ValueError, match="max_batch_size must be at least 1"):
+        Engine.start(None, max_batch_size=0)
+    assert set(glob.glob(pattern)) <= before
