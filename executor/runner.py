@@ -392,29 +392,24 @@ class ModelRunner:
         tokens per row, in `out`'s arrays row after row (`out.counts`)."""
         ends = np.cumsum(plan.layout.query_lens)[rows]  # one past each row's last input
         inputs = plan.layout.input_ids
-        extra_tokens, extra_lps = extra[0], extra[1]
-        tokens, lps, keep_top = [], [], []
-        counts = np.ones(len(rows), dtype=np.int32)
-        at = 0  # into the extra arrays
+        n = len(rows)
+        # Rows' first draws are entries 0..n-1 of the joined arrays, their later ones
+        # follow from n on, k per verifying row: `keep` picks each row's accepted ones.
+        joined = np.concatenate([out.tokens, extra[0]])
+        keep, counts, at = [], np.ones(n, dtype=np.int32), n
         for i, k in enumerate(proposed.tolist()):
-            tokens.append(out.tokens[i : i + 1])
-            lps.append(out.logprobs[i : i + 1])
-            keep_top.append(("main", i, i + 1))
-            if not k:
-                continue
-            drawn = np.concatenate([out.tokens[i : i + 1], extra_tokens[at : at + k]])
-            agree = drawn[:k] == inputs[ends[i] - k : ends[i]]
-            accepted = int(np.cumprod(agree).sum())
-            tokens.append(extra_tokens[at : at + accepted])
-            lps.append(extra_lps[at : at + accepted])
-            keep_top.append(("extra", at, at + accepted))
-            counts[i] = 1 + accepted
-            at += k
+            keep.append(i)
+            if k:
+                drawn = np.concatenate([joined[i : i + 1], joined[at : at + k - 1]])
+                accepted = int(np.cumprod(drawn == inputs[ends[i] - k : ends[i]]).sum())
+                keep.extend(range(at, at + accepted))
+                counts[i] = 1 + accepted
+                at += k
+        out.tokens = joined[keep]
+        out.logprobs = np.concatenate([out.logprobs, extra[1]])[keep]
         if out.top_ids is not None:
-            sources = {"main": (out.top_ids, out.top_logprobs), "extra": (extra[2], extra[3])}
-            out.top_ids = np.concatenate([sources[w][0][a:b] for w, a, b in keep_top])
-            out.top_logprobs = np.concatenate([sources[w][1][a:b] for w, a, b in keep_top])
-        out.tokens, out.logprobs = np.concatenate(tokens), np.concatenate(lps)
+            out.top_ids = np.concatenate([out.top_ids, extra[2]])[keep]
+            out.top_logprobs = np.concatenate([out.top_logprobs, extra[3]])[keep]
         out.counts = counts
 
     def _fill_inputs(self, plan: StepPlan) -> StepPlan:

@@ -92,11 +92,6 @@ class Ring:
         arr.flags.writeable = False  # the writer's memory: readers only look
         return arr
 
-    def close(self) -> None:
-        # Views handed out may outlive us (a failed step's traceback): leave the
-        # mapping to the process's exit rather than fail on exported buffers.
-        pass
-
 
 class RingStalled(TimeoutError):
     """A reader kept a slot past the writer's patience."""
