@@ -104,14 +104,12 @@ class RingWriter:
         self.ring = ring
         self.timeout = timeout
         self.seq = 0
-        self.waits = 0  # how often a slot was not free yet (a sign of too few slots)
 
     def acquire(self) -> tuple[int, int]:
         """(sequence number, slot offset) of the next message; waits for the slot."""
         seq, ring = self.seq, self.ring
         previous = seq - ring.spec.slots  # the message that used this slot before
         if previous >= 0 and int(ring.released.min()) < previous:
-            self.waits += 1
             deadline = time.monotonic() + self.timeout
             pause = 20e-6
             while int(ring.released.min()) < previous:
