@@ -19,6 +19,7 @@ import logging
 import torch
 from torch import nn
 
+from tgi_mp.executor.lora import LoraState
 from tgi_mp.kernels.attention import AttentionMetadata
 
 log = logging.getLogger("tgi_mp.executor")
@@ -36,6 +37,7 @@ class DecodeGraphs:
         block_size: int,
         device: torch.device,
         capture: bool = True,
+        lora: LoraState | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -44,6 +46,7 @@ class DecodeGraphs:
         self.max_blocks = max_blocks_per_seq
         self.block_size = block_size
         self.capture = capture
+        self.lora = lora  # its masks become static inputs of the graphs
         n = self.max_batch
 
         def zeros(*shape: int) -> torch.Tensor:
@@ -85,6 +88,8 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.inference_mode(), torch.cuda.stream(stream):
             for batch in reversed(self.buckets):  # largest first: later ones reuse its pool
+                if self.lora is not None:
+                    self.lora.to_static(0, batch)
                 self._forward(batch)  # warm-up: Triton compiles, lazy state settles
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
@@ -115,6 +120,8 @@ class DecodeGraphs:
         # step before would otherwise write K/V into live blocks).
         self.slot_mapping[n:batch].fill_(-1)
         self.seq_lens[n:batch].zero_()
+        if self.lora is not None:  # this step's adapter masks, zeros for padding rows
+            self.lora.to_static(n, batch)
         if not self.capture:
             return self._forward(batch)[:n]
         self.graphs[batch].replay()

@@ -21,6 +21,7 @@ from tgi_mp.executor.device import (
     resolve_dtype,
 )
 from tgi_mp.executor.logits import LogitsPipeline, RowInputs, to_device
+from tgi_mp.executor.lora import LoraAdapters
 from tgi_mp.executor.parallel import join
 from tgi_mp.executor.sampler import SamplingTensors
 from tgi_mp.executor.staging import HostStaging
@@ -122,6 +123,20 @@ class ModelRunner:
         self._last_tokens = np.empty(0, dtype=np.int32)
         self._share_tokens = cfg.overlap_scheduling and self.tp.size > 1
         self.model = self._load_model()
+        self.lora = (
+            LoraAdapters(
+                self.model,
+                cfg.lora_adapters,
+                cfg.lora_slots,
+                cfg.lora_rank,
+                cfg.model_config,
+                self.tp,
+                self.dtype,
+                self.device,
+            )
+            if cfg.lora_slots
+            else None
+        )
         self.logits = LogitsPipeline(
             cfg.model_config.vocab_size, self.device, cfg.watermark_gamma, cfg.watermark_delta
         )
@@ -146,7 +161,13 @@ class ModelRunner:
         if graphs:
             max_blocks = -(-cfg.model_config.max_position_embeddings // cfg.block_size)
             self.graphs = DecodeGraphs(
-                self.model, self.kv_caches, graphs, max_blocks, cfg.block_size, self.device
+                self.model,
+                self.kv_caches,
+                graphs,
+                max_blocks,
+                cfg.block_size,
+                self.device,
+                lora=None if self.lora is None else self.lora.state,
             )
 
     def _load_model(self) -> torch.nn.Module:
@@ -257,6 +278,8 @@ class ModelRunner:
         plan has any): it is read after the forward, which ran while it was computed."""
         plan = self._fill_inputs(plan)
         layout, s = plan.layout, plan.sampling
+        if self.lora is not None:
+            self.lora.apply(plan.lora, layout.query_lens)
         counts = layout.block_counts
         tables = np.zeros((len(counts), int(counts.max())), dtype=np.int32)
         tables[np.arange(tables.shape[1])[None, :] < counts[:, None]] = layout.block_tables

@@ -57,7 +57,10 @@ class App:
             self.tokenizer = Tokenizer.from_file(os.path.join(cfg.tokenizer_dir, "tokenizer.json"))
             self.special_ids = set(self.tokenizer.get_added_tokens_decoder())
             metrics.configure(
-                os.path.join(cfg.ipc_root, "metrics"), cfg.max_input_tokens, cfg.max_total_tokens
+                os.path.join(cfg.ipc_root, "metrics"),
+                cfg.max_input_tokens,
+                cfg.max_total_tokens,
+                cfg.lora_adapters,
             )
             # Proxies, not cycles: an App collected by refcount closes its ZeroMQ context
             # in order, while a cycle's collector may term the context before its sockets

@@ -18,6 +18,7 @@ class FrontendConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_total_tokens: int  # resolved: the option, else min(KV capacity, model context)
     vocab_size: int = 0  # the model's: token ids must be below it
     served_model_name: str = ""  # the `model` of OpenAI answers; model_id when empty
+    lora_adapters: list[str] = msgspec.field(default_factory=list)  # names, in engine order
     max_concurrent_requests: int = DEFAULTS["max_concurrent_requests"]  # of this worker
     max_best_of: int = DEFAULTS["max_best_of"]
     max_stop_sequences: int = DEFAULTS["max_stop_sequences"]

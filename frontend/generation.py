@@ -175,7 +175,13 @@ def count_success(scope: dict, t0: float, t_valid: float, runs: list[Sequence]) 
     queue_time = min(g.queue_time for _, g in runs)
     input_tokens, generated = len(first.prompt_ids), sum(len(g.tokens) for _, g in runs)
     metrics.success(
-        end - t0, t_valid - t0, queue_time, input_tokens, generated, first.params.max_new_tokens
+        end - t0,
+        t_valid - t0,
+        queue_time,
+        input_tokens,
+        generated,
+        first.params.max_new_tokens,
+        first.params.adapter,
     )
     if tracing.enabled():
         tracing.record(

@@ -34,6 +34,8 @@ class Snapshot(msgspec.Struct):
     counters: dict[str, float] = {}
     failures: dict[str, float] = {}
     histograms: dict[str, tuple[list[int], float, int]] = {}
+    # LoRA adapter name -> [requests, prompt tokens, generated tokens] (successful ones)
+    adapters: dict[str, list[float]] = {}
 
 
 @dataclass
@@ -67,14 +69,27 @@ REQUEST_HISTOGRAMS = {
 }
 
 
+# Per LoRA adapter (label `adapter`), successful requests only; base-model requests
+# are the rest of `tgi_request_success`.
+LORA_COUNTERS = {
+    "tgi_mp_lora_requests": "Requests that succeeded, by LoRA adapter",
+    "tgi_mp_lora_input_tokens": "Prompt tokens of those requests, by LoRA adapter",
+    "tgi_mp_lora_generated_tokens": "Tokens generated for those requests, by LoRA adapter",
+}
+
+
 class Metrics:
     def __init__(self) -> None:
         self.directory: str | None = None
         self.configure(None, 4095, 4096)
 
-    def configure(self, directory: str | None, max_input: int, max_total: int) -> None:
+    def configure(
+        self, directory: str | None, max_input: int, max_total: int, adapters: list[str] = ()
+    ) -> None:
         """Buckets of the length histograms follow the server's limits, as TGI's."""
         self.directory = directory
+        self.adapter_names = list(adapters)
+        self.adapters = {name: [0.0, 0.0, 0.0] for name in adapters}
         length = [max_input / 100 * k for k in range(1, 101)]
         total = [max_total / 100 * k for k in range(1, 101)]
         self.counters = {"tgi_request_count": 0.0, "tgi_request_success": 0.0}
@@ -100,8 +115,14 @@ class Metrics:
         input_tokens: int,
         generated: int,
         max_new_tokens: int,
+        adapter: int = -1,
     ) -> None:
         inference = max(duration - validation - queue, 0.0)
+        if adapter >= 0:
+            counts = self.adapters[self.adapter_names[adapter]]
+            counts[0] += 1
+            counts[1] += input_tokens
+            counts[2] += generated
         h = self.histograms
         self.counters["tgi_request_count"] += 1
         self.counters["tgi_request_success"] += 1
@@ -125,6 +146,7 @@ class Metrics:
             dict(self.counters),
             dict(self.failures),
             {k: (list(h.counts), h.total, h.n) for k, h in self.histograms.items()},
+            {k: list(v) for k, v in self.adapters.items()},
         )
 
     def _save(self) -> None:
@@ -154,6 +176,9 @@ class Metrics:
                 total.counters[k] = total.counters.get(k, 0.0) + v
             for k, v in other.failures.items():
                 total.failures[k] = total.failures.get(k, 0.0) + v
+            for k, v in other.adapters.items():
+                mine = total.adapters.setdefault(k, [0.0] * len(v))
+                total.adapters[k] = [a + b for a, b in zip(mine, v, strict=True)]
             for k, (counts, s, n) in other.histograms.items():
                 if k in total.histograms and len(counts) == len(total.histograms[k][0]):
                     mine = total.histograms[k]
@@ -181,6 +206,11 @@ class Metrics:
             text.histogram(
                 name, help_, self.histograms[name].buckets, [("", snap.histograms[name])]
             )
+        for i, (name, help_) in enumerate(LORA_COUNTERS.items()):
+            if snap.adapters:
+                text.family(name, "counter", help_)
+            for adapter in sorted(snap.adapters):
+                text.lines.append(f'{name}{{adapter="{adapter}"}} {snap.adapters[adapter][i]!r}')
         text.gauge("tgi_mp_http_in_flight", "Requests this HTTP worker is serving", in_flight)
         if stats is not None:
             _engine_metrics(text, stats, block_size)

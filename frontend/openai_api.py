@@ -79,18 +79,26 @@ class OpenAIRoutes:
         self.fingerprint = f"tgi-mp-{cfg.version}-{cfg.dtype}"
         self.created = int(time.time())
         self.template = ChatTemplate.load(cfg.tokenizer_dir)
+        # The base model, then each LoRA adapter as a model of its own (as vLLM lists them).
+        self.models = {self.model: Model(self.model, "model", self.created, "tgi-mp")}
+        for name in cfg.lora_adapters:
+            self.models[name] = Model(name, "model", self.created, "tgi-mp", self.model)
+
+    def _model_of(self, choices: list[Choice]) -> str:
+        """The `model` of an answer: the adapter it ran with, else the served model."""
+        adapter = choices[0].v.params.adapter
+        return self.app.cfg.lora_adapters[adapter] if adapter >= 0 else self.model
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, cors: Headers) -> None:
         method, path = scope["method"], scope["path"]
-        model = Model(self.model, "model", self.created, "tgi-mp")
         if method == "GET" and path == "/v1/models":
-            await respond_json(send, ModelList("list", [model]), cors)
+            await respond_json(send, ModelList("list", list(self.models.values())), cors)
             return
         if method == "GET" and path.startswith("/v1/models/"):
             name = path[len("/v1/models/") :]
-            if name != self.model:
+            if name not in self.models:
                 raise errors.model_not_found(name)
-            await respond_json(send, model, cors)
+            await respond_json(send, self.models[name], cors)
             return
         routes = {"/v1/chat/completions": self._chat, "/v1/completions": self._completions}
         if path not in routes:
@@ -124,7 +132,7 @@ class OpenAIRoutes:
             id=answer_id,
             object="chat.completion",
             created=int(time.time()),
-            model=self.model,
+            model=self._model_of(choices),
             system_fingerprint=self.fingerprint,
             choices=[
                 ChatChoice(
@@ -176,7 +184,7 @@ class OpenAIRoutes:
         include_usage: bool,
         callable_tools: tools.Tools | None = None,
     ) -> AsyncIterator[ChatCompletionChunk]:
-        created = int(time.time())
+        created, model = int(time.time()), self._model_of(choices)
 
         def chunk(parts: list[ChatChunkChoice], usage: Any = msgspec.UNSET) -> ChatCompletionChunk:
             if include_usage and usage is msgspec.UNSET:
@@ -185,7 +193,7 @@ class OpenAIRoutes:
                 answer_id,
                 "chat.completion.chunk",
                 created,
-                self.model,
+                model,
                 self.fingerprint,
                 parts,
                 usage,
@@ -235,7 +243,7 @@ class OpenAIRoutes:
             id=answer_id,
             object="text_completion",
             created=int(time.time()),
-            model=self.model,
+            model=self._model_of(choices),
             system_fingerprint=self.fingerprint,
             choices=_best_completions(req, choices, texts),
             usage=usage_of(choices, best_of),
@@ -291,14 +299,14 @@ class OpenAIRoutes:
         prompt_texts: list[str],
         echo: bool,
     ) -> AsyncIterator[Completion]:
-        created = int(time.time())
+        created, model = int(time.time()), self._model_of(choices)
         n = len(choices) // len(prompt_texts)
 
         def chunk(parts: list[CompletionChoice], usage: Any = msgspec.UNSET) -> Completion:
             if include_usage and usage is msgspec.UNSET:
                 usage = None
             return Completion(
-                answer_id, "text_completion", created, self.model, self.fingerprint, parts, usage
+                answer_id, "text_completion", created, model, self.fingerprint, parts, usage
             )
 
         if echo:

@@ -226,6 +226,7 @@ class Model(msgspec.Struct):
     object: Literal["model"]
     created: int
     owned_by: str
+    parent: str | None = None  # a LoRA adapter's base model (vLLM's field)
 
 
 class ModelList(msgspec.Struct):

@@ -88,6 +88,8 @@ def with_extras(r: SamplingFields, v: ValidRequest, cfg: FrontendConfig) -> Vali
         min_p=r.min_p or 0.0,
         logit_bias=tuple(bias),
         grammar=constraint(r, cfg),
+        # OpenAI's `model` names an adapter; any other name is the base model (as before).
+        adapter=cfg.lora_adapters.index(r.model) if r.model in cfg.lora_adapters else -1,
     )
     return dataclasses.replace(v, params=params)
 

@@ -32,12 +32,18 @@ class ValidRequest:
     best_of: int = 1
 
 
-# Parameters TGI accepts that this engine does not apply yet: refused clearly
-# rather than silently ignored.
-def _unsupported(p: GenerateParameters) -> str | None:
-    if p.adapter_id:
-        return "adapter_id"
-    return None
+def adapter_index(name: str | None, cfg: FrontendConfig) -> int:
+    """TGI's `adapter_id`: the index of a `--lora-adapters` name; none: -1 (the base
+    model). An unknown one is a 422 (TGI itself falls back to the base model: #2505)."""
+    if not name:
+        return -1
+    try:
+        return cfg.lora_adapters.index(name)
+    except ValueError:
+        have = ", ".join(cfg.lora_adapters) or "none"
+        raise errors.invalid(
+            f"`adapter_id` {name!r} is not a loaded LoRA adapter (loaded: {have})", "adapter_id"
+        ) from None
 
 
 def _to_int64(seed: int) -> int:
@@ -148,8 +154,7 @@ def build(
     if p.grammar is not None:
         check_grammar_allowed(cfg, "grammar")
         constraint = grammar.from_tgi(p.grammar)
-    if (name := _unsupported(p)) is not None:
-        raise errors.invalid(f"`{name}` is not supported by this server yet", name)
+    adapter = adapter_index(p.adapter_id, cfg)
 
     temperature = p.temperature if p.temperature is not None else 1.0
     sampling = sampling and temperature >= GREEDY_TEMPERATURE
@@ -169,6 +174,7 @@ def build(
         # TGI computes prefill logprobs only when the launcher allows it; else `prefill` is [].
         prefill_logprobs=p.decoder_input_details and cfg.enable_prefill_logprobs,
         grammar=constraint,
+        adapter=adapter,
     )
     return ValidRequest(
         prompt_ids=ids,

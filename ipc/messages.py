@@ -56,6 +56,9 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True, gc=False):
     # token must continue it; EOS is allowed where it accepts, and the request ends
     # when it can take no more tokens.
     grammar: str | None = None
+    # The LoRA adapter the request runs with: an index into `EngineConfig.lora_adapters`
+    # (resolved by the frontend from `adapter_id` or the OpenAI `model`); -1: none.
+    adapter: int = -1
 
 
 # ---------------------------------------------------------------- frontend -> scheduler
@@ -244,6 +247,16 @@ def _no_grammar() -> GrammarColumns:
     return GrammarColumns(np.empty(0, np.int32))
 
 
+class LoraColumns(msgspec.Struct, array_like=True, gc=False):
+    """Which LoRA adapter slot each row runs with, and the adapters to load into slots
+    first (the scheduler assigns slots: a slot is reloaded only when no running request
+    uses it; executor/lora.py)."""
+
+    slots: np.ndarray  # int32 [B]: the row's slot, -1 for the base model
+    load_slots: np.ndarray  # int32 [L]
+    load_adapters: np.ndarray  # int32 [L]: an index into EngineConfig.lora_adapters
+
+
 class StepPlan(msgspec.Struct, tag=True, array_like=True, gc=False):
     """One forward pass over a flattened batch, self-contained: every column is per
     sequence (or ragged per token, with its counts), grouped by who reads it."""
@@ -259,6 +272,7 @@ class StepPlan(msgspec.Struct, tag=True, array_like=True, gc=False):
     # (n-gram lookup) after its last real one; its sampled tokens are the target's at
     # each of those positions that the proposals match, plus one. None: no proposals.
     speculative: np.ndarray | None = None  # int32 [B]
+    lora: LoraColumns | None = None  # None: no adapter configured
 
 
 class StepMask(msgspec.Struct, tag=True, array_like=True, gc=False):

@@ -126,13 +126,16 @@ class BlockPool:
             parent, np.ascontiguousarray(tokens, dtype=np.int32).tobytes(), self.hash_fn
         )
 
-    def match(self, tokens: np.ndarray, max_blocks: int) -> tuple[list[int], list[BlockKey]]:
+    def match(
+        self, tokens: np.ndarray, max_blocks: int, root: BlockKey | None = None
+    ) -> tuple[list[int], list[BlockKey]]:
         """The longest cached prefix of `tokens`, in whole blocks (at most `max_blocks`):
-        its block ids (not yet shared) and their keys."""
+        its block ids (not yet shared) and their keys. `root`: the key the chain hangs
+        from (a LoRA adapter's own, so no adapter shares another's KV)."""
         bs = self.block_size
         blocks: list[int] = []
         keys: list[BlockKey] = []
-        parent = None
+        parent = root
         for i in range(min(max_blocks, len(tokens) // bs)):
             b = self._cached.get(self.key(parent, tokens[i * bs : (i + 1) * bs]))
             if b is None:

@@ -85,6 +85,8 @@ class SchedulerProcess:
                 speculate_ngram_max=self.cfg.speculate_ngram_max,
                 speculate_ngram_min=self.cfg.speculate_ngram_min,
                 speculate_max_batch=self.cfg.speculate_max_batch,
+                lora_adapters=len(self.cfg.lora_adapters),
+                lora_slots=self.cfg.lora_slots,
             ),
             grammars=Grammars(
                 read_tokenizer(self.cfg.tokenizer_dir), mc.vocab_size, mc.eos_token_ids

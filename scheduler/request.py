@@ -33,6 +33,7 @@ class Request:
     __slots__ = (
         "block_ids",
         "block_keys",
+        "cache_root",
         "frontend",
         "inflight_row",
         "matcher",
@@ -85,6 +86,7 @@ class Request:
         self.block_ids: list[int] = []
         # Prefix-cache keys of the leading full, computed blocks of `block_ids`.
         self.block_keys: list = []
+        self.cache_root = None  # the BlockKey its prefix-cache chain starts from (LoRA)
         self.num_cached = 0  # tokens served from the prefix cache at the last admission
         self.started = False  # planned since its last admission (executors know it)
         self.status = Status.WAITING

@@ -23,6 +23,7 @@ from tgi_mp.options import CUDA_STEP_TOKENS, DEFAULTS, sequences_per_step
 from tgi_mp.scheduler.admission import RequestRejected, request_problem
 from tgi_mp.scheduler.block_pool import BlockKey, BlockPool, HashFn, chain_hash
 from tgi_mp.scheduler.grammar import Grammars, GrammarUnavailable
+from tgi_mp.scheduler.lora_slots import AdapterSlots
 from tgi_mp.scheduler.request import Request, Status
 from tgi_mp.scheduler.speculation import can_speculate, ngram_proposal
 from tgi_mp.scheduler.step_plan import Output, ScheduledStep, build_step_plan
@@ -52,6 +53,9 @@ class SchedulerConfig:
     speculate_ngram_max: int = DEFAULTS["speculate_ngram_max"]
     speculate_ngram_min: int = DEFAULTS["speculate_ngram_min"]
     speculate_max_batch: int = DEFAULTS["speculate_max_batch"]
+    # LoRA (scheduler/lora_slots.py): adapters configured, and how many are resident.
+    lora_adapters: int = 0
+    lora_slots: int = 0
 
     @property
     def sequences_per_step(self) -> int:
@@ -89,6 +93,12 @@ class Scheduler:
         self._step_id = 0
         self._steps_without_admission = 0
         self.stats = Stats()
+        self.lora = AdapterSlots(cfg.lora_slots) if cfg.lora_slots else None
+        # The prefix cache's chain for each adapter starts at its own root: KV computed
+        # under one adapter is never served to another (nor to the base model).
+        self._cache_roots = [
+            self.pool.key(None, np.array([-1, a], dtype=np.int32)) for a in range(cfg.lora_adapters)
+        ]
 
     @property
     def capacity_tokens(self) -> int:
@@ -110,6 +120,10 @@ class Scheduler:
             raise RequestRejected(f"request id {msg.req_id} is already in use")
         if problem := request_problem(msg.prompt, p, self.cfg.vocab_size, self.capacity_tokens):
             raise RequestRejected(problem)
+        if not -1 <= p.adapter < self.cfg.lora_adapters:
+            raise RequestRejected(
+                f"no LoRA adapter {p.adapter} (this engine has {self.cfg.lora_adapters})"
+            )
         seed = p.seed if p.seed is not None else random.getrandbits(63)
         pending = None
         if p.grammar is not None:
@@ -121,6 +135,7 @@ class Scheduler:
                 raise RequestRejected(str(e)) from None
         self._seq_ids += 1
         req = Request(msg.req_id, frontend, msg.prompt, p, seed, self._seq_ids)
+        req.cache_root = self._cache_roots[p.adapter] if p.adapter >= 0 else None
         req.pending_matcher = pending
         if pending is not None:
             self._building.append(req)
@@ -238,6 +253,7 @@ class Scheduler:
         # waits a step and then reuses it (the `n` choices of one prompt, a burst of
         # requests sharing a system prompt) instead of computing it twice.
         computing = self._blocks_in_flight(reqs, num_new) if self.waiting else set()
+        adapters_in_use: set[int] | None = None  # of the running requests, when needed
         deferred: list[Request] = []
         admitted = 0
         grow = self._may_grow()  # decided once for the step, as TGI sizes a new batch
@@ -248,6 +264,13 @@ class Scheduler:
             if req.pending_matcher is not None:  # its grammar is still being built
                 deferred.append(req)
                 continue
+            if req.params.adapter >= 0:
+                if adapters_in_use is None:
+                    adapters_in_use = {r.params.adapter for r in self.running}
+                if not self.lora.place(req.params.adapter, adapters_in_use):
+                    deferred.append(req)  # every slot serves running requests
+                    continue
+                adapters_in_use.add(req.params.adapter)
             self._reuse_prefix(req)
             if computing and self._next_key(req) in computing:
                 self._drop_blocks(req)
@@ -302,7 +325,9 @@ class Scheduler:
         if not self._caching(req):
             return
         blocks, keys = self.pool.match(
-            req.tokens[: req.num_tokens], (req.num_tokens - 1) // self.cfg.block_size
+            req.tokens[: req.num_tokens],
+            (req.num_tokens - 1) // self.cfg.block_size,
+            req.cache_root,
         )
         self.pool.share(blocks)
         req.block_ids, req.block_keys = blocks, keys
@@ -316,7 +341,8 @@ class Scheduler:
         bs, i = self.cfg.block_size, len(req.block_keys)
         if not self._caching(req) or (i + 1) * bs > req.num_tokens - 1:
             return None
-        return self.pool.key(req.block_keys[-1] if i else None, req.tokens[i * bs : (i + 1) * bs])
+        parent = req.block_keys[-1] if i else req.cache_root
+        return self.pool.key(parent, req.tokens[i * bs : (i + 1) * bs])
 
     def _blocks_in_flight(self, reqs: list[Request], num_new: list[int]) -> set[BlockKey]:
         """Keys of the blocks that these rows fill this step."""
@@ -326,7 +352,7 @@ class Scheduler:
         for req, n in zip(reqs, num_new, strict=True):
             if not self._caching(req):
                 continue
-            parent = req.block_keys[-1] if req.block_keys else None
+            parent = req.block_keys[-1] if req.block_keys else req.cache_root
             # Only blocks of known tokens (not one still being sampled) have a key.
             for i in range(
                 len(req.block_keys), min(req.planned_computed + n, req.num_tokens) // bs
@@ -346,7 +372,7 @@ class Scheduler:
         """Offers the blocks that are now full of computed tokens to the prefix cache."""
         bs = self.cfg.block_size
         for i in range(len(req.block_keys), req.num_computed // bs):
-            parent = req.block_keys[-1] if req.block_keys else None
+            parent = req.block_keys[-1] if req.block_keys else req.cache_root
             key = self.pool.key(parent, req.tokens[i * bs : (i + 1) * bs])
             self.pool.cache(req.block_ids[i], key)
             req.block_keys.append(key)
@@ -362,6 +388,8 @@ class Scheduler:
     def _plan(self, reqs: list[Request], num_new: list[int]) -> StepPlan:
         released = np.array(self._released, dtype=np.int64)
         plan = build_step_plan(self._step_id + 1, reqs, num_new, released)
+        if self.lora is not None:
+            plan.lora = self.lora.columns(reqs)
         self._step_id += 1
         self._released = []
         row = 0

@@ -123,6 +123,7 @@ def _frontend_config(engine: Engine, s: dict, f: dict) -> FrontendConfig:
         ipc_root=engine.endpoints.root,
         tokenizer_dir=export_tokenizer(engine.cfg.model, s["tokenizer_config_path"]),
         model_id=engine.cfg.model.model_id,
+        lora_adapters=[a.name for a in engine.cfg.lora_adapters],
         vocab_size=mc.vocab_size,
         max_batch_total_tokens=capacity,
         block_size=ready.block_size,

@@ -11,6 +11,7 @@ import os
 import msgspec
 
 from tgi_mp.ipc.shm import RingSpec
+from tgi_mp.lora_source import LoraSpec
 from tgi_mp.model_source import ModelConfig, ModelSource
 from tgi_mp.options import CHOICES, DEFAULTS, sequences_per_step, step_tokens
 
@@ -43,6 +44,10 @@ class EngineConfig(msgspec.Struct, frozen=True):
     speculate_ngram_min: int = DEFAULTS["speculate_ngram_min"]
     speculate_max_batch: int = DEFAULTS["speculate_max_batch"]
     shared_memory: bool = DEFAULTS["shared_memory"]
+    # LoRA adapters, found and checked by the launcher (`lora_source.resolve_adapters`).
+    lora_adapters: tuple[LoraSpec, ...] = ()
+    max_loras: int = DEFAULTS["max_loras"]
+    max_lora_rank: int | None = DEFAULTS["max_lora_rank"]
     load_format: str = DEFAULTS["load_format"]
     quantize: str | None = DEFAULTS["quantize"]  # weight-only quantization method, or None
     waiting_served_ratio: float | None = DEFAULTS["waiting_served_ratio"]
@@ -62,6 +67,16 @@ class EngineConfig(msgspec.Struct, frozen=True):
 
     def sequences_per_step(self, device_type: str) -> int:
         return sequences_per_step(self.max_batch_size, self.step_tokens(device_type))
+
+    @property
+    def lora_slots(self) -> int:
+        """Adapters resident at once (0: LoRA off)."""
+        return min(self.max_loras, len(self.lora_adapters))
+
+    @property
+    def lora_rank(self) -> int:
+        """Each slot's rank: adapters of a lower one are zero-padded."""
+        return self.max_lora_rank or max((a.rank for a in self.lora_adapters), default=0)
 
     def __post_init__(self) -> None:
         for name in ("num_shards", "block_size", "max_batch_prefill_tokens", "max_batch_size"):
@@ -83,6 +98,8 @@ class EngineConfig(msgspec.Struct, frozen=True):
                 "speculate_ngram_min must be >= 1 and <= speculate_ngram_max, got "
                 f"{self.speculate_ngram_min} and {self.speculate_ngram_max}"
             )
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be at least 1, got {self.max_loras}")
         if not 0.0 < self.kv_cache_fraction <= 1.0:
             raise ValueError(f"kv_cache_fraction must be in (0, 1], got {self.kv_cache_fraction}")
         if not 0.0 < self.watermark_gamma < 1.0:

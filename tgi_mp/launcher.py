@@ -27,6 +27,7 @@ from tgi_mp.config import EngineConfig
 from tgi_mp.ipc import messages as m
 from tgi_mp.ipc.channels import Endpoints, SupervisorChannels
 from tgi_mp.ipc.shm import create_ring
+from tgi_mp.lora_source import LoraSpec, parse_adapters, resolve_adapters
 from tgi_mp.model_source import load_model_config, resolve_model
 
 log = logging.getLogger("tgi_mp.launcher")
@@ -77,10 +78,16 @@ class Engine:
         opts.setdefault("tokenizer_dir", _tokenizer_dir(source))
         endpoints = Endpoints.create()
         try:  # a refused configuration leaves no runtime directory behind
+            mc = load_model_config(source)
+            adapters = opts.pop("lora_adapters", ())
+            if adapters and not isinstance(adapters[0], LoraSpec):  # names and paths
+                pairs = parse_adapters(adapters) if isinstance(adapters, str) else adapters
+                adapters = resolve_adapters(pairs, mc, opts.get("max_lora_rank"))
             cfg = EngineConfig(
                 model=source,
-                model_config=load_model_config(source),
+                model_config=mc,
                 ipc_root=endpoints.root,
+                lora_adapters=tuple(adapters),
                 **opts,
             )
             engine = cls(cfg, endpoints)

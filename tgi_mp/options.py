@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import click
 
+from tgi_mp.lora_source import parse_adapters
+
 # The values of the option-like fields (the CLI and perf scripts offer the same).
 CHOICES: dict[str, tuple[str, ...]] = {
     "dtype": ("auto", "float32", "bfloat16", "float16"),
@@ -311,6 +313,30 @@ OPTIONS: tuple[Option, ...] = (
         "Speculate only while at most this many requests run: beyond it a "
         "step is bound by compute, not weight reads, and proposals cost more than they "
         "save (perf/RESULTS.md measures it).",
+        "engine",
+        int,
+    ),
+    Option(
+        "--lora-adapters",
+        None,
+        "LoRA adapters to serve (PEFT directories): `name=path` or a Hub id in the local "
+        "cache (name = id), comma-separated. Requests pick one by `adapter_id` (TGI) or "
+        "`model` (OpenAI).",
+        "engine",
+        convert=parse_adapters,
+    ),
+    Option(
+        "--max-loras",
+        4,
+        "LoRA adapters resident at once (slots); a request whose adapter has no slot waits "
+        "until one is free. Each slot costs every adapter step a little compute.",
+        "engine",
+        int,
+    ),
+    Option(
+        "--max-lora-rank",
+        None,
+        "Highest adapter rank accepted (slots are this wide). Default: the highest given.",
         "engine",
         int,
     ),

@@ -388,7 +388,10 @@ VALIDATION = [
     ),
     ({"inputs": words(2048)}, "`inputs` must have less than 2047 tokens. Given: 2048"),
     ({"inputs": words(2047), "parameters": {"max_new_tokens": 1}}, None),  # exactly at the limits
-    (_p(adapter_id="my-lora"), "`adapter_id` is not supported by this server yet"),
+    (
+        _p(adapter_id="my-lora"),
+        "`adapter_id` 'my-lora' is not a loaded LoRA adapter (loaded: none)",
+    ),
 ]
 
 
