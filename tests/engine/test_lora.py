@@ -51,13 +51,16 @@ def make_adapters(base: torch.nn.Module, directory: Path, specs: dict, std: floa
 @torch.inference_mode()
 def greedy(model: torch.nn.Module, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
     """Greedy tokens and the margin between the two best logits at each."""
-    ids, tokens, margins = list(prompt), [], []
+    out = model(torch.tensor([prompt]), use_cache=True)
+    tokens, margins = [], []
     for _ in range(n):
-        logits = model(torch.tensor([ids])).logits[0, -1].double()
+        logits = out.logits[0, -1].double()
         top = logits.topk(2).values
         tokens.append(int(logits.argmax()))
         margins.append(float(top[0] - top[1]))
-        ids.append(tokens[-1])
+        out = model(
+            torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values, use_cache=True
+        )
     return tokens, margins
 
 

@@ -68,6 +68,7 @@ class FakeExecutor:
         # and not yet applied, as (step, sampled tokens, prompt scores).
         self.overlap = overlap
         self.inflight: tuple | None = None
+        self.lora_slots: dict[int, int] = {}  # LoRA slot -> the adapter loaded in it
 
     def _slots(self, table: np.ndarray, start: int, stop: int) -> np.ndarray:
         pos = np.arange(start, stop)
@@ -200,6 +201,12 @@ def step_once(s: Scheduler, ex: FakeExecutor, trace: Trace, between: Callable[[]
             generated = len(trace.tokens.get(key, [])) + in_flight[key]
             assert plan.sampling.sample_index[i] == generated
             assert plan.sampling.seeds[i] == req.seed
+        if plan.lora is not None:  # each row runs with its adapter, in the slot it names
+            lora = plan.lora
+            for slot, adapter in zip(lora.load_slots, lora.load_adapters, strict=True):
+                ex.lora_slots[int(slot)] = int(adapter)
+            for req, slot in zip(step.reqs, lora.slots.tolist(), strict=True):
+                assert (ex.lora_slots[slot] if slot >= 0 else -1) == req.params.adapter
         trace.plans.append((plan, list(step.reqs)))
         tokens = ex.step(plan)
         sent = (step, tokens, ex.score_prompt(plan), ex.counts)
@@ -529,6 +536,50 @@ def test_generated_tokens_are_cached_for_the_next_turn(make) -> None:
     trace = run_all(s, ex, trace)
     check_outputs(trace, [turn1, turn2])
     assert first_row(trace, turn2) == (16, 6)
+
+
+def test_adapters_never_share_cached_blocks(make) -> None:
+    """A prompt's KV under one LoRA adapter is reused by that adapter only."""
+    s, ex = make(num_blocks=32, block_size=4, lora_adapters=2, lora_slots=2)
+    prompt = list(range(1, 18))  # 4 full blocks and one token
+    first = add(s, 1, prompt, max_new_tokens=2, adapter=0)
+    trace = run_all(s, ex)
+    other = add(s, 2, prompt, max_new_tokens=2, adapter=1)
+    base = add(s, 3, prompt, max_new_tokens=2)
+    trace = run_all(s, ex, trace)
+    same = add(s, 4, prompt, max_new_tokens=2, adapter=0)
+    other_again = add(s, 5, prompt, max_new_tokens=2, adapter=1)
+    trace = run_all(s, ex, trace)
+    check_outputs(trace, [first, other, base, same, other_again])
+    assert first_row(trace, other) == (0, 17)
+    assert first_row(trace, base) == (0, 17)
+    assert first_row(trace, same) == (16, 1)
+    assert first_row(trace, other_again) == (16, 1)
+    # The first block's key under each adapter and none: three distinct keys, each cached.
+    block = np.array(prompt[:4], dtype=np.int32)
+    keys = {s.pool.key(root, block) for root in (None, *s._cache_roots)}
+    assert len(keys) == 3 and all(k in s.pool._cached for k in keys)
+
+
+def test_fewer_slots_than_adapters_take_turns(make) -> None:
+    """One slot, three adapters: requests wait for the slot (the checks in `step_once`
+    hold each row to the adapter loaded in its slot), base-model rows run alongside."""
+    s, ex = make(num_blocks=64, block_size=4, lora_adapters=3, lora_slots=1)
+    rng = np.random.default_rng(5)
+    reqs = [
+        add(s, i, prompt_of(rng, 6), max_new_tokens=3 + i % 4, adapter=i % 4 - 1) for i in range(12)
+    ]
+    trace = run_all(s, ex)
+    check_outputs(trace, reqs)
+    loads = [int(p.lora.load_adapters.size) for p, _ in trace.plans]
+    assert sum(loads) >= 3  # each adapter loaded at least once, one at a time
+    assert all(len({r.params.adapter for r in rs} - {-1}) <= 1 for _, rs in trace.plans)
+
+
+def test_unknown_adapter_index_is_refused(make_serial) -> None:
+    s, _ = make_serial(lora_adapters=1, lora_slots=1)
+    with pytest.raises(RequestRejected, match="no LoRA adapter 1"):
+        add(s, 1, [1, 2, 3], adapter=1)
 
 
 def test_cache_after_eviction_and_when_off(make) -> None:
