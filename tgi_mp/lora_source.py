@@ -60,7 +60,8 @@ class LoraSpec(msgspec.Struct, frozen=True):
 
 
 def parse_adapters(value: str | Iterable[str] | None) -> tuple[tuple[str, str], ...]:
-    """TGI's `--lora-adapters`: `name=path` or a bare id (name = id), comma-separated
+    """TGI's `--lora-adapters`: `name=path` or a bare id (`id` or `id@revision`, named
+    by the id), comma-separated
     (or given several times) -> ((name, path or id), ...)."""
     if value is None:
         return ()
@@ -71,7 +72,8 @@ def parse_adapters(value: str | Iterable[str] | None) -> tuple[tuple[str, str], 
         if not item:
             continue
         name, sep, ref = item.partition("=")
-        name, ref = (name.strip(), ref.strip()) if sep else (item, item)
+        # A bare `id@revision` is named by its id (TGI's form).
+        name, ref = (name.strip(), ref.strip()) if sep else (item.split("@")[0], item)
         if not name or not ref:
             raise ValueError(f"--lora-adapters: {item!r} is not `name=path` or an id")
         if name in (n for n, _ in pairs):
@@ -114,8 +116,13 @@ def _directory(ref: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+    repo, _, revision = ref.partition("@")
     try:
-        return Path(snapshot_download(ref, cache_dir=_hub_cache_dir(), local_files_only=True))
+        return Path(
+            snapshot_download(
+                repo, revision=revision or None, cache_dir=_hub_cache_dir(), local_files_only=True
+            )
+        )
     except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError) as e:
         raise AdapterError(
             f"LoRA adapter {ref!r} is neither a local directory nor in the local Hugging Face "

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from tgi_mp.launcher import Engine
-from tgi_mp.lora_source import AdapterError, check_adapter, parse_adapters
+from tgi_mp.lora_source import AdapterError, check_adapter, parse_adapters, resolve_adapters
 from tgi_mp.model_source import ModelConfig
 
 MC = ModelConfig(
@@ -52,6 +52,7 @@ def write(directory: Path, config: dict | None = None, tensors: dict | None = No
 
 def test_parse_adapters() -> None:
     assert parse_adapters("a=/x/y, org/lora ,") == (("a", "/x/y"), ("org/lora", "org/lora"))
+    assert parse_adapters("org/lora@v2") == (("org/lora", "org/lora@v2"),)
     assert parse_adapters(None) == ()
     with pytest.raises(ValueError, match="given twice"):
         parse_adapters("a=/x,a=/y")
@@ -123,3 +124,21 @@ def test_engine_start_refuses_a_bad_adapter_before_starting_anything(tmp_path: P
     with pytest.raises(AdapterError, match="another base model"):
         Engine.start(None, lora_adapters=f"bad={bad}")
     assert set(glob.glob(os.path.join(root, "tgi-mp-*"))) == before
+
+
+def test_an_adapter_by_hub_id_from_the_local_cache(tmp_path: Path, monkeypatch) -> None:
+    """`org/name` (and `@revision`) found in the HF cache layout, never downloaded."""
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--lora"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    write(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "refs" / "v2").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for ref in ("org/lora", "org/lora@v2"):
+        (spec,) = resolve_adapters(parse_adapters(ref), MC, None)
+        assert (spec.name, spec.path) == ("org/lora", str(repo / "snapshots" / commit))
+    with pytest.raises(AdapterError, match="nor in the local Hugging Face cache"):
+        resolve_adapters(parse_adapters("org/missing"), MC, None)
