@@ -1,0 +1,132 @@
+"""The LoRA projections against the formula, row by row: y = W x + s_a · B_a (A_a x) for
+each token's adapter (or none), in float32 and in packed bf16, after slot swaps, and
+through the static mask buffers a CUDA graph replays over."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig
+
+from tests.executor.test_model import TINY, save_tiny
+from tgi_mp.executor.lora import GROUPS, LoraAdapters, LoraLinear
+from tgi_mp.executor.parallel import SINGLE
+from tgi_mp.executor.weights import load_model
+from tgi_mp.ipc.messages import LoraColumns
+from tgi_mp.lora_source import check_adapter, projection_shapes
+from tgi_mp.model_source import load_model_config, resolve_model
+
+RANKS = (4, 8)
+TARGETS = (("q_proj", "v_proj", "down_proj"), ("q_proj", "k_proj", "gate_proj", "o_proj"))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-lora-layers")
+    save_tiny(LlamaConfig(**TINY), directory)
+    source = resolve_model(str(directory))
+    mc = load_model_config(source)
+    shapes = projection_shapes(mc)
+    specs, weights = [], []
+    for a, (rank, targets) in enumerate(zip(RANKS, TARGETS, strict=True)):
+        gen = torch.Generator().manual_seed(a)
+        tensors = {}
+        for layer in range(mc.num_layers):
+            for module in targets:
+                n_in, n_out = shapes[module]
+                parent = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+                key = f"base_model.model.model.layers.{layer}.{parent}.{module}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, n_in, generator=gen) * 0.2
+                tensors[f"{key}.lora_B.weight"] = torch.randn(n_out, rank, generator=gen) * 0.2
+        path = directory / f"lora{a}"
+        path.mkdir()
+        save_file(tensors, path / "adapter_model.safetensors")
+        (path / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": 3 * a + 2}))
+        specs.append(check_adapter(f"lora{a}", path, mc, None))
+        weights.append(tensors)
+    return source, mc, tuple(specs), weights
+
+
+def expected(base, x, layer, group, token_slots, resident, specs, weights, mc) -> torch.Tensor:
+    """The formula in float32, token by token."""
+    y = base(x).float()
+    parent, subs = GROUPS[group]
+    offsets = np.cumsum([0] + [projection_shapes(mc)[sub][1] for sub in subs])
+    for t, slot in enumerate(token_slots):
+        if slot < 0:
+            continue
+        a = resident[slot]
+        for i, sub in enumerate(subs):
+            key = f"base_model.model.model.layers.{layer}.{parent}.{sub}"
+            if f"{key}.lora_A.weight" not in weights[a]:
+                continue
+            A, B = weights[a][f"{key}.lora_A.weight"], weights[a][f"{key}.lora_B.weight"]
+            delta = specs[a].scale * (B @ (A @ x[t].float()))
+            y[t, offsets[i] : offsets[i + 1]] += delta
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_projection_follows_the_formula(setup, dtype: torch.dtype) -> None:
+    source, mc, specs, weights = setup
+    model = load_model(source, mc, dtype, "cpu")
+    lora = LoraAdapters(model, specs, 2, max(RANKS), mc, SINGLE, dtype, torch.device("cpu"))
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    query_lens = np.array([2, 1, 3])
+    gen = torch.Generator().manual_seed(9)
+    # Slots loaded one way, then swapped (a reload zeroes what the old adapter left).
+    for loads, resident in (([0, 1], [0, 1]), ([1, 0], [1, 0])):
+        cols = LoraColumns(
+            np.array([-1, 0, 1], np.int32), np.array([0, 1], np.int32), np.array(loads, np.int32)
+        )
+        lora.apply(cols, query_lens)
+        token_slots = np.repeat(cols.slots, query_lens)
+        for layer, block in enumerate(model.model.layers):
+            for group, (parent, _) in GROUPS.items():
+                module = getattr(getattr(block, parent), group)
+                assert isinstance(module, LoraLinear)
+                x = torch.randn(6, module.group.a.shape[1], generator=gen).to(dtype)
+                with torch.inference_mode():
+                    got = module(x).float()
+                    want = expected(
+                        module.base, x, layer, group, token_slots, resident, specs, weights, mc
+                    )
+                torch.testing.assert_close(got, want, **tol)
+    # No adapter row: the masks are off and the projections are the base ones.
+    lora.apply(base_only(1), np.array([4]))
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    x = torch.randn(4, mc.hidden_size, generator=gen).to(dtype)
+    with torch.inference_mode():
+        torch.testing.assert_close(qkv(x), qkv.base(x), atol=0, rtol=0)
+
+
+def base_only(rows: int) -> LoraColumns:
+    return LoraColumns(np.full(rows, -1, np.int32), np.empty(0, np.int32), np.empty(0, np.int32))
+
+
+def test_static_masks_for_cuda_graphs(setup) -> None:
+    """`to_static`: the step's masks in buffers that stay put, zeros on padding rows."""
+    source, mc, specs, _ = setup
+    model = load_model(source, mc, torch.float32, "cpu")
+    lora = LoraAdapters(model, specs, 2, max(RANKS), mc, SINGLE, torch.float32, torch.device("cpu"))
+    qkv = model.model.layers[1].self_attn.qkv_proj
+    x = torch.randn(8, mc.hidden_size)
+    cols = LoraColumns(
+        np.array([1, -1, 0], np.int32), np.array([0, 1], np.int32), np.array([0, 1], np.int32)
+    )
+    with torch.inference_mode():
+        lora.apply(cols, np.ones(3, dtype=np.int64))
+        eager = qkv(x[:3])
+        lora.state.to_static(3, 8)
+        static = {g: m.data_ptr() for g, m in lora.state.masks.items()}
+        padded = qkv(x)
+        torch.testing.assert_close(padded[:3], eager, atol=1e-6, rtol=0)
+        torch.testing.assert_close(padded[3:], qkv.base(x[3:]), atol=1e-6, rtol=0)
+        lora.apply(base_only(2), np.ones(2, dtype=np.int64))
+        lora.state.to_static(2, 8)  # a base-only step replays the same graph, masks zero
+        assert {g: m.data_ptr() for g, m in lora.state.masks.items()} == static
+        torch.testing.assert_close(qkv(x), qkv.base(x), atol=1e-6, rtol=0)
