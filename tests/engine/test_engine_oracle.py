@@ -1,6 +1,6 @@
 """The correctness oracle: the engine's greedy tokens are transformers' greedy tokens.
 
-The bundled SmolLM2 in float32, prompts of 1 to 640 tokens, 32 new tokens each,
+The bundled SmolLM2 in float32, prompts of 1 to 640 tokens, 24 new tokens each,
 run (a) one at a time, (b) all at once, each prompt now whole in the prefix
 cache, (c) with 64-token prefill chunks and the prefix cache off, and (d) in a KV
 cache small enough to force preemption and evictions (with speculative decoding
@@ -116,7 +116,7 @@ def test_preemption_with_speculative_decoding(cases, default_engine):
     proposals) on: greedy tokens are the oracle's (every row speculates: up to 16 run);
     a seeded sampled request draws the very tokens it draws without speculation
     (`default_engine`)."""
-    # Room for the longest of these requests (257 + 32 tokens) but not for all at once.
+    # Room for the longest of these requests (257 + 24 tokens) but not for all at once.
     cases = cases[:6]
     with Engine.start(
         None,

@@ -15,6 +15,7 @@ from tests.engine.test_tensor_parallel import generate
 from tests.executor.test_model import BS, PROMPT, TINY, Runner, hf_logits, save_tiny
 from tgi_mp.executor.cuda_graphs import DecodeGraphs
 from tgi_mp.executor.weights import load_model
+from tgi_mp.ipc.messages import SamplingParams
 from tgi_mp.kernels.attention import AttentionMetadata
 from tgi_mp.kernels.backends import TritonAttention
 from tgi_mp.launcher import Engine
@@ -25,6 +26,7 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (no GPU)"
 )
 
+EIGHT = SamplingParams(max_new_tokens=8, ignore_eos=True)  # interpreted Triton is slow
 # 6 query heads on 2 KV heads (GQA ratio 3, like the bundled model), head_dim 32.
 GQA3 = {**TINY, "hidden_size": 192, "num_attention_heads": 6, "num_key_value_heads": 2}
 
@@ -112,7 +114,7 @@ def test_engine_on_triton_gives_the_tokens_of_torch(tiny) -> None:
         ) as engine:
             assert engine.ready.attention_backend == attention
             assert engine.ready.device == "cpu" and engine.ready.dtype == "float32"
-            results[attention] = generate(engine, batch, True)
+            results[attention] = generate(engine, batch, True, EIGHT)
             if attention == "torch":  # the reference is the same alone and together
-                assert generate(engine, batch, False) == results["torch"]
+                assert generate(engine, batch, False, EIGHT) == results["torch"]
     assert results["triton"] == results["torch"]
