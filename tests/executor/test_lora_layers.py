@@ -17,6 +17,7 @@ from tgi_mp.executor.lora import GROUPS, LoraAdapters, LoraLinear
 from tgi_mp.executor.parallel import SINGLE
 from tgi_mp.executor.weights import load_model
 from tgi_mp.ipc.messages import LoraColumns
+from tgi_mp.kernels.cpu_lora import LoraKernel
 from tgi_mp.lora_source import check_adapter, projection_shapes
 from tgi_mp.model_source import load_model_config, resolve_model
 
@@ -70,20 +71,40 @@ def expected(base, x, layer, group, token_slots, resident, specs, weights, mc) -
     return y
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_projection_follows_the_formula(setup, dtype: torch.dtype) -> None:
+# The C++ kernel is bf16-only; its plain loops run anywhere, its AVX512-BF16 code
+# where the CPU has it (elsewhere the case runs the plain loops twice).
+CASES = [
+    (torch.float32, "masked", None),
+    (torch.float32, "segments", None),
+    (torch.bfloat16, "masked", None),
+    (torch.bfloat16, "segments", None),
+    (torch.bfloat16, "kernel", False),
+    (torch.bfloat16, "kernel", True),
+]
+
+
+@pytest.mark.parametrize(("dtype", "mode", "fast"), CASES)
+def test_every_projection_follows_the_formula(setup, dtype, mode: str, fast) -> None:
     source, mc, specs, weights = setup
     model = load_model(source, mc, dtype, "cpu")
-    lora = LoraAdapters(model, specs, 2, max(RANKS), mc, SINGLE, dtype, torch.device("cpu"))
+    kernel = None if fast is None else LoraKernel(fast=fast)
+    cpu = torch.device("cpu")
+    lora = LoraAdapters(model, specs, 2, max(RANKS), mc, SINGLE, dtype, cpu, kernel)
+    lora.state.force = mode
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
     query_lens = np.array([2, 1, 3])
     gen = torch.Generator().manual_seed(9)
-    # Slots loaded one way, then swapped (a reload zeroes what the old adapter left).
-    for loads, resident in (([0, 1], [0, 1]), ([1, 0], [1, 0])):
-        cols = LoraColumns(
-            np.array([-1, 0, 1], np.int32), np.array([0, 1], np.int32), np.array(loads, np.int32)
-        )
+    # Slots loaded one way, then swapped (a reload zeroes what the old adapter left);
+    # then one slot's tokens apart (segments: gathered rows, not a view).
+    for rows, loads, resident in (
+        ([-1, 0, 1], [0, 1], [0, 1]),
+        ([-1, 0, 1], [1, 0], [1, 0]),
+        ([1, -1, 1], [], [1, 0]),
+    ):
+        slots = np.arange(len(loads), dtype=np.int32)  # slot i <- adapter loads[i]
+        cols = LoraColumns(np.array(rows, np.int32), slots, np.array(loads, np.int32))
         lora.apply(cols, query_lens)
+        assert lora.state.mode == mode
         token_slots = np.repeat(cols.slots, query_lens)
         for layer, block in enumerate(model.model.layers):
             for group, (parent, _) in GROUPS.items():
@@ -118,6 +139,7 @@ def test_static_masks_for_cuda_graphs(setup) -> None:
     cols = LoraColumns(
         np.array([1, -1, 0], np.int32), np.array([0, 1], np.int32), np.array([0, 1], np.int32)
     )
+    lora.state.force = "segments"  # eager by segment; `to_static` masks for the graph
     with torch.inference_mode():
         lora.apply(cols, np.ones(3, dtype=np.int64))
         eager = qkv(x[:3])
