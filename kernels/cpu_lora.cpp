@@ -16,7 +16,7 @@ using tgi::bf16;
 
 namespace {
 
-constexpr int64_t kBlock = 4;  // tokens of one slot computed together (weights loaded once)
+constexpr int64_t kBlock = 8;  // tokens of one slot computed together (weights loaded once)
 
 // s[j][r] = A[r] . x_j for r < rank, the n tokens j (A rows `in` long).
 void shrink(const bf16* const* x, int64_t n, const bf16* a, int64_t in, int64_t rank, float* s) {
@@ -73,8 +73,9 @@ TGI_AVX512_BF16 inline void shrink_rows(const bf16* const* x, const bf16* a, int
 template <int N>
 TGI_AVX512_BF16 void shrink_block(const bf16* const* x, const bf16* a, int64_t in, int64_t rank,
                                   float* s) {
+  constexpr int Q = N > 4 ? 2 : 4;  // N x Q accumulators within the 32 registers
   int64_t r = 0;
-  for (; r + 4 <= rank; r += 4) shrink_rows<N, 4>(x, a, in, rank, r, s);
+  for (; r + Q <= rank; r += Q) shrink_rows<N, Q>(x, a, in, rank, r, s);
   for (; r < rank; ++r) shrink_rows<N, 1>(x, a, in, rank, r, s);
 }
 
@@ -105,6 +106,10 @@ void block_avx512(const bf16* const* x, const bf16* a, int64_t in, int64_t rank,
 void lora_block_avx512(int64_t n, const bf16* const* x, const bf16* a, int64_t in, int64_t rank,
                        const bf16* bt, int64_t out, bf16* const* y, float* s) {
   switch (n) {
+    case 8: return block_avx512<8>(x, a, in, rank, bt, out, y, s);
+    case 7: return block_avx512<7>(x, a, in, rank, bt, out, y, s);
+    case 6: return block_avx512<6>(x, a, in, rank, bt, out, y, s);
+    case 5: return block_avx512<5>(x, a, in, rank, bt, out, y, s);
     case 4: return block_avx512<4>(x, a, in, rank, bt, out, y, s);
     case 3: return block_avx512<3>(x, a, in, rank, bt, out, y, s);
     case 2: return block_avx512<2>(x, a, in, rank, bt, out, y, s);

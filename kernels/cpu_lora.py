@@ -22,7 +22,7 @@ _SIGNATURES = (
     ("tgi_lora_have_avx512_bf16", _INT, ()),
 )
 MAX_RANK = 256  # the kernel's per-token scratch
-BLOCK = 4  # tokens of one slot per work item (kBlock in cpu_lora.cpp)
+BLOCK = 8  # tokens of one slot per work item (kBlock in cpu_lora.cpp)
 
 
 class LoraKernel:
