@@ -58,6 +58,8 @@ def check(label: str, out: dict, ref: tuple[list[int], list[float]]) -> None:
 
 def test_adapter_id_mixed_in_one_batch_follows_peft(lora) -> None:
     server, refs = lora
+    for name in (None, "support", "terse"):  # each alone first
+        check(f"{name or 'base'} alone", generate(server, TEXTS[0], name), refs[name][0])
     jobs = [(i, name) for i in range(len(TEXTS)) for name in (None, "support", "terse")]
     with ThreadPoolExecutor(len(jobs)) as pool:
         outs = list(pool.map(lambda job: generate(server, TEXTS[job[0]], job[1]), jobs))
