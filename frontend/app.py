@@ -122,9 +122,16 @@ class App:
     async def _route(self, scope: Scope, receive: Receive, send: Send, cors: Headers) -> None:
         method, path = scope["method"], scope["path"]
         if method == "OPTIONS":  # CORS preflight
+            # The headers the browser asks for (the OpenAI SDKs send x-stainless-*), else
+            # the two every client needs.
+            asked = header(scope, b"access-control-request-headers")
             extra = [
-                (b"access-control-allow-methods", b"GET, POST"),
-                (b"access-control-allow-headers", b"content-type, authorization"),
+                (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                (
+                    b"access-control-allow-headers",
+                    (asked or "content-type, authorization").encode(),
+                ),
+                (b"access-control-max-age", b"600"),
             ]
             await respond(send, 200, b"", None, cors + extra)
         elif path.startswith("/v1/"):

@@ -88,20 +88,35 @@ class ChatTemplate:
             _special(config.get("eos_token")),
         )
 
-    def render(self, messages: list[dict[str, Any]], **extra: Any) -> str:
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        continue_final: bool | None = None,
+        generation_prompt: bool | None = None,
+        **extra: Any,
+    ) -> str:
         """The prompt text for `messages`. When the last message is the assistant's, the
-        text stops right after its content, so the model continues that message."""
+        text stops right after its content, so the model continues that message (unless
+        `continue_final` is False: then a new assistant turn follows). The generation
+        prompt follows unless continuing or `generation_prompt` is False (vLLM's)."""
         if self._compiled is None:
             raise errors.template(
                 getattr(self, "_error", "this model has no chat template; use /v1/completions")
             )
-        continue_final = bool(messages) and messages[-1].get("role") == "assistant"
+        last_is_assistant = bool(messages) and messages[-1].get("role") == "assistant"
+        if continue_final and not last_is_assistant:
+            raise errors.invalid(
+                "`continue_final_message` needs an assistant message last", "messages"
+            )
+        continue_final = last_is_assistant if continue_final is None else continue_final
+        if generation_prompt is None:
+            generation_prompt = not continue_final
         try:
             text = self._compiled.render(
                 messages=messages,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
-                add_generation_prompt=not continue_final,
+                add_generation_prompt=generation_prompt and not continue_final,
                 **extra,
             )
         except jinja2.exceptions.TemplateError as e:

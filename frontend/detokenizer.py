@@ -87,8 +87,10 @@ class StopTrimmer:
     A tail that could still become a stop string is held back until it cannot.
     """
 
-    def __init__(self, stops: list[str]) -> None:
+    def __init__(self, stops: list[str], keep: bool = False) -> None:
+        """`keep`: the stop string stays in the text (vLLM's `include_stop_str_in_output`)."""
         self.stops = [s for s in stops if s]
+        self.keep = keep
         self.pending = ""
         self.stopped = False
 
@@ -96,10 +98,11 @@ class StopTrimmer:
         if self.stopped:
             return ""
         text = self.pending + piece
-        hits = [at for at in (text.find(s) for s in self.stops) if at >= 0]
+        hits = [(at, at + len(s)) for s in self.stops if (at := text.find(s)) >= 0]
         if hits:
             self.stopped, self.pending = True, ""
-            return text[: min(hits)]
+            start, end = min(hits)
+            return text[: end if self.keep else start]
         hold = max(
             (
                 k

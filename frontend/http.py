@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -122,6 +122,39 @@ async def until_disconnect(receive: Receive, work: Awaitable[None]) -> bool:
         watcher.cancel()
 
 
+# A comment line on a stream that has had no event for this long (a request queued or
+# prefilling a long prompt), so proxies and load balancers keep it open (TGI's axum
+# keep-alive sends one every 15 s too). Clients skip comment lines.
+SSE_KEEPALIVE_S = 15.0
+KEEPALIVE = b": keep-alive\n\n"
+
+
+async def _with_keepalive(
+    events: AsyncIterator[Any], body: Callable[[bytes], Awaitable[None]]
+) -> AsyncIterator[Any]:
+    """`events`, sending a keep-alive comment whenever the next one is slow to come."""
+    pending: asyncio.Future | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=SSE_KEEPALIVE_S)
+            if not done:
+                await body(KEEPALIVE)
+                continue
+            task, pending = pending, None
+            try:
+                event = task.result()
+            except StopAsyncIteration:
+                return
+            yield event
+    finally:
+        if pending is not None:  # the stream ends early: stop the pending step first
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+
+
 async def stream_sse(
     receive: Receive,
     send: Send,
@@ -141,7 +174,7 @@ async def stream_sse(
     async def produce() -> None:
         try:
             async with contextlib.aclosing(events) as it:
-                async for event in it:
+                async for event in _with_keepalive(it, body):
                     await body(b"data: " + _json.encode(event) + b"\n\n")
         except ApiError as e:
             await body(b"data: " + e.render(api) + b"\n\n")

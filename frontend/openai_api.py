@@ -171,8 +171,11 @@ class OpenAIRoutes:
         if callable_tools is not None:
             params = msgspec.structs.replace(v.params, grammar=callable_tools.grammar)
             v = dataclasses.replace(v, params=params)
+        # vLLM's `echo`: the answer starts with the final message it continues.
+        last = req.messages[-1]
+        echo = _text(last.content) if req.echo and last.role == "assistant" else ""
         choices = [
-            Choice(i, one, self.app.special_ids, want_logprobs=req.logprobs)
+            Choice(i, one, self.app.special_ids, want_logprobs=req.logprobs, echo=echo)
             for i, one in enumerate(copies(v, req.n, req.seed))
         ]
         return choices, callable_tools
@@ -201,7 +204,7 @@ class OpenAIRoutes:
 
         calls = [tools.CallStream(callable_tools.auto) for _ in choices] if callable_tools else []
         for c in choices:  # the role comes once per choice, first
-            yield chunk([ChatChunkChoice(c.index, Delta("assistant", ""), None, None)])
+            yield chunk([ChatChunkChoice(c.index, Delta("assistant", c.echo), None, None)])
         async for i, tok in fan_out(self.app.tokens, _runs(choices)):
             c = choices[i]
             visible = c.add(tok)
@@ -376,9 +379,16 @@ def _best_completions(
     return kept
 
 
+def _text(content: str | list | None) -> str:
+    """A message's content as text (content parts joined)."""
+    if isinstance(content, list):
+        return "".join(getattr(part, "text", "") for part in content)
+    return content or ""
+
+
 def _message(c: Choice, callable_tools: tools.Tools | None) -> tuple[AssistantMessage, str]:
     """A whole answer: text, or the call the tools' grammar made it (OpenAI's shape)."""
-    text = "".join(c.text)
+    text = c.echo + "".join(c.text)
     call = None
     if callable_tools is not None and (not callable_tools.auto or text.lstrip()[:1] == "{"):
         call = tools.parse_call(text)

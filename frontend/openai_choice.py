@@ -35,14 +35,16 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     want_logprobs: bool = False
     prompt_len: int = 0
+    echo: str = ""  # chat `echo`: text the answer starts with (not generated)
 
     def __post_init__(self) -> None:
-        self.trimmer = StopTrimmer(self.v.stop)
+        self.trimmer = StopTrimmer(self.v.stop, keep=self.v.include_stop_str)
         self.prompt_len = len(self.v.prompt_ids)
 
     def add(self, tok: Token) -> str:
-        """The new visible text for this token (special tokens show nothing)."""
-        piece = "" if tok.special else tok.text
+        """The new visible text for this token (special tokens show nothing, unless
+        `skip_special_tokens` is off)."""
+        piece = "" if tok.special and self.v.skip_special_tokens else tok.text
         visible = self.trimmer.push(piece)
         if self.gen.finish_reason:
             visible += self.trimmer.flush()

@@ -83,6 +83,13 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # vLLM's extras (benchmark tools and clients send them).
+    ignore_eos: bool = False
+    min_tokens: NonNegativeInt = 0
+    stop_token_ids: list[NonNegativeInt] | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True  # no effect: fast tokenizers have no such choice
+    include_stop_str_in_output: bool = False
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -93,6 +100,11 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     tool_prompt: str | None = None  # TGI's: the instruction appended after the tools
+    # vLLM's chat extras: template options, and echoing the final assistant message.
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    echo: bool = False
 
 
 class CompletionRequest(SamplingFields, kw_only=True):

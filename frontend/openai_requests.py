@@ -82,8 +82,20 @@ def with_extras(r: SamplingFields, v: ValidRequest, cfg: FrontendConfig) -> Vali
                 f"`logit_bias` values must be >= -100 and <= 100. Given: {value}", "logit_bias"
             )
         bias.append((int(key), float(value)))
+    if r.min_tokens > v.params.max_new_tokens:
+        raise errors.invalid(
+            f"`min_tokens` must be <= `max_tokens`. Given: {r.min_tokens} > "
+            f"{v.params.max_new_tokens}",
+            "min_tokens",
+        )
+    stop_ids = tuple(r.stop_token_ids or ())
+    if vocab and any(i >= vocab for i in stop_ids):
+        raise errors.invalid(f"`stop_token_ids` must be < {vocab}", "stop_token_ids")
     params = msgspec.structs.replace(
         v.params,
+        ignore_eos=r.ignore_eos,
+        min_tokens=r.min_tokens,
+        stop_token_ids=stop_ids,
         presence_penalty=r.presence_penalty or 0.0,
         min_p=r.min_p or 0.0,
         logit_bias=tuple(bias),
@@ -91,7 +103,12 @@ def with_extras(r: SamplingFields, v: ValidRequest, cfg: FrontendConfig) -> Vali
         # OpenAI's `model` names an adapter; any other name is the base model (as before).
         adapter=cfg.lora_adapters.index(r.model) if r.model in cfg.lora_adapters else -1,
     )
-    return dataclasses.replace(v, params=params)
+    return dataclasses.replace(
+        v,
+        params=params,
+        skip_special_tokens=r.skip_special_tokens,
+        include_stop_str=r.include_stop_str_in_output,
+    )
 
 
 def constraint(r: SamplingFields, cfg: FrontendConfig) -> str | None:
@@ -186,7 +203,21 @@ def chat_prompt(
     extra = {}
     if with_tools is not None:
         extra = tools.render_extra(with_tools, template.source, messages)
-    text = template.render(messages, **extra)  # the template places BOS itself
+    # vLLM's template options: the template's own kwargs (not what this call sets).
+    extra = {**(req.chat_template_kwargs or {}), **extra}
+    for name in ("messages", "bos_token", "eos_token", "add_generation_prompt"):
+        extra.pop(name, None)
+    if req.continue_final_message and req.add_generation_prompt:
+        raise errors.invalid(
+            "`continue_final_message` and `add_generation_prompt` cannot both be true",
+            "continue_final_message",
+        )
+    text = template.render(
+        messages,
+        continue_final=req.continue_final_message,
+        generation_prompt=req.add_generation_prompt,
+        **extra,
+    )  # the template places BOS itself
     return encode(tokenizer, text, add_special_tokens=False)
 
 

@@ -41,6 +41,10 @@ class GenerateParameters(msgspec.Struct, kw_only=True):
     top_n_tokens: UInt32 | None = None
     grammar: dict[str, Any] | None = None
     adapter_id: str | None = None
+    # vLLM's extras, taken on TGI's routes too.
+    ignore_eos: bool = False
+    min_tokens: UInt32 = 0
+    stop_token_ids: list[UInt32] = msgspec.field(default_factory=list)
 
 
 class GenerateRequest(msgspec.Struct, kw_only=True):

@@ -30,6 +30,8 @@ class ValidRequest:
     details: bool
     return_full_text: bool
     best_of: int = 1
+    skip_special_tokens: bool = True  # OpenAI routes: special tokens show no text
+    include_stop_str: bool = False  # OpenAI routes: keep the stop string that ended it
 
 
 def adapter_index(name: str | None, cfg: FrontendConfig) -> int:
@@ -155,6 +157,13 @@ def build(
         check_grammar_allowed(cfg, "grammar")
         constraint = grammar.from_tgi(p.grammar)
     adapter = adapter_index(p.adapter_id, cfg)
+    if p.min_tokens > max_new:
+        raise errors.invalid(
+            f"`min_tokens` must be <= `max_new_tokens`. Given: {p.min_tokens} > {max_new}",
+            "min_tokens",
+        )
+    if cfg.vocab_size and any(i >= cfg.vocab_size for i in p.stop_token_ids):
+        raise errors.invalid(f"`stop_token_ids` must be < {cfg.vocab_size}", "stop_token_ids")
 
     temperature = p.temperature if p.temperature is not None else 1.0
     sampling = sampling and temperature >= GREEDY_TEMPERATURE
@@ -175,6 +184,9 @@ def build(
         prefill_logprobs=p.decoder_input_details and cfg.enable_prefill_logprobs,
         grammar=constraint,
         adapter=adapter,
+        ignore_eos=p.ignore_eos,
+        min_tokens=p.min_tokens,
+        stop_token_ids=tuple(p.stop_token_ids),
     )
     return ValidRequest(
         prompt_ids=ids,

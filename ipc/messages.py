@@ -59,6 +59,9 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True, gc=False):
     # The LoRA adapter the request runs with: an index into `EngineConfig.lora_adapters`
     # (resolved by the frontend from `adapter_id` or the OpenAI `model`); -1: none.
     adapter: int = -1
+    # Until this many tokens are generated, EOS (unless ignore_eos) and the stop token ids
+    # cannot be sampled (vLLM's `min_tokens`).
+    min_tokens: int = 0
 
 
 # ---------------------------------------------------------------- frontend -> scheduler

@@ -387,7 +387,8 @@ class Scheduler:
 
     def _plan(self, reqs: list[Request], num_new: list[int]) -> StepPlan:
         released = np.array(self._released, dtype=np.int64)
-        plan = build_step_plan(self._step_id + 1, reqs, num_new, released)
+        eos = self.cfg.eos_token_ids
+        plan = build_step_plan(self._step_id + 1, reqs, num_new, released, eos)
         if self.lora is not None:
             plan.lora = self.lora.columns(reqs)
         self._step_id += 1
@@ -419,7 +420,7 @@ class Scheduler:
         failed = []
         for req, n in zip(reqs, num_new, strict=True):
             try:
-                build_step_plan(0, [req], [n], np.empty(0, np.int64))
+                build_step_plan(0, [req], [n], np.empty(0, np.int64), self.cfg.eos_token_ids)
             except Exception as e:
                 failed.append(self._fail(req, e))
         if not failed:

@@ -38,10 +38,12 @@ def ngram_proposal(tokens: np.ndarray, k: int, n_max: int, n_min: int) -> np.nda
 def can_speculate(req: Request) -> bool:
     """Requests whose next token's distribution does not depend on the tokens sampled
     before it in the same step: no penalties over the history, no grammar state, no
-    watermark (its green list is seeded by the previous token)."""
+    watermark (its green list is seeded by the previous token), no `min_tokens` still
+    holding EOS back (its bias would hold for every proposal)."""
     p: SamplingParams = req.params
     return (
         req.matcher is None
+        and p.min_tokens <= req.num_generated + req.num_pending  # its bias ends mid-step
         and p.grammar is None
         and not p.watermark
         and p.repetition_penalty == 1.0

@@ -49,10 +49,15 @@ class Output:
 
 
 def build_step_plan(
-    step_id: int, reqs: list[Request], num_new: list[int], released: np.ndarray
+    step_id: int,
+    reqs: list[Request],
+    num_new: list[int],
+    released: np.ndarray,
+    eos_ids: frozenset[int] = frozenset(),
 ) -> StepPlan:
     """The plan computing `num_new[i]` tokens of `reqs[i]`; `released` are the sequence
-    ids that ended since the last plan (executors drop their per-sequence state)."""
+    ids that ended since the last plan (executors drop their per-sequence state);
+    `eos_ids`: what `min_tokens` holds back."""
     n = len(reqs)
     query_lens = np.array(num_new, dtype=np.int32)
     context_lens = np.fromiter((r.planned_computed for r in reqs), np.int32, n)
@@ -84,7 +89,7 @@ def build_step_plan(
         sampling=_sampling(reqs, sample),
         penalties=_penalties(reqs, released),
         prompt_logprobs=_prompt_logprobs(reqs, num_new),
-        bias=_bias([r.params for r in reqs]),
+        bias=_bias(reqs, eos_ids),
         grammar=GrammarColumns(np.array(constrained, dtype=np.int32)),
         speculative=proposed if proposed.any() else None,
     )
@@ -153,12 +158,23 @@ def _prompt_logprobs(reqs: list[Request], num_new: list[int]) -> PromptLogprobCo
     )
 
 
-def _bias(params: list[SamplingParams]) -> LogitBiasColumns:
+def _bias(reqs: list[Request], eos_ids: frozenset[int]) -> LogitBiasColumns:
+    """Each row's logit bias: the request's own, and -inf on the tokens that would end it
+    while it has fewer than `min_tokens` (counting the one sampled now)."""
+    rows = [_row_bias(r, eos_ids) for r in reqs]
     return LogitBiasColumns(
-        counts=np.array([len(p.logit_bias) for p in params], dtype=np.int32),
-        ids=np.array([i for p in params for i, _ in p.logit_bias], dtype=np.int32),
-        values=np.array([b for p in params for _, b in p.logit_bias], dtype=np.float32),
+        counts=np.array([len(b) for b in rows], dtype=np.int32),
+        ids=np.array([i for b in rows for i, _ in b], dtype=np.int32),
+        values=np.array([v for b in rows for _, v in b], dtype=np.float32),
     )
+
+
+def _row_bias(r: Request, eos_ids: frozenset[int]) -> tuple[tuple[int, float], ...]:
+    p = r.params
+    if p.min_tokens <= r.num_generated + r.num_pending:
+        return p.logit_bias
+    enders = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids))
+    return (*p.logit_bias, *((i, -np.inf) for i in sorted(enders)))
 
 
 def _penalised(p: SamplingParams) -> bool:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import click
 import msgspec
 
+from tgi_mp import tgi_flags
 from tgi_mp.launcher import Engine, EngineStartupError
 from tgi_mp.options import click_options, split
 
@@ -51,8 +52,10 @@ def main() -> None:
 
 @main.command()
 @click_options
+@tgi_flags.click_options
 def serve(**given: object) -> None:
     """Serve a model over TGI's HTTP API."""
+    tgi = tgi_flags.take(given)
     try:
         o = split(given)
     except ValueError as e:  # a value its option cannot convert (e.g. --cuda-graphs 1,two)
@@ -63,6 +66,7 @@ def serve(**given: object) -> None:
     from tgi_mp.process import setup_logging
 
     setup_logging("serve")
+    tgi_flags.apply(tgi, o)
     check_token_limits(
         f["max_input_tokens"],
         f["max_total_tokens"],
@@ -82,6 +86,11 @@ def serve(**given: object) -> None:
         log.error("%s", e)
         sys.exit(1)
     sys.exit(_run(engine, s, f))
+
+
+def launcher() -> None:
+    """`text-generation-launcher`: TGI's launcher command line, served by `tgi-mp serve`."""
+    serve(prog_name="text-generation-launcher")
 
 
 def check_token_limits(

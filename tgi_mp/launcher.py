@@ -79,6 +79,10 @@ class Engine:
         endpoints = Endpoints.create()
         try:  # a refused configuration leaves no runtime directory behind
             mc = load_model_config(source)
+            if (factor := opts.pop("rope_factor", None)) is not None:  # TGI's --rope-factor
+                mc = msgspec.structs.replace(
+                    mc, rope_scaling={"rope_type": "linear", "factor": factor}
+                )
             adapters = opts.pop("lora_adapters", ())
             if adapters and not isinstance(adapters[0], LoraSpec):  # names and paths
                 pairs = parse_adapters(adapters) if isinstance(adapters, str) else adapters

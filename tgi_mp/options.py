@@ -70,6 +70,7 @@ class Option:
     convert: Callable[[Any], Any] | None = None  # from the flag's value to the field's
     multiple: bool = False
     envvar: bool = True  # False: the flag only (e.g. $HOSTNAME means something else)
+    short: str | None = None  # a one-letter alias (TGI's `-p`)
 
     @property
     def name(self) -> str:  # click's parameter name
@@ -96,7 +97,7 @@ class Option:
             kw["default"] = ()
         else:
             kw.update(default=self.default, type=self.type)
-        return click.option(self.flag, **kw)
+        return click.option(*filter(None, (self.short, self.flag)), **kw)
 
 
 def _choice(name: str) -> click.Choice:
@@ -347,7 +348,7 @@ OPTIONS: tuple[Option, ...] = (
         "Address to listen on ($HOSTNAME is used only when it is an IP address).",
         envvar=False,
     ),
-    Option("--port", 3000, "HTTP port.", type=int),
+    Option("--port", 3000, "HTTP port.", type=int, short="-p"),
     Option(
         "--api-key",
         None,

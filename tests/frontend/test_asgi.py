@@ -101,8 +101,44 @@ def test_cors(tmp_path, tokenizer_dir) -> None:
     status, headers, _ = call(
         listed, "OPTIONS", "/generate", headers={"origin": "https://a.example"}
     )
-    assert status == 200 and headers["access-control-allow-methods"] == "GET, POST"
+    assert status == 200 and headers["access-control-allow-methods"] == "GET, POST, OPTIONS"
     assert headers["access-control-allow-headers"] == "content-type, authorization"
+    # A browser SDK's own headers (the OpenAI SDKs send x-stainless-*) are let through.
+    asked = "content-type, authorization, x-stainless-os, x-stainless-lang"
+    _, headers, _ = call(
+        listed,
+        "OPTIONS",
+        "/v1/chat/completions",
+        headers={"origin": "https://a.example", "access-control-request-headers": asked},
+    )
+    assert headers["access-control-allow-headers"] == asked
+
+
+def test_slow_streams_get_keepalive_comments(monkeypatch) -> None:
+    """A stream with no event for a while (queued, prefilling) sends SSE comments, which
+    clients skip; the events come through unchanged."""
+    from tgi_mp.frontend import http
+
+    monkeypatch.setattr(http, "SSE_KEEPALIVE_S", 0.05)
+    sent: list[dict] = []
+
+    async def events():
+        await asyncio.sleep(0.3)
+        yield {"token": 1}
+        yield {"token": 2}
+
+    async def receive() -> dict:
+        await asyncio.sleep(30)
+        return {"type": "http.disconnect"}
+
+    async def send(msg: dict) -> None:
+        sent.append(msg)
+
+    asyncio.run(http.stream_sse(receive, send, [], "tgi", events()))
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    first = body.index(b"data:")
+    assert body[:first].count(http.KEEPALIVE) >= 3
+    assert body[first:] == b'data: {"token":1}\n\ndata: {"token":2}\n\n'
 
 
 def test_openapi_document(tmp_path, tokenizer_dir) -> None:

@@ -82,13 +82,18 @@ def test_no_process_outlives_a_killed_server() -> None:
     import signal
     import time
 
+    import httpx
     import psutil
 
     from tests.frontend.server import Server, runtime_of, tgi_mp_shm
 
     shm_before = set(tgi_mp_shm())
-    server = Server("--max-batch-total-tokens", "8192")
+    # TGI launcher flags a deployment passes start it as they are (tgi_mp/tgi_flags.py).
+    tgi = ["--max-input-length", "1000", "--sharded", "false", "--usage-stats", "off"]
+    tgi += ["--validation-workers", "2", "--prometheus-port", "9000"]
+    server = Server("--max-batch-total-tokens", "8192", *tgi)
     try:
+        assert httpx.get(f"{server.url}/info").json()["max_input_tokens"] == 1000
         family = psutil.Process(server.proc.pid).children(recursive=True)
         runtime, ring_users = runtime_of(family)
         assert os.path.isdir(runtime) and len(ring_users) == 2
@@ -194,3 +199,47 @@ def test_quantize_gguf_needs_a_gguf_model(tmp_path) -> None:
     with pytest.raises(ValueError, match="--quantize gguf keeps a GGUF file's 4-bit weights"):
         EngineConfig(hf, load_model_config(bundled), str(tmp_path), quantize="gguf")
     EngineConfig(bundled, load_model_config(bundled), str(tmp_path), quantize="gguf")
+
+
+def launcher(*args: str) -> subprocess.CompletedProcess:
+    script = os.path.join(os.path.dirname(sys.executable), "text-generation-launcher")
+    return subprocess.run([script, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_text_generation_launcher_is_tgi_mp_serve() -> None:
+    r = launcher("--help")
+    assert r.returncode == 0 and "--lora-adapters" in r.stdout and "--sharded" in r.stdout
+    assert "-p, --port" in r.stdout  # TGI's short flag
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--kv-cache-dtype", "fp8_e4m3fn"], "--kv-cache-dtype: an fp8 KV cache is not supported"),
+        (["--ngrok"], "ngrok tunnels are not supported"),
+        (["--sharded", "true"], "`sharded` is true but `num_shard` <= 1"),
+        (["--sharded", "false", "--num-shard", "2"], "`sharded` is false but `num_shard` != 1"),
+        (["--rope-scaling", "dynamic", "--rope-factor", "2"], "dynamic (NTK-aware) is not"),
+        (["--rope-scaling", "linear"], "--rope-scaling linear needs --rope-factor"),
+        (["--max-input-length", "9", "--max-input-tokens", "9"], "give one"),
+        (["--max-input-length", "10", "--max-total-tokens", "10"], "must be < `max_total_tokens`"),
+    ],
+)
+def test_tgi_launcher_flags_map_or_are_refused_at_once(args: list[str], message: str) -> None:
+    r = launcher(*args)
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr
+
+
+def test_tgi_launcher_flags_map_onto_options(monkeypatch) -> None:
+    from tgi_mp import tgi_flags
+    from tgi_mp.options import split
+
+    given = {"model_id": None}
+    o = split(given)
+    o["engine"].setdefault("num_shards", 1)
+    values = {"rope_factor": 4.0, "disable_custom_kernels": True, "huggingface_hub_cache": "/c"}
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    tgi_flags.apply(values, o)
+    assert o["engine"]["rope_factor"] == 4.0 and o["engine"]["attention"] == "torch"
+    assert os.environ["HF_HUB_CACHE"] == "/c"

@@ -315,3 +315,63 @@ def test_dropped_chat_streams_and_requests_free_their_blocks(server) -> None:
     g = _wait_until_idle(server, timeout=10)
     assert g["tgi_batch_current_size"] == 0 and g["tgi_queue_size"] == 0
     assert g["tgi_mp_kv_blocks_free"] == g["tgi_mp_kv_blocks_total"], g
+
+
+# ---------------------------------------------------------------- vLLM's request extras
+
+
+def test_vllm_extras_ignore_eos_min_tokens_stop_token_ids(server, client) -> None:
+    """Benchmark tools send these: EOS ignored runs to max_tokens; min_tokens holds the
+    stop token ids back; a stop token id ends the answer (TGI's routes take them too)."""
+    short = greedy(client, ASK, max_tokens=200)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 200
+    long = greedy(
+        client, ASK, max_tokens=short.usage.completion_tokens + 5, extra_body={"ignore_eos": True}
+    )
+    assert long.usage.completion_tokens == short.usage.completion_tokens + 5
+    assert long.choices[0].finish_reason == "length"
+    ids = tokenizer()(short.choices[0].message.content, add_special_tokens=False)["input_ids"]
+    stop_id = ids[1]  # the answer's second token
+    cut = greedy(client, ASK, max_tokens=50, extra_body={"stop_token_ids": [stop_id]})
+    assert cut.usage.completion_tokens == 2 and cut.choices[0].finish_reason == "stop"
+    held = greedy(
+        client, ASK, max_tokens=50, extra_body={"stop_token_ids": [stop_id], "min_tokens": 6}
+    )
+    assert held.usage.completion_tokens >= 6
+    body = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 8}}
+    body["parameters"] |= {"ignore_eos": True, "min_tokens": 8}
+    out = post(server, "/generate", body | {"parameters": {**body["parameters"], "details": True}})
+    assert out.status_code == 200 and out.json()["details"]["generated_tokens"] == 8
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": MODEL, "messages": ASK, "max_tokens": 4, "min_tokens": 5},
+        timeout=60,
+    )
+    assert r.status_code == 422 and r.json()["error"]["param"] == "min_tokens"
+
+
+def test_vllm_extras_stop_strings_special_tokens_and_templates(client) -> None:
+    full = greedy(client, ASK, max_tokens=20).choices[0].message.content
+    kept = greedy(
+        client, ASK, max_tokens=20, stop=".", extra_body={"include_stop_str_in_output": True}
+    )
+    assert kept.choices[0].message.content == full[: full.find(".") + 1]
+    ended = greedy(client, ASK, max_tokens=200)
+    shown = greedy(client, ASK, max_tokens=200, extra_body={"skip_special_tokens": False})
+    eos = tokenizer().eos_token
+    assert ended.choices[0].finish_reason == "stop" and eos not in ended.choices[0].message.content
+    assert shown.choices[0].message.content == ended.choices[0].message.content + eos
+    # The final assistant message: continued (default), echoed, or a new turn after it.
+    prefix = [*ASK, {"role": "assistant", "content": "The capital of France is"}]
+    cont = greedy(client, prefix, max_tokens=3).choices[0].message.content
+    echoed = greedy(client, prefix, max_tokens=3, extra_body={"echo": True})
+    assert echoed.choices[0].message.content == "The capital of France is" + cont
+    new_turn = greedy(client, prefix, max_tokens=3, extra_body={"continue_final_message": False})
+    assert new_turn.choices[0].message.content != cont
+    with pytest.raises(openai.UnprocessableEntityError):
+        greedy(client, ASK, max_tokens=3, extra_body={"continue_final_message": True})
+    # Template kwargs reach the template (an unknown one is ignored by it).
+    r = greedy(
+        client, ASK, max_tokens=3, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+    )
+    assert r.choices[0].message.content

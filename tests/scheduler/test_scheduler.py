@@ -824,10 +824,10 @@ def test_a_request_whose_plan_breaks_fails_alone(make, monkeypatch) -> None:
     good = [add(s, i, list(range(1, 2 + i)), max_new_tokens=4) for i in (2, 3)]
     real = scheduler.build_step_plan
 
-    def breaks_on_bad(step_id, reqs, num_new, released):
+    def breaks_on_bad(step_id, reqs, num_new, released, eos_ids):
         if any(r is bad for r in reqs):
             raise OverflowError("a column does not fit")
-        return real(step_id, reqs, num_new, released)
+        return real(step_id, reqs, num_new, released, eos_ids)
 
     monkeypatch.setattr(scheduler, "build_step_plan", breaks_on_bad)
     step, ended = s.schedule()
@@ -1011,3 +1011,27 @@ def test_speculation_randomized(make) -> None:
             assert key in aborted and got == want[: len(got)]
         else:
             assert (got, reason) == (want, want_reason), key
+
+
+def test_min_tokens_holds_eos_and_stop_ids_back(make) -> None:
+    """Until `min_tokens` are generated a row's bias is -inf on EOS and its stop ids (the
+    sampler then cannot end it early); from then on, only its own logit bias."""
+    s, ex = make(num_blocks=32, block_size=4, eos_token_ids=frozenset({2}))
+    held = add(s, 1, [5, 6, 7], max_new_tokens=6, min_tokens=3, stop_token_ids=(9,))
+    free = add(s, 2, [5, 6, 8], max_new_tokens=3, logit_bias=((4, 1.5),))
+    trace = run_all(s, ex)
+    check_outputs(trace, [held, free])
+    seen = []
+    for plan, reqs in trace.plans:
+        at = np.cumsum(plan.bias.counts) - plan.bias.counts
+        for i, r in enumerate(reqs):
+            entries = slice(at[i], at[i] + plan.bias.counts[i])
+            ids, values = plan.bias.ids[entries].tolist(), plan.bias.values[entries].tolist()
+            got = dict(zip(ids, values, strict=True))
+            if r is held and plan.sampling.sample[i]:
+                index = int(plan.sampling.sample_index[i])
+                seen.append(index)
+                assert got == ({2: -np.inf, 9: -np.inf} if index < 3 else {}), index
+            if r is free:
+                assert got == {4: 1.5}
+    assert sorted(seen) == list(range(6))
