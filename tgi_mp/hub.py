@@ -10,6 +10,7 @@ A progress bar on a terminal, a log line per file otherwise (a container's logs)
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
@@ -40,6 +41,22 @@ def offline() -> bool:
 def endpoint() -> str | None:
     # Read at call time: huggingface_hub freezes HF_ENDPOINT when it is imported.
     return os.environ.get("HF_ENDPOINT") or None
+
+
+def cached_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -> Path | None:
+    """The snapshot directory of `repo_id` at `revision` (a ref or a commit) in the local
+    cache, or None. Read from the cache's layout directly: huggingface_hub's offline
+    lookup refuses a snapshot with only some of the repo's files, which is what a
+    download of the serving files leaves."""
+    if cache_dir is None:
+        from huggingface_hub import constants
+
+        cache_dir = constants.HF_HUB_CACHE
+    root = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    ref = root / "refs" / (revision or "main")
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = root / "snapshots" / commit if commit else None
+    return snapshot if snapshot is not None and snapshot.is_dir() else None
 
 
 def serving_files(model_id: str, files: list[str]) -> list[str]:
@@ -77,37 +94,30 @@ def download(model_id: str, revision: str | None, cache_dir: str | None) -> Path
     t0 = time.monotonic()
     path = snapshot_download(
         model_id,
-        revision=info.sha or revision,
+        revision=revision,  # the ref as given, so the cache maps it (offline starts)
         cache_dir=cache_dir,
         allow_patterns=files,
         endpoint=endpoint(),
-        tqdm_class=None if sys.stderr.isatty() else _LogProgress,
+        tqdm_class=None if sys.stderr.isatty() else _log_progress(),
     )
     log.info("downloaded %s in %.1fs to %s", model_id, time.monotonic() - t0, path)
     return Path(path)
 
 
-class _LogProgress:
-    """The files' progress as log lines (no terminal to draw a bar on): a tqdm stand-in
-    for `snapshot_download`, which counts files with it."""
+def _log_progress() -> type:
+    """A tqdm that writes log lines (every 5 s and at the end) instead of drawing a bar."""
+    from tqdm.auto import tqdm
 
-    def __init__(self, iterable=None, total: int | None = None, **_: object) -> None:
-        self.iterable, self.total, self.n = iterable, total, 0
+    class LogProgress(tqdm):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self._logged = 0.0
+            super().__init__(*args, **{**kwargs, "file": io.StringIO()})
 
-    def __iter__(self):
-        for item in self.iterable or ():
-            yield item
-            self.update(1)
+        def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+            now = time.monotonic()
+            if now - self._logged >= 5.0 or (self.total and self.n >= self.total):
+                self._logged = now
+                log.info("download: %s", self.format_meter(**self.format_dict))
+            return True
 
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        log.info("downloaded %d of %s files", self.n, self.total or "?")
-
-    def __enter__(self) -> _LogProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    return LogProgress

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import msgspec
 
+from tgi_mp import hub
 from tgi_mp.model_source import ModelConfig, _hub_cache_dir
 
 # The decoder projections an adapter may target, in the order the executors stack them.
@@ -113,21 +114,14 @@ def _directory(ref: str) -> Path:
         return local.resolve()
     if ref.startswith(("/", "./", "../", "~")):
         raise AdapterError(f"LoRA adapter directory {ref} does not exist")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
     repo, _, revision = ref.partition("@")
-    try:
-        return Path(
-            snapshot_download(
-                repo, revision=revision or None, cache_dir=_hub_cache_dir(), local_files_only=True
-            )
-        )
-    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError) as e:
+    snapshot = hub.cached_snapshot(repo, revision or None, _hub_cache_dir())
+    if snapshot is None:
         raise AdapterError(
             f"LoRA adapter {ref!r} is neither a local directory nor in the local Hugging Face "
             f"cache ({_hub_cache_dir() or 'default location'})"
-        ) from e
+        )
+    return snapshot
 
 
 def check_adapter(name: str, directory: Path, mc: ModelConfig, max_rank: int | None) -> LoraSpec:

@@ -121,32 +121,26 @@ def resolve_model(model_id: str | None, revision: str | None = None) -> ModelSou
     if model_id.endswith(".gguf") or model_id.startswith(("/", "./", "../", "~")):
         raise FileNotFoundError(f"model path {model_id} does not exist")
 
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        snapshot = snapshot_download(
-            model_id, revision=revision, cache_dir=_hub_cache_dir(), local_files_only=True
-        )
-    except (LocalEntryNotFoundError, FileNotFoundError) as e:
+    snapshot = hub.cached_snapshot(model_id, revision, _hub_cache_dir())
+    if snapshot is None:
         if hub.offline():
             rev = f" (revision {revision})" if revision else ""
             raise FileNotFoundError(
                 f"model {model_id!r}{rev} is neither a local path nor in the local Hugging "
                 f"Face cache ({_hub_cache_dir() or 'default location'}), and HF_HUB_OFFLINE "
                 "forbids downloading it"
-            ) from e
-        snapshot = str(_download(model_id, revision))
-    except HFValidationError as e:
-        raise FileNotFoundError(f"model {model_id!r} is neither a local path nor a Hub id") from e
-    return _from_directory(Path(snapshot), model_id)
+            )
+        snapshot = _download(model_id, revision)
+    return _from_directory(snapshot, model_id)
 
 
 def _download(model_id: str, revision: str | None) -> Path:
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 
     try:
         return hub.download(model_id, revision, _hub_cache_dir())
+    except HFValidationError as e:
+        raise FileNotFoundError(f"model {model_id!r} is neither a local path nor a Hub id") from e
     except RepositoryNotFoundError as e:
         raise FileNotFoundError(
             f"model {model_id!r} is not on the Hub (or is gated/private: set HF_TOKEN)"
