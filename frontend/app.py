@@ -23,11 +23,20 @@ from tgi_mp.frontend.config import FrontendConfig
 from tgi_mp.frontend.engine_client import EngineClient
 from tgi_mp.frontend.errors import ApiError
 from tgi_mp.frontend.generation import Generation, run
-from tgi_mp.frontend.http import Headers, Receive, Scope, Send, header, read_body, respond
+from tgi_mp.frontend.http import (
+    Headers,
+    Receive,
+    Scope,
+    Send,
+    header,
+    read_body,
+    respond,
+    respond_json,
+)
 from tgi_mp.frontend.openai_api import OpenAIRoutes
-from tgi_mp.frontend.openapi import DOCS_HTML, openapi_document
+from tgi_mp.frontend.openapi import DOCS_ASSETS, DOCS_HTML, docs_asset, openapi_document
 from tgi_mp.frontend.tgi_api import TgiRoutes
-from tgi_mp.frontend.tgi_protocol import Token
+from tgi_mp.frontend.tgi_protocol import Token, Version
 from tgi_mp.frontend.validation import ValidRequest
 from tgi_mp.process import bind_to_parent
 
@@ -35,7 +44,20 @@ CONFIG_ENV = "TGI_MP_FRONTEND_CONFIG"
 log = logging.getLogger("tgi_mp.frontend")
 
 # TGI's routes that need the API key (OpenAI's: every POST under /v1/).
-_TGI_POSTS = ("/generate", "/generate_stream", "/", "/tokenize")
+_TGI_POSTS = ("/generate", "/generate_stream", "/", "/tokenize", "/chat_tokenize")
+# POST routes a GET is a 405 on (`/` is also GET's health check).
+_POST_ONLY = ("/generate", "/generate_stream", "/tokenize", "/chat_tokenize", "/invocations")
+
+
+def _without_body(send: Send) -> Send:
+    """`send` for a HEAD request: the response's start, then an empty body."""
+
+    async def headless(msg: dict) -> None:
+        if msg["type"] == "http.response.body":
+            msg = {**msg, "body": b""}
+        await send(msg)
+
+    return headless
 
 
 class App:
@@ -121,6 +143,8 @@ class App:
 
     async def _route(self, scope: Scope, receive: Receive, send: Send, cors: Headers) -> None:
         method, path = scope["method"], scope["path"]
+        if method == "HEAD":  # wherever GET works: its status and headers, no body
+            scope, send, method = {**scope, "method": "GET"}, _without_body(send), "GET"
         if method == "OPTIONS":  # CORS preflight
             # The headers the browser asks for (the OpenAI SDKs send x-stainless-*), else
             # the two every client needs.
@@ -136,16 +160,34 @@ class App:
             await respond(send, 200, b"", None, cors + extra)
         elif path.startswith("/v1/"):
             await self.openai.handle(scope, receive, send, cors)
-        elif method == "GET":
+        elif method == "GET" and path not in _POST_ONLY:
             await self._get(path, send, cors)
-        elif path not in _TGI_POSTS:
+        elif path not in _TGI_POSTS and path not in _POST_ONLY:
             raise errors.not_found(method, path)
         elif method != "POST":
             raise errors.method_not_allowed(method, path)
+        elif path == "/invocations":
+            await self._invocations(scope, receive, send, cors)
         else:
             self.check_key(scope)
             body = await read_body(scope, receive, self.cfg.payload_limit)
             await self.tgi.handle_post(scope, path, body, receive, send, cors)
+
+    async def _invocations(self, scope: Scope, receive: Receive, send: Send, cors: Headers) -> None:
+        """SageMaker's route (TGI's and vLLM's): chat when the body has `messages`, an
+        OpenAI completion when it has `prompt`, else TGI's `POST /`."""
+        self.check_key(scope)
+        body = await read_body(scope, receive, self.cfg.payload_limit)
+        try:
+            keys = msgspec.json.decode(body, type=dict[str, msgspec.Raw])
+        except (msgspec.DecodeError, RecursionError):
+            keys = {}
+        if "messages" in keys:
+            await self.openai.post(scope, "/v1/chat/completions", body, receive, send, cors)
+        elif "prompt" in keys:
+            await self.openai.post(scope, "/v1/completions", body, receive, send, cors)
+        else:
+            await self.tgi.handle_post(scope, "/", body, receive, send, cors)
 
     async def _get(self, path: str, send: Send, cors: Headers) -> None:
         if path in ("/health", "/ping", "/"):
@@ -158,6 +200,10 @@ class App:
             await respond(send, 200, openapi_document(self.cfg.version), headers=cors)
         elif path == "/docs":
             await respond(send, 200, DOCS_HTML, b"text/html; charset=utf-8", cors)
+        elif path.startswith("/docs/") and path[6:] in DOCS_ASSETS:
+            await respond(send, 200, docs_asset(path[6:]), DOCS_ASSETS[path[6:]], cors)
+        elif path == "/version":
+            await respond_json(send, Version(self.cfg.version), cors)
         else:
             raise errors.not_found("GET", path)
 

@@ -46,15 +46,20 @@ from tgi_mp.frontend.openai_protocol import (
     CompletionLogprobs,
     CompletionRequest,
     Delta,
+    DetokenizeRequest,
+    DetokenizeResponse,
     FunctionCall,
     FunctionDelta,
     Model,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     ToolCall,
     ToolCallDelta,
 )
 from tgi_mp.frontend.openai_requests import (
     chat_prompt,
+    chat_text,
     chat_tools,
     check_n,
     completion_prompts,
@@ -62,7 +67,7 @@ from tgi_mp.frontend.openai_requests import (
     sampling_parameters,
     with_extras,
 )
-from tgi_mp.frontend.validation import build, check_parameters
+from tgi_mp.frontend.validation import build, check_parameters, encode
 
 if TYPE_CHECKING:
     from tgi_mp.frontend.app import App
@@ -79,10 +84,20 @@ class OpenAIRoutes:
         self.fingerprint = f"tgi-mp-{cfg.version}-{cfg.dtype}"
         self.created = int(time.time())
         self.template = ChatTemplate.load(cfg.tokenizer_dir)
+        self.routes = {
+            "/v1/chat/completions": self._chat,
+            "/v1/completions": self._completions,
+            "/v1/tokenize": self._tokenize,
+            "/v1/detokenize": self._detokenize,
+        }
         # The base model, then each LoRA adapter as a model of its own (as vLLM lists them).
         self.models = {self.model: Model(self.model, "model", self.created, "tgi-mp")}
         for name in cfg.lora_adapters:
             self.models[name] = Model(name, "model", self.created, "tgi-mp", self.model)
+
+    def chat_text(self, req: ChatCompletionRequest) -> str:
+        """A chat request's prompt text (TGI's `/chat_tokenize`), tools included."""
+        return chat_text(req, self.template, chat_tools(req, self.app.cfg))
 
     def _model_of(self, choices: list[Choice]) -> str:
         """The `model` of an answer: the adapter it ran with, else the served model."""
@@ -100,14 +115,51 @@ class OpenAIRoutes:
                 raise errors.model_not_found(name)
             await respond_json(send, self.models[name], cors)
             return
-        routes = {"/v1/chat/completions": self._chat, "/v1/completions": self._completions}
-        if path not in routes:
+        if path not in self.routes:
             raise errors.not_found(method, path)
         if method != "POST":
             raise errors.method_not_allowed(method, path)
         self.app.check_key(scope)
         body = await read_body(scope, receive, self.app.cfg.payload_limit)
-        await routes[path](scope, body, receive, send, cors)
+        await self.post(scope, path, body, receive, send, cors)
+
+    async def post(
+        self, scope: Scope, path: str, body: bytes, receive: Receive, send: Send, cors: Headers
+    ) -> None:
+        await self.routes[path](scope, body, receive, send, cors)
+
+    # ------------------------------------------------------------ vLLM's tokenizer routes
+
+    async def _tokenize(
+        self, scope: Scope, body: bytes, receive: Receive, send: Send, cors: Headers
+    ) -> None:
+        """vLLM's `/tokenize` (here `/v1/tokenize`: TGI owns `/tokenize`): a prompt, or
+        chat messages through the template, to token ids."""
+        req = decode_json(scope, body, TokenizeRequest)
+        if req.messages is not None:
+            chat = ChatCompletionRequest(
+                messages=req.messages,
+                add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message,
+                chat_template_kwargs=req.chat_template_kwargs,
+            )
+            ids = chat_prompt(chat, self.template, self.app.tokenizer)
+        elif req.prompt is not None:
+            ids = encode(self.app.tokenizer, req.prompt, req.add_special_tokens)
+        else:
+            raise errors.invalid("`prompt` or `messages` is required", "prompt")
+        out = TokenizeResponse(len(ids), self.app.cfg.max_total_tokens, ids)
+        await respond_json(send, out, cors)
+
+    async def _detokenize(
+        self, scope: Scope, body: bytes, receive: Receive, send: Send, cors: Headers
+    ) -> None:
+        req = decode_json(scope, body, DetokenizeRequest)
+        vocab = self.app.cfg.vocab_size
+        if vocab and any(not 0 <= i < vocab for i in req.tokens):
+            raise errors.invalid(f"`tokens` must be >= 0 and < {vocab}", "tokens")
+        text = self.app.tokenizer.decode(req.tokens, skip_special_tokens=False)
+        await respond_json(send, DetokenizeResponse(text), cors)
 
     # ------------------------------------------------------------ chat
 

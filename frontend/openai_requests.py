@@ -160,8 +160,15 @@ def chat_prompt(
     tokenizer: Tokenizer,
     with_tools: tools.Tools | None = None,
 ) -> list[int]:
-    """The prompt's token ids: the messages checked, flattened and rendered by the template
-    (with the tools that may be called, if any)."""
+    """The prompt's token ids (`chat_text`, tokenized)."""
+    return encode(tokenizer, chat_text(req, template, with_tools), add_special_tokens=False)
+
+
+def chat_text(
+    req: ChatCompletionRequest, template: ChatTemplate, with_tools: tools.Tools | None = None
+) -> str:
+    """The prompt: the messages checked, flattened and rendered by the template (with the
+    tools that may be called, if any)."""
     if not req.messages:
         raise errors.invalid("`messages` must not be empty", "messages")
     messages = []
@@ -212,13 +219,12 @@ def chat_prompt(
             "`continue_final_message` and `add_generation_prompt` cannot both be true",
             "continue_final_message",
         )
-    text = template.render(
+    return template.render(
         messages,
         continue_final=req.continue_final_message,
         generation_prompt=req.add_generation_prompt,
         **extra,
     )  # the template places BOS itself
-    return encode(tokenizer, text, add_special_tokens=False)
 
 
 def chat_tools(req: ChatCompletionRequest, cfg: FrontendConfig) -> tools.Tools | None:

@@ -14,17 +14,23 @@ from tgi_mp.frontend.openai_protocol import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorBody,
     Model,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from tgi_mp.frontend.tgi_protocol import (
+    ChatTokenizeResponse,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
     Info,
     StreamResponse,
     TokenizeItem,
+    Version,
 )
 
 _TYPES = [
@@ -42,6 +48,12 @@ _TYPES = [
     ErrorBody,
     Model,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ChatTokenizeResponse,
+    Version,
 ]
 
 
@@ -101,7 +113,49 @@ def _openai(request: str, answer: str, chunk: str, summary: str) -> dict[str, An
 
 
 def _paths(sse: dict[str, Any]) -> dict[str, Any]:
-    return {**_tgi_paths(sse), **_openai_paths()}
+    return {**_tgi_paths(sse), **_openai_paths(), **_other_paths()}
+
+
+def _post(request: str, answer: str, summary: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": _ref(request)}},
+            },
+            "responses": {
+                "200": _json(_ref(answer), "The answer"),
+                "422": _json(_ref("ErrorBody"), "Invalid request"),
+            },
+        }
+    }
+
+
+def _other_paths() -> dict[str, Any]:
+    return {
+        "/v1/tokenize": _post(
+            "TokenizeRequest", "TokenizeResponse", "vLLM's tokenize: a prompt or chat to ids"
+        ),
+        "/v1/detokenize": _post("DetokenizeRequest", "DetokenizeResponse", "vLLM's detokenize"),
+        "/chat_tokenize": _post(
+            "ChatCompletionRequest", "ChatTokenizeResponse", "TGI's: a chat's templated prompt"
+        ),
+        "/invocations": {
+            "post": {
+                "summary": "SageMaker's route: chat (`messages`), completion (`prompt`) or "
+                "TGI's `POST /` (`inputs`), by the body",
+                "requestBody": {"required": True, "content": {"application/json": {}}},
+                "responses": {"200": {"description": "As the route it stands for"}},
+            }
+        },
+        "/version": {
+            "get": {
+                "summary": "The server's version",
+                "responses": {"200": _json(_ref("Version"), "Version")},
+            }
+        },
+    }
 
 
 def _openai_paths() -> dict[str, Any]:
@@ -205,11 +259,26 @@ def openapi_document(version: str) -> bytes:
     return msgspec.json.encode(doc)
 
 
-# Swagger UI loads from a CDN in the user's browser; the server itself fetches nothing.
+# Swagger UI from the `swagger-ui-bundle` package, served under /docs/: nothing is
+# fetched from outside, so the page works on an offline cluster.
 DOCS_HTML = b"""<!doctype html>
 <html><head><meta charset="utf-8"><title>tgi-mp API</title>
-<link rel="stylesheet" href="https://unpkg.com/swagger-ui-dist@5/swagger-ui.css"></head>
+<link rel="stylesheet" href="/docs/swagger-ui.css"></head>
 <body><div id="ui"></div>
-<script src="https://unpkg.com/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script src="/docs/swagger-ui-bundle.js"></script>
 <script>SwaggerUIBundle({url: "/api-doc/openapi.json", dom_id: "#ui"});</script>
 </body></html>"""
+DOCS_ASSETS = {
+    "swagger-ui.css": b"text/css; charset=utf-8",
+    "swagger-ui-bundle.js": b"application/javascript; charset=utf-8",
+}
+
+
+@functools.cache
+def docs_asset(name: str) -> bytes:
+    import os
+
+    import swagger_ui_bundle
+
+    with open(os.path.join(swagger_ui_bundle.swagger_ui_path, name), "rb") as f:
+        return f.read()

@@ -27,8 +27,10 @@ from tgi_mp.frontend.http import (
     stream_sse,
     until_disconnect,
 )
+from tgi_mp.frontend.openai_protocol import ChatCompletionRequest
 from tgi_mp.frontend.tgi_protocol import (
     BestOfSequence,
+    ChatTokenizeResponse,
     Details,
     GenerateRequest,
     GenerateResponse,
@@ -57,6 +59,9 @@ class TgiRoutes:
                 items = msgspec.json.decode(body, type=list[msgspec.Raw])
                 if len(items) == 1:
                     body = bytes(items[0])
+        if path == "/chat_tokenize":
+            await self._chat_tokenize(scope, body, send, cors)
+            return
         req = decode_json(scope, body, GenerateRequest)
         if path == "/tokenize":
             await self._tokenize(req, send, cors)
@@ -135,15 +140,25 @@ class TgiRoutes:
     # ------------------------------------------------------------ the other routes
 
     async def _tokenize(self, req: GenerateRequest, send: Send, cors: Headers) -> None:
-        enc = self.app.tokenizer.encode(req.inputs, add_special_tokens=True)
-        raw = req.inputs.encode()
+        await respond_json(send, self._items(req.inputs, True), cors)
+
+    async def _chat_tokenize(self, scope: Scope, body: bytes, send: Send, cors: Headers) -> None:
+        """TGI's `/chat_tokenize`: a chat request's templated prompt and its tokens."""
+        req = decode_json(scope, body, ChatCompletionRequest)
+        templated = self.app.openai.chat_text(req)
+        out = ChatTokenizeResponse(self._items(templated, False), templated)
+        await respond_json(send, out, cors)
+
+    def _items(self, text: str, add_special_tokens: bool) -> list[TokenizeItem]:
+        enc = self.app.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        raw = text.encode()
         # Offsets come in characters; TGI reports bytes: one table, built in one pass.
-        byte_at = [0, *itertools.accumulate(len(c.encode()) for c in req.inputs)]
+        byte_at = [0, *itertools.accumulate(len(c.encode()) for c in text)]
         items = []
         for tok_id, (start, stop) in zip(enc.ids, enc.offsets, strict=True):
             b0, b1 = byte_at[start], byte_at[stop]
             items.append(TokenizeItem(tok_id, raw[b0:b1].decode(errors="replace"), b0, b1))
-        await respond_json(send, items, cors)
+        return items
 
     async def health(self, send: Send, cors: Headers) -> None:
         client = self.app.client

@@ -119,6 +119,15 @@ class TokenizeItem(msgspec.Struct):
     stop: int
 
 
+class Version(msgspec.Struct):
+    version: str
+
+
+class ChatTokenizeResponse(msgspec.Struct):
+    tokenize_response: list[TokenizeItem]
+    templated_text: str
+
+
 class Info(msgspec.Struct):
     model_id: str
     model_sha: str | None

@@ -152,6 +152,41 @@ def test_openapi_document(tmp_path, tokenizer_dir) -> None:
     params = doc["components"]["schemas"]["GenerateParameters"]["properties"]
     assert {"max_new_tokens", "temperature", "top_p", "stop", "details", "seed"} <= set(params)
     assert call(app, "GET", "/docs")[1]["content-type"].startswith("text/html")
+    new = {"/v1/tokenize", "/v1/detokenize", "/chat_tokenize", "/invocations", "/version"}
+    assert new | {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(doc["paths"])
+    # Swagger UI's own files are served, so /docs works offline (no CDN in the page).
+    status, headers, js = call(app, "GET", "/docs/swagger-ui-bundle.js")
+    assert status == 200 and len(js) > 100_000 and "javascript" in headers["content-type"]
+    assert b"https://" not in call(app, "GET", "/docs")[2]
+
+
+def test_routes_deployments_expect(tmp_path, tokenizer_dir) -> None:
+    """HEAD wherever GET works, 405 for a known route's wrong method, /version, and the
+    tokenizer routes of TGI (`/chat_tokenize`) and vLLM (`/v1/tokenize`, `/v1/detokenize`)."""
+    app = make_app(tmp_path, tokenizer_dir, vocab_size=49152)
+    status, headers, body = call(app, "HEAD", "/info")
+    assert status == 200 and body == b"" and headers["content-type"] == "application/json"
+    assert call(app, "HEAD", "/nope")[0] == 404
+    status, _, body = call(app, "GET", "/generate")
+    assert status == 405 and msgspec.json.decode(body)["error_type"] == "method_not_allowed"
+    assert call(app, "GET", "/invocations")[0] == 405
+    assert msgspec.json.decode(call(app, "GET", "/version")[2]) == {"version": "0.1.0"}
+    ask = {"messages": [{"role": "user", "content": "Hi"}]}
+    status, _, body = call(app, "POST", "/chat_tokenize", msgspec.json.encode(ask), JSON)
+    out = msgspec.json.decode(body)
+    assert status == 200 and "Hi" in out["templated_text"]
+    assert "".join(t["text"] for t in out["tokenize_response"]) == out["templated_text"]
+    body = msgspec.json.encode({"prompt": "Hello world", "add_special_tokens": False})
+    tokens = msgspec.json.decode(call(app, "POST", "/v1/tokenize", body, JSON)[2])
+    assert tokens["count"] == len(tokens["tokens"]) > 0 and tokens["max_model_len"] == 4096
+    chat = msgspec.json.decode(call(app, "POST", "/v1/tokenize", msgspec.json.encode(ask), JSON)[2])
+    assert chat["count"] == len(out["tokenize_response"])
+    body = msgspec.json.encode({"tokens": tokens["tokens"]})
+    assert msgspec.json.decode(call(app, "POST", "/v1/detokenize", body, JSON)[2]) == {
+        "prompt": "Hello world"
+    }
+    status, _, body = call(app, "POST", "/v1/detokenize", b'{"tokens": [99999999]}', JSON)
+    assert status == 422 and msgspec.json.decode(body)["error"]["param"] == "tokens"
 
 
 # ---------------------------------------------------------------- OpenAI API errors

@@ -375,3 +375,21 @@ def test_vllm_extras_stop_strings_special_tokens_and_templates(client) -> None:
         client, ASK, max_tokens=3, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
     )
     assert r.choices[0].message.content
+
+
+def test_invocations_routes_by_the_body(server) -> None:
+    """SageMaker's `/invocations`: chat, completion or TGI's `POST /`, by the body."""
+
+    def invoke(body: dict) -> dict | list:
+        r = httpx.post(f"{server.url}/invocations", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    chat = invoke({"messages": ASK, "max_tokens": 3, "temperature": 0})
+    assert chat["object"] == "chat.completion" and chat["usage"]["completion_tokens"] == 3
+    done = invoke({"prompt": "The sea", "max_tokens": 3, "temperature": 0})
+    assert done["object"] == "text_completion"
+    tgi = invoke({"inputs": "The sea", "parameters": {"max_new_tokens": 3}})
+    assert isinstance(tgi, list) and "generated_text" in tgi[0]
+    head = httpx.head(f"{server.url}/health", timeout=10)  # through granian too
+    assert head.status_code == 200 and head.content == b""
