@@ -10,10 +10,13 @@ aborts the request in the scheduler and frees its KV blocks.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import msgspec
 from tokenizers import Tokenizer
@@ -41,6 +44,7 @@ from tgi_mp.frontend.validation import ValidRequest
 from tgi_mp.process import bind_to_parent
 
 CONFIG_ENV = "TGI_MP_FRONTEND_CONFIG"
+T = TypeVar("T")
 log = logging.getLogger("tgi_mp.frontend")
 
 # TGI's routes that need the API key (OpenAI's: every POST under /v1/).
@@ -65,6 +69,7 @@ class App:
         self._cfg = cfg
         self.client: EngineClient | None = None
         self.in_flight = 0
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def cfg(self) -> FrontendConfig:
@@ -215,6 +220,13 @@ class App:
             raise errors.unauthorized()
 
     # ------------------------------------------------------------ what both APIs share
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in the validation threads (`--validation-workers`): tokenizing and
+        templating a 2 MB prompt must not stall the event loop every stream runs on."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.cfg.validation_workers, "validation")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def permit(self, n: int = 1) -> None:
         """429 unless `n` more requests may run (each sequence holds a permit while it runs)."""

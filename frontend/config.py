@@ -20,6 +20,7 @@ class FrontendConfig(msgspec.Struct, frozen=True, kw_only=True):
     served_model_name: str = ""  # the `model` of OpenAI answers; model_id when empty
     lora_adapters: list[str] = msgspec.field(default_factory=list)  # names, in engine order
     max_concurrent_requests: int = DEFAULTS["max_concurrent_requests"]  # of this worker
+    validation_workers: int = DEFAULTS["validation_workers"]  # threads, per HTTP worker
     max_best_of: int = DEFAULTS["max_best_of"]
     max_stop_sequences: int = DEFAULTS["max_stop_sequences"]
     max_top_n_tokens: int = DEFAULTS["max_top_n_tokens"]

@@ -143,9 +143,11 @@ class OpenAIRoutes:
                 continue_final_message=req.continue_final_message,
                 chat_template_kwargs=req.chat_template_kwargs,
             )
-            ids = chat_prompt(chat, self.template, self.app.tokenizer)
+            ids = await self.app.off_loop(chat_prompt, chat, self.template, self.app.tokenizer)
         elif req.prompt is not None:
-            ids = encode(self.app.tokenizer, req.prompt, req.add_special_tokens)
+            ids = await self.app.off_loop(
+                encode, self.app.tokenizer, req.prompt, req.add_special_tokens
+            )
         else:
             raise errors.invalid("`prompt` or `messages` is required", "prompt")
         out = TokenizeResponse(len(ids), self.app.cfg.max_total_tokens, ids)
@@ -168,7 +170,7 @@ class OpenAIRoutes:
     ) -> None:
         t0 = time.perf_counter()
         req = decode_json(scope, body, ChatCompletionRequest)
-        choices, callable_tools = self._chat_choices(req)
+        choices, callable_tools = await self.app.off_loop(self._chat_choices, req)
         t_valid = time.perf_counter()
         answer_id = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
@@ -281,7 +283,7 @@ class OpenAIRoutes:
     ) -> None:
         t0 = time.perf_counter()
         req = decode_json(scope, body, CompletionRequest)
-        choices, texts = self._completion_choices(req)
+        choices, texts = await self.app.off_loop(self._completion_choices, req)
         t_valid = time.perf_counter()
         answer_id = f"cmpl-{uuid.uuid4().hex}"
         if req.stream:

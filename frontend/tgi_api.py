@@ -71,10 +71,10 @@ class TgiRoutes:
         else:
             await self._generate(scope, req, receive, send, cors, wrap=path == "/")
 
-    def _admit(self, req: GenerateRequest) -> ValidRequest:
-        """Concurrency permit first, then validation, as in TGI."""
+    async def _admit(self, req: GenerateRequest) -> ValidRequest:
+        """Concurrency permit first, then validation (off the event loop), as in TGI."""
         self.app.permit()
-        v = validate(req, self.app.cfg, self.app.tokenizer)
+        v = await self.app.off_loop(validate, req, self.app.cfg, self.app.tokenizer)
         self.app.permit(v.best_of)
         return v
 
@@ -88,7 +88,7 @@ class TgiRoutes:
         wrap: bool,
     ) -> None:
         t0 = time.perf_counter()
-        v = self._admit(req)
+        v = await self._admit(req)
         t_valid = time.perf_counter()
         # best_of > 1: that many sampled sequences (own seeds, own permits), best mean logprob wins.
         runs = [
@@ -117,7 +117,7 @@ class TgiRoutes:
                 "`decoder_input_details` == true is not supported when streaming tokens",
                 "decoder_input_details",
             )
-        v = self._admit(req)
+        v = await self._admit(req)
         t_valid = time.perf_counter()
         gen = Generation()
         async for tok in self.app.tokens(v, gen):
@@ -140,17 +140,20 @@ class TgiRoutes:
     # ------------------------------------------------------------ the other routes
 
     async def _tokenize(self, req: GenerateRequest, send: Send, cors: Headers) -> None:
-        await respond_json(send, self._items(req.inputs, True), cors)
+        await respond_json(send, await self.app.off_loop(self._items, req.inputs, True), cors)
 
     async def _chat_tokenize(self, scope: Scope, body: bytes, send: Send, cors: Headers) -> None:
         """TGI's `/chat_tokenize`: a chat request's templated prompt and its tokens."""
         req = decode_json(scope, body, ChatCompletionRequest)
-        templated = self.app.openai.chat_text(req)
-        out = ChatTokenizeResponse(self._items(templated, False), templated)
+        templated = await self.app.off_loop(self.app.openai.chat_text, req)
+        out = ChatTokenizeResponse(
+            await self.app.off_loop(self._items, templated, False), templated
+        )
         await respond_json(send, out, cors)
 
     def _items(self, text: str, add_special_tokens: bool) -> list[TokenizeItem]:
-        enc = self.app.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        # encode_batch lets go of the GIL (encode does not): other streams run meanwhile.
+        (enc,) = self.app.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)
         raw = text.encode()
         # Offsets come in characters; TGI reports bytes: one table, built in one pass.
         byte_at = [0, *itertools.accumulate(len(c.encode()) for c in text)]

@@ -128,7 +128,9 @@ def check_parameters(p: GenerateParameters, cfg: FrontendConfig) -> bool:
 
 def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     try:
-        return tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch lets go of the GIL while the Rust tokenizer runs (encode holds it),
+        # so a huge prompt validated in a worker thread stalls no other stream.
+        return tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
     except Exception as e:  # the tokenizers library raises plain Exceptions
         raise errors.invalid(f"tokenizer error {e}") from e
 

@@ -75,6 +75,8 @@ def serve(**given: object) -> None:
     )
     if s["frontend_workers"] < 1:
         _fail("`frontend_workers` must be at least 1")
+    if f["validation_workers"] < 1:  # TGI's words
+        _fail("`validation_workers` must be > 0")
     if f["otlp_endpoint"]:
         import importlib.util
 

@@ -189,6 +189,14 @@ OPTIONS: tuple[Option, ...] = (
         "frontend",
         int,
     ),
+    Option(
+        "--validation-workers",
+        2,
+        "Threads per HTTP worker that tokenize and template prompts, off the event loop "
+        "(TGI's flag): a huge prompt never stalls other streams.",
+        "frontend",
+        int,
+    ),
     Option("--max-best-of", 2, "Largest `best_of` accepted.", "frontend", int),
     Option("--max-stop-sequences", 4, "Most `stop` strings per request.", "frontend", int),
     Option("--max-top-n-tokens", 5, "Largest `top_n_tokens` accepted.", "frontend", int),

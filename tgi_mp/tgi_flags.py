@@ -54,12 +54,6 @@ TGI_FLAGS: tuple[TgiFlag, ...] = (
     _flag("--rope-factor", "maps", "the RoPE scaling factor (linear)", float),
     _flag("--disable-custom-kernels", "maps", "--attention torch: no C++ or Triton attention"),
     _flag("--env", "maps", "logs the runtime environment at start", envvar=False),
-    _flag(
-        "--validation-workers",
-        "noted",
-        "validation runs in each HTTP worker (--frontend-workers sets how many)",
-        int,
-    ),
     _flag("--prometheus-port", "noted", "/metrics is served on --port", int),
     _flag(
         "--shard-uds-path", "noted", "tgi-mp's processes talk in a private runtime directory", str

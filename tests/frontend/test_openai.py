@@ -393,3 +393,35 @@ def test_invocations_routes_by_the_body(server) -> None:
     assert isinstance(tgi, list) and "generated_text" in tgi[0]
     head = httpx.head(f"{server.url}/health", timeout=10)  # through granian too
     assert head.status_code == 200 and head.content == b""
+
+
+def test_a_huge_prompt_does_not_stall_other_streams(server) -> None:
+    """A 1.9 MB prompt is tokenized in a validation thread (its GIL-free call), so a
+    stream served by the same worker keeps getting tokens meanwhile."""
+    import itertools
+    import threading
+    import time
+
+    text = ("The history of the lighthouse begins long before electric lamps. " * 30000)[:1_900_000]
+    arrivals: list[float] = []
+
+    def stream() -> None:
+        body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 80}}
+        with httpx.stream("POST", f"{server.url}/generate_stream", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    arrivals.append(time.perf_counter())
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    while len(arrivals) < 3:
+        time.sleep(0.01)
+    start = time.perf_counter()
+    r = httpx.post(f"{server.url}/generate", json={"inputs": text}, timeout=120)
+    end = time.perf_counter()
+    reader.join()
+    assert r.status_code == 422, r.text  # too long, found once it was tokenized
+    took = end - start
+    assert took > 0.3, "the prompt must take a while to validate, or this shows nothing"
+    during = [b - a for a, b in itertools.pairwise(arrivals) if b > start and a < end]
+    assert len(during) >= 2 and max(during) < took / 2, (took, during)
