@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import msgspec
 from tokenizers import Tokenizer
 
-from tgi_mp.frontend import errors, metrics, tracing
+from tgi_mp.frontend import access, errors, metrics, tracing
 from tgi_mp.frontend.config import FrontendConfig
 from tgi_mp.frontend.engine_client import EngineClient
 from tgi_mp.frontend.errors import ApiError
@@ -41,7 +41,7 @@ from tgi_mp.frontend.openapi import DOCS_ASSETS, DOCS_HTML, docs_asset, openapi_
 from tgi_mp.frontend.tgi_api import TgiRoutes
 from tgi_mp.frontend.tgi_protocol import Token, Version
 from tgi_mp.frontend.validation import ValidRequest
-from tgi_mp.process import bind_to_parent
+from tgi_mp.process import bind_to_parent, setup_logging
 
 CONFIG_ENV = "TGI_MP_FRONTEND_CONFIG"
 T = TypeVar("T")
@@ -81,6 +81,8 @@ class App:
     def _start(self) -> None:
         if self.client is None:
             cfg = self.cfg
+            if not logging.getLogger().handlers:  # a granian worker: tgi-mp's log lines
+                setup_logging("frontend")
             self.tokenizer = Tokenizer.from_file(os.path.join(cfg.tokenizer_dir, "tokenizer.json"))
             self.special_ids = set(self.tokenizer.get_added_tokens_decoder())
             metrics.configure(
@@ -107,6 +109,8 @@ class App:
         if scope["type"] != "http":
             return
         self._start()
+        entry = access.begin(scope)
+        send = access.sending(send, entry)
         cors = self._cors_headers(scope)
         api = "openai" if scope["path"].startswith("/v1/") else "tgi"
         try:
@@ -114,12 +118,19 @@ class App:
         except ApiError as e:
             await respond(send, e.status, e.render(api), headers=cors)
         except Exception as e:  # a bug: answer it, log it, keep serving everyone else
-            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            log.exception(
+                "unhandled error on %s %s",
+                scope["method"],
+                scope["path"],
+                extra={"request_id": entry.request_id},
+            )
             body = errors.internal(e).render(api)
             try:  # unless the response had already started
                 await respond(send, 500, body, headers=cors)
             except Exception:
                 log.debug("the 500 could not be sent", exc_info=True)
+        finally:
+            access.end(entry, self.cfg.access_log)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

@@ -28,6 +28,7 @@ class FrontendConfig(msgspec.Struct, frozen=True, kw_only=True):
     enable_prefill_logprobs: bool = DEFAULTS["enable_prefill_logprobs"]
     disable_grammar_support: bool = DEFAULTS["disable_grammar_support"]
     payload_limit: int = DEFAULTS["payload_limit"]
+    access_log: bool = DEFAULTS["access_log"]  # off with --disable-access-log
     api_key: str | None = DEFAULTS["api_key"]
     cors_allow_origin: list[str] = msgspec.field(default_factory=list)
     otlp_endpoint: str | None = DEFAULTS["otlp_endpoint"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer
 
-from tgi_mp.frontend import errors, metrics, tracing
+from tgi_mp.frontend import access, errors, metrics, tracing
 from tgi_mp.frontend.detokenizer import IncrementalDetokenizer, StopMatcher
 from tgi_mp.frontend.engine_client import EngineClient, EngineError, RequestError, TokenOutput
 from tgi_mp.frontend.http import header
@@ -174,6 +174,7 @@ def count_success(scope: dict, t0: float, t_valid: float, runs: list[Sequence]) 
     first = runs[0][0]
     queue_time = min(g.queue_time for _, g in runs)
     input_tokens, generated = len(first.prompt_ids), sum(len(g.tokens) for _, g in runs)
+    access.count_tokens(input_tokens, generated)
     metrics.success(
         end - t0,
         t_valid - t0,
@@ -191,5 +192,9 @@ def count_success(scope: dict, t0: float, t_valid: float, runs: list[Sequence]) 
             t_valid,
             t_valid + queue_time,
             end,
-            {"input_tokens": input_tokens, "generated_tokens": generated},
+            {
+                "input_tokens": input_tokens,
+                "generated_tokens": generated,
+                "request_id": entry.request_id if (entry := access.current()) else "",
+            },
         )

@@ -373,6 +373,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("--payload-limit", 2_000_000, "Largest request body in bytes.", "frontend", int),
     Option("--json-output", False, "Log as JSON lines."),
     Option(
+        "--disable-access-log",
+        False,
+        "No access log line per request (method, route, status, latency, tokens, request id).",
+        "frontend",
+        field="access_log",
+        convert=lambda off: not off,
+    ),
+    Option(
         "--otlp-endpoint",
         None,
         "Export OpenTelemetry spans per request to this OTLP/HTTP collector "

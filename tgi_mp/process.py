@@ -18,15 +18,27 @@ class _JsonFormatter(logging.Formatter):
         self.process_name = process_name
 
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "timestamp": self.formatTime(record),
-                "level": record.levelname,
-                "process": self.process_name,
-                "pid": record.process,
-                "message": record.getMessage(),
-            }
-        )
+        line = {
+            "timestamp": self.formatTime(record),
+            "level": record.levelname,
+            "process": self.process_name,
+            "pid": record.process,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        # Fields given with `extra=` (the access log's request id, route, status...).
+        line |= {k: v for k, v in record.__dict__.items() if k not in _RECORD_FIELDS}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+# A LogRecord's own attributes: anything else on one came from `extra=`.
+_RECORD_FIELDS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message",
+    "asctime",
+    "taskName",
+}
 
 
 def setup_logging(name: str) -> logging.Logger:

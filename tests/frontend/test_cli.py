@@ -78,7 +78,8 @@ def test_frontend_and_scheduler_never_import_torch() -> None:
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 
 
-def test_no_process_outlives_a_killed_server() -> None:
+def test_no_process_outlives_a_killed_server(tmp_path) -> None:
+    import json
     import signal
     import time
 
@@ -91,9 +92,23 @@ def test_no_process_outlives_a_killed_server() -> None:
     # TGI launcher flags a deployment passes start it as they are (tgi_mp/tgi_flags.py).
     tgi = ["--max-input-length", "1000", "--sharded", "false", "--usage-stats", "off"]
     tgi += ["--validation-workers", "2", "--prometheus-port", "9000"]
-    server = Server("--max-batch-total-tokens", "8192", *tgi)
+    log = tmp_path / "server.log"
+    server = Server("--max-batch-total-tokens", "8192", "--json-output", *tgi, log=log)
     try:
         assert httpx.get(f"{server.url}/info").json()["max_input_tokens"] == 1000
+        # One logging set-up everywhere: the HTTP workers' lines are JSON too, with an
+        # access line per request carrying its id (echoed on the response).
+        body = {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}
+        r = httpx.post(f"{server.url}/generate", json=body, headers={"x-request-id": "req-42"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "req-42"
+        assert len(httpx.get(f"{server.url}/health").headers["x-request-id"]) == 32
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        hit = [
+            x for x in lines if x.get("request_id") == "req-42" and x["logger"] == "tgi_mp.access"
+        ]
+        assert hit and hit[0]["status"] == 200 and hit[0]["route"] == "/generate"
+        assert hit[0]["tokens_out"] == 2 and hit[0]["process"] == "frontend"
+        assert {x["process"] for x in lines} >= {"serve", "scheduler", "executor0", "frontend"}
         family = psutil.Process(server.proc.pid).children(recursive=True)
         runtime, ring_users = runtime_of(family)
         assert os.path.isdir(runtime) and len(ring_users) == 2

@@ -1,0 +1,88 @@
+"""The access log: one line per HTTP request (method, route, status, latency, tokens in
+and out, request id), and the request id itself: the client's `x-request-id`, else a
+new one, echoed on the response and carried into the log lines and trace spans of the
+request. `--disable-access-log` turns the lines off."""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from tgi_mp.frontend.http import Scope, Send, header
+
+log = logging.getLogger("tgi_mp.access")
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a client's id is echoed only if it is plain
+
+
+@dataclass
+class Entry:
+    method: str
+    path: str
+    request_id: str
+    start: float = field(default_factory=time.perf_counter)
+    status: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+
+# The request being served (mutated, not replaced: tasks copy the context they start in).
+_current: contextvars.ContextVar[Entry | None] = contextvars.ContextVar("request", default=None)
+
+
+def begin(scope: Scope) -> Entry:
+    given = header(scope, b"x-request-id") or ""
+    rid = given if _ID.fullmatch(given) else uuid.uuid4().hex
+    entry = Entry(scope["method"], scope["path"], rid)
+    _current.set(entry)
+    return entry
+
+
+def current() -> Entry | None:
+    return _current.get()
+
+
+def count_tokens(tokens_in: int, tokens_out: int) -> None:
+    """The request's prompt and generated tokens, for its line."""
+    if (entry := _current.get()) is not None:
+        entry.tokens_in, entry.tokens_out = tokens_in, tokens_out
+
+
+def sending(send: Send, entry: Entry) -> Send:
+    """`send` that records the status and adds the `x-request-id` header."""
+
+    async def wrapped(msg: dict) -> None:
+        if msg["type"] == "http.response.start":
+            entry.status = msg["status"]
+            headers = [*msg.get("headers", ()), (b"x-request-id", entry.request_id.encode())]
+            msg = {**msg, "headers": headers}
+        await send(msg)
+
+    return wrapped
+
+
+def end(entry: Entry, enabled: bool) -> None:
+    if enabled:
+        ms = (time.perf_counter() - entry.start) * 1000
+        log.info(
+            "%s %s %d %.1fms in=%d out=%d id=%s",
+            entry.method,
+            entry.path,
+            entry.status,
+            ms,
+            entry.tokens_in,
+            entry.tokens_out,
+            entry.request_id,
+            extra={
+                "request_id": entry.request_id,
+                "method": entry.method,
+                "route": entry.path,
+                "status": entry.status,
+                "latency_ms": round(ms, 2),
+                "tokens_in": entry.tokens_in,
+                "tokens_out": entry.tokens_out,
+            },
+        )
