@@ -22,39 +22,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from perf.bench_engine import make_prompts
+from tests.executor.test_lora_layers import write_adapter
 from tgi_mp.ipc.messages import SamplingParams
 from tgi_mp.launcher import Engine
-from tgi_mp.lora_source import LORA_MODULES, projection_shapes
+from tgi_mp.lora_source import LORA_MODULES
 from tgi_mp.model_source import load_model_config, resolve_model
 
 
 def write_adapters(root: Path, n: int, rank: int) -> str:
     """`n` random PEFT LoRA adapters on every projection; the `--lora-adapters` value."""
     mc = load_model_config(resolve_model(None))
-    shapes = projection_shapes(mc)
-    spec = []
     for a in range(n):
-        gen = torch.Generator().manual_seed(a)
-        tensors = {}
-        for layer in range(mc.num_layers):
-            for module in LORA_MODULES:
-                n_in, n_out = shapes[module]
-                parent = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-                key = f"base_model.model.model.layers.{layer}.{parent}.{module}"
-                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, n_in, generator=gen) * 0.01
-                tensors[f"{key}.lora_B.weight"] = torch.randn(n_out, rank, generator=gen) * 0.01
-        directory = root / f"lora{a}"
-        directory.mkdir()
-        save_file(tensors, directory / "adapter_model.safetensors")
-        config = f'{{"peft_type": "LORA", "r": {rank}, "lora_alpha": {2 * rank}}}'
-        (directory / "adapter_config.json").write_text(config)
-        spec.append(f"lora{a}={directory}")
-    return ",".join(spec)
+        write_adapter(root / f"lora{a}", mc, rank, 2 * rank, LORA_MODULES, a, 0.01)
+    return ",".join(f"lora{a}={root / f'lora{a}'}" for a in range(n))
 
 
 async def run(engine: Engine, prompts: list[list[int]], concurrency: int, adapters: int) -> float:

@@ -5,6 +5,8 @@ through the static mask buffers a CUDA graph replays over."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,10 +21,38 @@ from tgi_mp.executor.weights import load_model
 from tgi_mp.ipc.messages import LoraColumns
 from tgi_mp.kernels.cpu_lora import LoraKernel
 from tgi_mp.lora_source import check_adapter, projection_shapes
-from tgi_mp.model_source import load_model_config, resolve_model
+from tgi_mp.model_source import ModelConfig, load_model_config, resolve_model
 
 RANKS = (4, 8)
 TARGETS = (("q_proj", "v_proj", "down_proj"), ("q_proj", "k_proj", "gate_proj", "o_proj"))
+
+
+def write_adapter(
+    path: Path,
+    mc: ModelConfig,
+    rank: int,
+    alpha: float,
+    targets: Iterable[str],
+    seed: int,
+    std: float,
+) -> dict[str, torch.Tensor]:
+    """A random PEFT LoRA adapter in PEFT's file layout (N(0, std) A and B) on `targets`
+    of every layer; returns its tensors."""
+    shapes = projection_shapes(mc)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(mc.num_layers):
+        for module in targets:
+            n_in, n_out = shapes[module]
+            parent = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            key = f"base_model.model.model.layers.{layer}.{parent}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, n_in, generator=gen) * std
+            tensors[f"{key}.lora_B.weight"] = torch.randn(n_out, rank, generator=gen) * std
+    path.mkdir()
+    save_file(tensors, path / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return tensors
 
 
 @pytest.fixture(scope="module")
@@ -31,24 +61,11 @@ def setup(tmp_path_factory):
     save_tiny(LlamaConfig(**TINY), directory)
     source = resolve_model(str(directory))
     mc = load_model_config(source)
-    shapes = projection_shapes(mc)
     specs, weights = [], []
     for a, (rank, targets) in enumerate(zip(RANKS, TARGETS, strict=True)):
-        gen = torch.Generator().manual_seed(a)
-        tensors = {}
-        for layer in range(mc.num_layers):
-            for module in targets:
-                n_in, n_out = shapes[module]
-                parent = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-                key = f"base_model.model.model.layers.{layer}.{parent}.{module}"
-                tensors[f"{key}.lora_A.weight"] = torch.randn(rank, n_in, generator=gen) * 0.2
-                tensors[f"{key}.lora_B.weight"] = torch.randn(n_out, rank, generator=gen) * 0.2
         path = directory / f"lora{a}"
-        path.mkdir()
-        save_file(tensors, path / "adapter_model.safetensors")
-        (path / "adapter_config.json").write_text(json.dumps({"r": rank, "lora_alpha": 3 * a + 2}))
+        weights.append(write_adapter(path, mc, rank, 3 * a + 2, targets, a, 0.2))
         specs.append(check_adapter(f"lora{a}", path, mc, None))
-        weights.append(tensors)
     return source, mc, tuple(specs), weights
 
 
