@@ -90,6 +90,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True  # no effect: fast tokenizers have no such choice
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None  # refused (a 422), not silently ignored: not yet served
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):

@@ -82,6 +82,12 @@ def with_extras(r: SamplingFields, v: ValidRequest, cfg: FrontendConfig) -> Vali
                 f"`logit_bias` values must be >= -100 and <= 100. Given: {value}", "logit_bias"
             )
         bias.append((int(key), float(value)))
+    if r.prompt_logprobs is not None:
+        raise errors.invalid(
+            "`prompt_logprobs` is not supported yet; /v1/completions with `echo` and "
+            "`logprobs` gives each prompt token's logprob",
+            "prompt_logprobs",
+        )
     if r.min_tokens > v.params.max_new_tokens:
         raise errors.invalid(
             f"`min_tokens` must be <= `max_tokens`. Given: {r.min_tokens} > "

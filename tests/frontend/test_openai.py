@@ -348,6 +348,12 @@ def test_vllm_extras_ignore_eos_min_tokens_stop_token_ids(server, client) -> Non
         timeout=60,
     )
     assert r.status_code == 422 and r.json()["error"]["param"] == "min_tokens"
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "prompt_logprobs": 1},
+        timeout=60,
+    )
+    assert r.status_code == 422 and r.json()["error"]["param"] == "prompt_logprobs"
 
 
 def test_vllm_extras_stop_strings_special_tokens_and_templates(client) -> None:
