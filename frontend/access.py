@@ -16,6 +16,7 @@ from tgi_mp.frontend.http import Scope, Send, header
 
 log = logging.getLogger("tgi_mp.access")
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a client's id is echoed only if it is plain
+_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 
 
 @dataclass
@@ -36,7 +37,10 @@ _current: contextvars.ContextVar[Entry | None] = contextvars.ContextVar("request
 def begin(scope: Scope) -> Entry:
     given = header(scope, b"x-request-id") or ""
     rid = given if _ID.fullmatch(given) else uuid.uuid4().hex
-    entry = Entry(scope["method"], scope["path"], rid)
+    # As sent (percent-encoded), printable ASCII only: a path cannot forge log lines.
+    raw = scope.get("raw_path") or scope["path"].encode("utf-8", "replace")
+    path = _UNPRINTABLE.sub("?", raw.decode("latin-1"))
+    entry = Entry(scope["method"], path, rid)
     _current.set(entry)
     return entry
 

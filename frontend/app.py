@@ -69,6 +69,7 @@ class App:
         self._cfg = cfg
         self.client: EngineClient | None = None
         self.in_flight = 0
+        self.validating = 0  # requests whose validation runs in the threads
         self._pool: ThreadPoolExecutor | None = None
 
     @property
@@ -111,12 +112,14 @@ class App:
         self._start()
         entry = access.begin(scope)
         send = access.sending(send, entry)
+        if scope["method"] == "HEAD":  # wherever GET works: its status and headers, no body
+            scope, send = {**scope, "method": "GET"}, _without_body(send)
         cors = self._cors_headers(scope)
         api = "openai" if scope["path"].startswith("/v1/") else "tgi"
         try:
             await self._route(scope, receive, send, cors)
         except ApiError as e:
-            await respond(send, e.status, e.render(api), headers=cors)
+            await respond(send, e.status, e.render(api), headers=cors + e.headers)
         except Exception as e:  # a bug: answer it, log it, keep serving everyone else
             log.exception(
                 "unhandled error on %s %s",
@@ -159,8 +162,6 @@ class App:
 
     async def _route(self, scope: Scope, receive: Receive, send: Send, cors: Headers) -> None:
         method, path = scope["method"], scope["path"]
-        if method == "HEAD":  # wherever GET works: its status and headers, no body
-            scope, send, method = {**scope, "method": "GET"}, _without_body(send), "GET"
         if method == "OPTIONS":  # CORS preflight
             # The headers the browser asks for (the OpenAI SDKs send x-stainless-*), else
             # the two every client needs.
@@ -181,7 +182,7 @@ class App:
         elif path not in _TGI_POSTS and path not in _POST_ONLY:
             raise errors.not_found(method, path)
         elif method != "POST":
-            raise errors.method_not_allowed(method, path)
+            raise errors.method_not_allowed(method, path, "GET, POST" if path == "/" else "POST")
         elif path == "/invocations":
             await self._invocations(scope, receive, send, cors)
         else:
@@ -240,9 +241,20 @@ class App:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def permit(self, n: int = 1) -> None:
-        """429 unless `n` more requests may run (each sequence holds a permit while it runs)."""
-        if self.in_flight + n > self.cfg.max_concurrent_requests:
+        """429 unless `n` more requests may run (each sequence holds a permit while it
+        runs; a request being validated holds one too)."""
+        if self.in_flight + self.validating + n > self.cfg.max_concurrent_requests:
             raise errors.overloaded()
+
+    async def validated(self, fn: Callable[..., T], *args: Any) -> T:
+        """`off_loop(fn, *args)` holding a permit meanwhile, so a burst of requests cannot
+        all pass the check while their validations wait in the threads."""
+        self.permit()
+        self.validating += 1
+        try:
+            return await self.off_loop(fn, *args)
+        finally:
+            self.validating -= 1
 
     async def tokens(self, v: ValidRequest, gen: Generation) -> AsyncIterator[Token]:
         """Runs one sequence, holding a concurrency permit while it does."""

@@ -91,13 +91,14 @@ class ChatTemplate:
     def render(
         self,
         messages: list[dict[str, Any]],
+        extra: dict[str, Any] | None = None,
         continue_final: bool | None = None,
         generation_prompt: bool | None = None,
-        **extra: Any,
     ) -> str:
-        """The prompt text for `messages`. When the last message is the assistant's, the
-        text stops right after its content, so the model continues that message (unless
-        `continue_final` is False: then a new assistant turn follows). The generation
+        """The prompt text for `messages` (`extra`: more template variables). When the
+        last message is the assistant's, the text stops right after its content, so the
+        model continues that message (unless `continue_final` is False, or
+        `generation_prompt` is True: then a new assistant turn follows). The generation
         prompt follows unless continuing or `generation_prompt` is False (vLLM's)."""
         if self._compiled is None:
             raise errors.template(
@@ -108,16 +109,20 @@ class ChatTemplate:
             raise errors.invalid(
                 "`continue_final_message` needs an assistant message last", "messages"
             )
-        continue_final = last_is_assistant if continue_final is None else continue_final
+        if continue_final is None:
+            continue_final = last_is_assistant and generation_prompt is not True
         if generation_prompt is None:
             generation_prompt = not continue_final
         try:
+            # The extra variables cannot replace the ones the rendering itself sets.
             text = self._compiled.render(
-                messages=messages,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-                add_generation_prompt=generation_prompt and not continue_final,
-                **extra,
+                {
+                    **(extra or {}),
+                    "messages": messages,
+                    "bos_token": self.bos_token,
+                    "eos_token": self.eos_token,
+                    "add_generation_prompt": generation_prompt and not continue_final,
+                }
             )
         except jinja2.exceptions.TemplateError as e:
             raise errors.template(str(e)) from e

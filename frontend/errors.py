@@ -57,6 +57,7 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.failure = failure  # the `err` label it counts under; None: not a request failure
+        self.headers: list[tuple[bytes, bytes]] = []  # added to the response (e.g. Allow)
 
     def render(self, api: Api) -> bytes:
         """The JSON body for a client of `api`; counts the failure (call it once)."""
@@ -159,8 +160,10 @@ def not_found(method: str, path: str) -> ApiError:
     return ApiError(404, f"Unknown route {method} {path}", "not_found")
 
 
-def method_not_allowed(method: str, path: str) -> ApiError:
-    return ApiError(405, f"Method {method} is not allowed on {path}", "method_not_allowed")
+def method_not_allowed(method: str, path: str, allow: str) -> ApiError:
+    e = ApiError(405, f"Method {method} is not allowed on {path}", "method_not_allowed")
+    e.headers = [(b"allow", allow.encode())]
+    return e
 
 
 def model_not_found(name: str) -> ApiError:

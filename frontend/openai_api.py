@@ -118,7 +118,7 @@ class OpenAIRoutes:
         if path not in self.routes:
             raise errors.not_found(method, path)
         if method != "POST":
-            raise errors.method_not_allowed(method, path)
+            raise errors.method_not_allowed(method, path, "POST")
         self.app.check_key(scope)
         body = await read_body(scope, receive, self.app.cfg.payload_limit)
         await self.post(scope, path, body, receive, send, cors)
@@ -170,7 +170,8 @@ class OpenAIRoutes:
     ) -> None:
         t0 = time.perf_counter()
         req = decode_json(scope, body, ChatCompletionRequest)
-        choices, callable_tools = await self.app.off_loop(self._chat_choices, req)
+        choices, callable_tools = await self.app.validated(self._chat_choices, req)
+        self.app.permit(len(choices))
         t_valid = time.perf_counter()
         answer_id = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
@@ -204,11 +205,11 @@ class OpenAIRoutes:
         await respond_json(send, out, cors)
 
     def _chat_choices(self, req: ChatCompletionRequest) -> tuple[list[Choice], tools.Tools | None]:
-        """The checked request as its `n` sequences (a request never allowed is a 422
-        before the concurrency permit, not a 429 that clients retry)."""
+        """The checked request as its `n` sequences (run in a validation thread; the
+        caller then takes their permits: a request never allowed is a 422, not a 429
+        that clients retry)."""
         cfg = self.app.cfg
         check_n(req.n, req.n, cfg.max_best_of)
-        self.app.permit(req.n)
         if req.top_logprobs and not req.logprobs:
             raise errors.invalid("`top_logprobs` requires `logprobs` to be true", "top_logprobs")
         if (req.top_logprobs or 0) > cfg.max_top_n_tokens:
@@ -283,7 +284,8 @@ class OpenAIRoutes:
     ) -> None:
         t0 = time.perf_counter()
         req = decode_json(scope, body, CompletionRequest)
-        choices, texts = await self.app.off_loop(self._completion_choices, req)
+        choices, texts = await self.app.validated(self._completion_choices, req)
+        self.app.permit(len(choices))
         t_valid = time.perf_counter()
         answer_id = f"cmpl-{uuid.uuid4().hex}"
         if req.stream:
@@ -326,7 +328,6 @@ class OpenAIRoutes:
                 "logprobs",
             )
         prompts = completion_prompts(req, cfg, self.app.tokenizer)
-        self.app.permit(len(prompts) * best_of)
         max_tokens = (
             req.max_tokens if req.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
         )

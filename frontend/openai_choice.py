@@ -44,7 +44,14 @@ class Choice:
     def add(self, tok: Token) -> str:
         """The new visible text for this token (special tokens show nothing, unless
         `skip_special_tokens` is off)."""
-        piece = "" if tok.special and self.v.skip_special_tokens else tok.text
+        # The token that stopped the answer (EOS, a stop token id) is left out unless
+        # asked for (vLLM's include_stop_str_in_output), as other special tokens are
+        # unless skip_special_tokens is off.
+        stopper = self.gen.finish_reason != "" and (
+            tok.special or tok.id in self.v.params.stop_token_ids
+        )
+        hidden = stopper and not self.v.include_stop_str
+        piece = "" if hidden or (tok.special and self.v.skip_special_tokens) else tok.text
         visible = self.trimmer.push(piece)
         if self.gen.finish_reason:
             visible += self.trimmer.flush()

@@ -216,10 +216,8 @@ def chat_text(
     extra = {}
     if with_tools is not None:
         extra = tools.render_extra(with_tools, template.source, messages)
-    # vLLM's template options: the template's own kwargs (not what this call sets).
+    # vLLM's template options: more template variables (the tools' win over them).
     extra = {**(req.chat_template_kwargs or {}), **extra}
-    for name in ("messages", "bos_token", "eos_token", "add_generation_prompt"):
-        extra.pop(name, None)
     if req.continue_final_message and req.add_generation_prompt:
         raise errors.invalid(
             "`continue_final_message` and `add_generation_prompt` cannot both be true",
@@ -227,9 +225,9 @@ def chat_text(
         )
     return template.render(
         messages,
+        extra,
         continue_final=req.continue_final_message,
         generation_prompt=req.add_generation_prompt,
-        **extra,
     )  # the template places BOS itself
 
 

@@ -73,8 +73,7 @@ class TgiRoutes:
 
     async def _admit(self, req: GenerateRequest) -> ValidRequest:
         """Concurrency permit first, then validation (off the event loop), as in TGI."""
-        self.app.permit()
-        v = await self.app.off_loop(validate, req, self.app.cfg, self.app.tokenizer)
+        v = await self.app.validated(validate, req, self.app.cfg, self.app.tokenizer)
         self.app.permit(v.best_of)
         return v
 

@@ -59,13 +59,22 @@ def cached_snapshot(repo_id: str, revision: str | None, cache_dir: str | None) -
     return snapshot if snapshot is not None and snapshot.is_dir() else None
 
 
+def has_weights(snapshot: Path) -> bool:
+    """Whether a snapshot holds weights to serve (an interrupted download, or a config
+    fetched alone by another tool, does not)."""
+    return any(snapshot.glob("*.safetensors")) or any(snapshot.glob("*.gguf"))
+
+
 def serving_files(model_id: str, files: list[str]) -> list[str]:
     """The repository files serving needs (top-level ones only)."""
     top = [f for f in files if "/" not in f]
     meta = [f for f in top if f in META_FILES]
-    safetensors = [
-        f for f in top if f.endswith(".safetensors") or f == "model.safetensors.index.json"
-    ]
+    safetensors = [f for f in top if f.endswith(".safetensors")]
+    if "model.safetensors.index.json" in top:  # the shards it names (not, say, Mistral's
+        shards = [f for f in safetensors if f.startswith("model-")]  # consolidated copy)
+        return [*meta, "model.safetensors.index.json", *(shards or safetensors)]
+    if "model.safetensors" in top:
+        return [*meta, "model.safetensors"]
     if safetensors:
         return meta + safetensors
     ggufs = [f for f in top if f.endswith(".gguf")]

@@ -122,7 +122,7 @@ def resolve_model(model_id: str | None, revision: str | None = None) -> ModelSou
         raise FileNotFoundError(f"model path {model_id} does not exist")
 
     snapshot = hub.cached_snapshot(model_id, revision, _hub_cache_dir())
-    if snapshot is None:
+    if snapshot is None or not (hub.has_weights(snapshot) or hub.offline()):
         if hub.offline():
             rev = f" (revision {revision})" if revision else ""
             raise FileNotFoundError(
@@ -135,7 +135,7 @@ def resolve_model(model_id: str | None, revision: str | None = None) -> ModelSou
 
 
 def _download(model_id: str, revision: str | None) -> Path:
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
 
     try:
         return hub.download(model_id, revision, _hub_cache_dir())
@@ -145,8 +145,13 @@ def _download(model_id: str, revision: str | None) -> Path:
         raise FileNotFoundError(
             f"model {model_id!r} is not on the Hub (or is gated/private: set HF_TOKEN)"
         ) from e
-    except (HfHubHTTPError, OSError) as e:
-        raise FileNotFoundError(f"downloading {model_id!r} failed: {e}") from e
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # HTTP errors, no network (httpx's own errors), disk...
+        raise FileNotFoundError(
+            f"downloading {model_id!r} failed ({type(e).__name__}: {e}); with no network, "
+            "fetch it elsewhere into the cache or pass a local directory"
+        ) from e
 
 
 # ------------------------------------------------------------------ configs

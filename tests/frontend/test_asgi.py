@@ -21,6 +21,12 @@ def tokenizer_dir() -> str:
 
 def call(app: App, method: str, path: str, body: bytes = b"", headers: dict | None = None):
     """One request through the ASGI interface: (status, headers, body)."""
+    return asyncio.run(acall(app, method, path, body, headers))
+
+
+async def acall(
+    app: App, method: str, path: str, body: bytes = b"", headers: dict | None = None
+) -> tuple[int, dict, bytes]:
     scope = {
         "type": "http",
         "method": method,
@@ -35,7 +41,7 @@ def call(app: App, method: str, path: str, body: bytes = b"", headers: dict | No
     async def send(msg: dict) -> None:
         sent.append(msg)
 
-    asyncio.run(app(scope, receive, send))
+    await app(scope, receive, send)
     start = sent[0]
     return (
         start["status"],
@@ -441,3 +447,22 @@ def test_disable_grammar_support_refuses_every_spelling(tmp_path, tokenizer_dir)
         else:
             assert error["error"]["message"] == "grammar is not supported"
             assert error["error"]["param"] == param
+
+
+def test_requests_being_validated_hold_their_permits(tmp_path, tokenizer_dir) -> None:
+    """Validation runs in threads, so the concurrency check counts the requests still
+    being validated: with one permit, a request arriving while a huge prompt is being
+    tokenized is a 429, not a second request in flight."""
+    app = make_app(tmp_path, tokenizer_dir, max_concurrent_requests=1, payload_limit=3_000_000)
+    huge = msgspec.json.encode({"inputs": "lighthouse keepers and their lamps " * 60_000})
+    small = msgspec.json.encode({"inputs": "Hi"})
+
+    async def both() -> tuple:
+        first = asyncio.create_task(acall(app, "POST", "/generate", huge, JSON))
+        await asyncio.sleep(0.05)  # the huge one is in its validation thread now
+        second = await acall(app, "POST", "/generate", small, JSON)
+        return await first, second
+
+    first, second = asyncio.run(both())
+    assert first[0] == 422  # too long, once tokenized
+    assert second[0] == 429 and msgspec.json.decode(second[2])["error_type"] == "overloaded"

@@ -363,10 +363,16 @@ def test_vllm_extras_stop_strings_special_tokens_and_templates(client) -> None:
     )
     assert kept.choices[0].message.content == full[: full.find(".") + 1]
     ended = greedy(client, ASK, max_tokens=200)
-    shown = greedy(client, ASK, max_tokens=200, extra_body={"skip_special_tokens": False})
+    text = ended.choices[0].message.content
     eos = tokenizer().eos_token
-    assert ended.choices[0].finish_reason == "stop" and eos not in ended.choices[0].message.content
-    assert shown.choices[0].message.content == ended.choices[0].message.content + eos
+    assert ended.choices[0].finish_reason == "stop" and eos not in text
+    special = {"skip_special_tokens": False}
+    assert (
+        greedy(client, ASK, max_tokens=200, extra_body=special).choices[0].message.content == text
+    )
+    special["include_stop_str_in_output"] = True  # the EOS that stopped it, as text
+    shown = greedy(client, ASK, max_tokens=200, extra_body=special)
+    assert shown.choices[0].message.content == text + eos
     # The final assistant message: continued (default), echoed, or a new turn after it.
     prefix = [*ASK, {"role": "assistant", "content": "The capital of France is"}]
     cont = greedy(client, prefix, max_tokens=3).choices[0].message.content

@@ -147,12 +147,17 @@ def test_what_is_refused(hub, monkeypatch) -> None:
 
 
 def test_serving_files() -> None:
-    files = [
-        "config.json",
-        "model-1.safetensors",
-        "model.safetensors.index.json",
-        "x.bin",
-        "a/b.json",
-    ]
-    assert serving_files("r", files) == files[:3]
+    index = "model.safetensors.index.json"
+    files = ["config.json", "model-1.safetensors", index, "consolidated.safetensors", "x.bin"]
+    assert serving_files("r", [*files, "a/b.json"]) == ["config.json", index, "model-1.safetensors"]
     assert serving_files("r", ["tokenizer.json", "m.gguf"]) == ["tokenizer.json", "m.gguf"]
+
+
+def test_a_cached_config_without_weights_is_completed(hub, tmp_path) -> None:
+    """A snapshot left with a config alone (another tool, a cut download) is not taken
+    as the model: the weights are fetched."""
+    from huggingface_hub import hf_hub_download
+
+    hf_hub_download("org/tiny", "config.json", cache_dir=str(tmp_path / "cache"), endpoint=hub.url)
+    source = resolve_model("org/tiny")
+    assert (Path(source.path) / "model.safetensors").is_file()
