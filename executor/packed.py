@@ -12,6 +12,8 @@ differently from the one `F.linear` uses, and float32 is the exact oracle path.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -19,7 +21,21 @@ from tgi_mp.executor.quant import TARGETS, Int4Linear, Int8Linear
 
 
 def packing_applies(dtype: torch.dtype, device: torch.device) -> bool:
-    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+    return device.type == "cpu" and dtype == torch.bfloat16 and _onednn_bf16()
+
+
+@functools.cache
+def _onednn_bf16() -> bool:
+    """Whether oneDNN's bf16 linear runs here: it needs AVX512 (BW, VL, DQ) or
+    AVX-NE-CONVERT, and says so only when asked (an AVX2-only CPU runs bf16 `F.linear`
+    through torch's own kernels instead)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), None)
+    except RuntimeError:
+        return False
+    return True
 
 
 class PackedLinear(nn.Module):
