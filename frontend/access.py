@@ -6,13 +6,18 @@ request. `--disable-access-log` turns the lines off."""
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
 
+import msgspec
+
+from tgi_mp.frontend import metrics
 from tgi_mp.frontend.http import Scope, Send, header
+from tgi_mp.frontend.openapi import openapi_document
 
 log = logging.getLogger("tgi_mp.access")
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a client's id is echoed only if it is plain
@@ -23,6 +28,7 @@ _UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 class Entry:
     method: str
     path: str
+    route: str  # the path as a metrics label: one of the server's routes, or "other"
     request_id: str
     start: float = field(default_factory=time.perf_counter)
     status: int = 0
@@ -40,7 +46,7 @@ def begin(scope: Scope) -> Entry:
     # As sent (percent-encoded), printable ASCII only: a path cannot forge log lines.
     raw = scope.get("raw_path") or scope["path"].encode("utf-8", "replace")
     path = _UNPRINTABLE.sub("?", raw.decode("latin-1"))
-    entry = Entry(scope["method"], path, rid)
+    entry = Entry(scope["method"], path, route_label(scope["path"]), rid)
     _current.set(entry)
     return entry
 
@@ -68,7 +74,26 @@ def sending(send: Send, entry: Entry) -> Send:
     return wrapped
 
 
+@functools.cache
+def _routes() -> frozenset[str]:
+    paths = msgspec.json.decode(openapi_document(""))["paths"]
+    return frozenset(paths) | {"/ping", "/docs", "/api-doc/openapi.json"}
+
+
+def route_label(path: str) -> str:
+    """The route `path` is served by, so labels stay few whatever paths clients send."""
+    if path in _routes():
+        return path
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{model}"
+    if path.startswith("/docs/"):
+        return "/docs/{asset}"
+    return "other"
+
+
 def end(entry: Entry, enabled: bool) -> None:
+    """The request's line in the access log, and its response in the metrics."""
+    metrics.response(entry.route, entry.status)
     if enabled:
         ms = (time.perf_counter() - entry.start) * 1000
         log.info(

@@ -11,6 +11,7 @@ aborts the request in the scheduler and frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import weakref
@@ -21,9 +22,9 @@ from typing import Any, TypeVar
 import msgspec
 from tokenizers import Tokenizer
 
-from tgi_mp.frontend import access, errors, metrics, tracing
+from tgi_mp.frontend import access, dashboard, errors, metrics, tracing
 from tgi_mp.frontend.config import FrontendConfig
-from tgi_mp.frontend.engine_client import EngineClient
+from tgi_mp.frontend.engine_client import EngineClient, EngineError
 from tgi_mp.frontend.errors import ApiError
 from tgi_mp.frontend.generation import Generation, run
 from tgi_mp.frontend.http import (
@@ -41,6 +42,7 @@ from tgi_mp.frontend.openapi import DOCS_ASSETS, DOCS_HTML, docs_asset, openapi_
 from tgi_mp.frontend.tgi_api import TgiRoutes
 from tgi_mp.frontend.tgi_protocol import Token, Version
 from tgi_mp.frontend.validation import ValidRequest
+from tgi_mp.ipc.messages import SchedulerStats
 from tgi_mp.process import bind_to_parent, setup_logging
 
 CONFIG_ENV = "TGI_MP_FRONTEND_CONFIG"
@@ -178,7 +180,7 @@ class App:
         elif path.startswith("/v1/"):
             await self.openai.handle(scope, receive, send, cors)
         elif method == "GET" and path not in _POST_ONLY:
-            await self._get(path, send, cors)
+            await self._get(scope, send, cors)
         elif path not in _TGI_POSTS and path not in _POST_ONLY:
             raise errors.not_found(method, path)
         elif method != "POST":
@@ -206,7 +208,8 @@ class App:
         else:
             await self.tgi.handle_post(scope, "/", body, receive, send, cors)
 
-    async def _get(self, path: str, send: Send, cors: Headers) -> None:
+    async def _get(self, scope: Scope, send: Send, cors: Headers) -> None:
+        path = scope["path"]
         if path in ("/health", "/ping", "/"):
             await self.tgi.health(send, cors)
         elif path == "/info":
@@ -221,6 +224,12 @@ class App:
             await respond(send, 200, docs_asset(path[6:]), DOCS_ASSETS[path[6:]], cors)
         elif path == "/version":
             await respond_json(send, Version(self.cfg.version), cors)
+        elif path == "/dashboard":  # the page holds no figures: they need the key
+            await respond(send, 200, dashboard.page(), b"text/html; charset=utf-8", cors)
+        elif path == "/dashboard/data":
+            self.check_key(scope)
+            stats = await self.engine_stats()
+            await respond_json(send, dashboard.summary(self.cfg, stats, self.in_flight), cors)
         else:
             raise errors.not_found("GET", path)
 
@@ -232,6 +241,14 @@ class App:
             raise errors.unauthorized()
 
     # ------------------------------------------------------------ what both APIs share
+
+    async def engine_stats(self) -> SchedulerStats | None:
+        """The scheduler's figures now; None when the engine is down or does not answer."""
+        if self.client is None or self.client.dead:
+            return None
+        with contextlib.suppress(EngineError, TimeoutError):
+            return await asyncio.wait_for(self.client.stats(), 5)
+        return None
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """`fn(*args)` in the validation threads (`--validation-workers`): tokenizing and

@@ -38,4 +38,5 @@ class FrontendConfig(msgspec.Struct, frozen=True, kw_only=True):
     block_size: int = 16
     dtype: str = "float32"
     attention_backend: str = "torch"
+    num_shards: int = 1
     version: str = "0.1.0"

@@ -55,12 +55,16 @@ async def run(
     aborts the request in the scheduler, which frees its KV blocks. The engine's
     refusals and failures come out as the `ApiError`s clients are answered."""
     reader = _TokenReader(tokenizer, special_ids, v, gen)
-    start = time.perf_counter()
+    start = last = time.perf_counter()
     try:
         async with contextlib.aclosing(client.generate(v.prompt_ids, v.params)) as outs:
             async for out in outs:
+                now = time.perf_counter()
                 if not gen.tokens:
-                    gen.queue_time = time.perf_counter() - start
+                    gen.queue_time = now - start
+                else:
+                    metrics.token_gap(now - last)
+                last = now
                 token, done = reader.take(out)
                 if token is not None:
                     yield token

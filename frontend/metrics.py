@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 import msgspec
@@ -36,6 +37,8 @@ class Snapshot(msgspec.Struct):
     histograms: dict[str, tuple[list[int], float, int]] = {}
     # LoRA adapter name -> [requests, prompt tokens, generated tokens] (successful ones)
     adapters: dict[str, list[float]] = {}
+    # "route status" -> responses (routes: `access.route_label`, a bounded set)
+    responses: dict[str, float] = {}
 
 
 @dataclass
@@ -49,10 +52,9 @@ class _Histogram:
         self.counts = [0] * len(self.buckets)
 
     def observe(self, x: float) -> None:
-        for i, b in enumerate(self.buckets):
-            if x <= b:
-                self.counts[i] += 1
-                break
+        i = bisect_left(self.buckets, x)  # the first bucket with x <= its bound
+        if i < len(self.counts):  # beyond the last: in +Inf (the count) only
+            self.counts[i] += 1
         self.total += x
         self.n += 1
 
@@ -66,6 +68,10 @@ REQUEST_HISTOGRAMS = {
     "tgi_request_input_length": "Prompt tokens",
     "tgi_request_generated_tokens": "Generated tokens",
     "tgi_request_max_new_tokens": "max_new_tokens asked for",
+    # vLLM's two latency histograms (TGI has neither): what the dashboard's TTFT and
+    # inter-token latency percentiles come from.
+    "tgi_mp_time_to_first_token_seconds": "Request start until its first token (s)",
+    "tgi_mp_inter_token_latency_seconds": "Time between two tokens of a sequence (s)",
 }
 
 
@@ -94,10 +100,11 @@ class Metrics:
         total = [max_total / 100 * k for k in range(1, 101)]
         self.counters = {"tgi_request_count": 0.0, "tgi_request_success": 0.0}
         self.failures: dict[str, float] = {}
+        self.responses: dict[str, float] = {}
         self.histograms = {
             name: _Histogram(
                 DURATION_BUCKETS
-                if name.endswith("duration")
+                if name.endswith(("duration", "seconds"))
                 else length
                 if name == "tgi_request_input_length"
                 else total
@@ -134,11 +141,22 @@ class Metrics:
         h["tgi_request_input_length"].observe(input_tokens)
         h["tgi_request_generated_tokens"].observe(generated)
         h["tgi_request_max_new_tokens"].observe(max_new_tokens)
-        self._save()
+        h["tgi_mp_time_to_first_token_seconds"].observe(validation + queue)
+        self._save()  # before the answer is complete: a scrape after it counts it
+
+    def token_gap(self, seconds: float) -> None:
+        """The time since the sequence's previous token."""
+        self.histograms["tgi_mp_inter_token_latency_seconds"].observe(seconds)
 
     def failure(self, err: str) -> None:
         self.counters["tgi_request_count"] += 1
         self.failures[err] = self.failures.get(err, 0.0) + 1
+        self._save()
+
+    def response(self, route: str, status: int) -> None:
+        """The end of every HTTP request (after its answer was sent)."""
+        key = f"{route} {status}"
+        self.responses[key] = self.responses.get(key, 0.0) + 1
         self._save()
 
     def snapshot(self) -> Snapshot:
@@ -147,6 +165,7 @@ class Metrics:
             dict(self.failures),
             {k: (list(h.counts), h.total, h.n) for k, h in self.histograms.items()},
             {k: list(v) for k, v in self.adapters.items()},
+            dict(self.responses),
         )
 
     def _save(self) -> None:
@@ -158,7 +177,7 @@ class Metrics:
             f.write(msgspec.msgpack.encode(self.snapshot()))
         os.replace(path + ".tmp", path)
 
-    def _all_workers(self) -> Snapshot:
+    def all_workers(self) -> Snapshot:
         """This worker's live figures plus every other worker's last snapshot."""
         total = self.snapshot()
         if self.directory is None:
@@ -176,6 +195,8 @@ class Metrics:
                 total.counters[k] = total.counters.get(k, 0.0) + v
             for k, v in other.failures.items():
                 total.failures[k] = total.failures.get(k, 0.0) + v
+            for k, v in other.responses.items():
+                total.responses[k] = total.responses.get(k, 0.0) + v
             for k, v in other.adapters.items():
                 mine = total.adapters.setdefault(k, [0.0] * len(v))
                 total.adapters[k] = [a + b for a, b in zip(mine, v, strict=True)]
@@ -189,7 +210,7 @@ class Metrics:
     # ------------------------------------------------------------ exposition
 
     def render(self, stats: SchedulerStats | None, in_flight: int, block_size: int) -> bytes:
-        snap = self._all_workers()
+        snap = self.all_workers()
         text = _Text()
         text.counter(
             "tgi_request_count", "Requests received", snap.counters.get("tgi_request_count", 0.0)
@@ -211,6 +232,13 @@ class Metrics:
                 text.family(name, "counter", help_)
             for adapter in sorted(snap.adapters):
                 text.lines.append(f'{name}{{adapter="{adapter}"}} {snap.adapters[adapter][i]!r}')
+        text.family("tgi_mp_http_responses", "counter", "HTTP responses, by route and status")
+        for key in sorted(snap.responses):
+            route, status = key.rsplit(" ", 1)
+            text.lines.append(
+                f'tgi_mp_http_responses{{route="{route}",status="{status}"}} '
+                f"{snap.responses[key]!r}"
+            )
         text.gauge("tgi_mp_http_in_flight", "Requests this HTTP worker is serving", in_flight)
         if stats is not None:
             _engine_metrics(text, stats, block_size)
@@ -221,6 +249,9 @@ _metrics = Metrics()
 configure = _metrics.configure
 success = _metrics.success
 failure = _metrics.failure
+token_gap = _metrics.token_gap
+response = _metrics.response
+all_workers = _metrics.all_workers
 render = _metrics.render
 
 

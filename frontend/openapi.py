@@ -8,6 +8,7 @@ from typing import Any
 
 import msgspec
 
+from tgi_mp.frontend.dashboard import Dashboard
 from tgi_mp.frontend.openai_protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -54,6 +55,7 @@ _TYPES = [
     DetokenizeResponse,
     ChatTokenizeResponse,
     Version,
+    Dashboard,
 ]
 
 
@@ -220,6 +222,22 @@ def _tgi_paths(sse: dict[str, Any]) -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "Healthy"},
                     "503": _json(_ref("ErrorResponse"), "Unhealthy"),
+                },
+            }
+        },
+        "/dashboard": {
+            "get": {
+                "summary": "A live page of the server (polls /dashboard/data)",
+                "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}},
+            }
+        },
+        "/dashboard/data": {
+            "get": {
+                "summary": "The dashboard's figures: rates and latency percentiles over "
+                "the last seconds, engine state, server info (needs the API key when set)",
+                "responses": {
+                    "200": _json(_ref("Dashboard"), "Summary"),
+                    "401": _json(_ref("ErrorResponse"), "No or wrong API key"),
                 },
             }
         },

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import os
@@ -14,7 +13,6 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from tgi_mp.frontend import errors, metrics
-from tgi_mp.frontend.engine_client import EngineError
 from tgi_mp.frontend.generation import Generation, check_complete, count_success, fan_out
 from tgi_mp.frontend.http import (
     Headers,
@@ -181,7 +179,7 @@ class TgiRoutes:
             max_stop_sequences=c.max_stop_sequences,
             max_input_tokens=c.max_input_tokens,
             max_total_tokens=c.max_total_tokens,
-            validation_workers=1,
+            validation_workers=c.validation_workers,
             max_client_batch_size=c.max_client_batch_size,
             router="tgi-mp",
             version=c.version,
@@ -194,10 +192,7 @@ class TgiRoutes:
         await respond_json(send, info, cors)
 
     async def metrics(self, send: Send, cors: Headers) -> None:
-        stats, client = None, self.app.client
-        if client is not None and not client.dead:
-            with contextlib.suppress(EngineError, TimeoutError):
-                stats = await asyncio.wait_for(client.stats(), 5)
+        stats = await self.app.engine_stats()
         text = metrics.render(stats, self.app.in_flight, self.app.cfg.block_size)
         await respond(send, 200, text, metrics.CONTENT_TYPE, cors)
 

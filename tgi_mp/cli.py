@@ -140,6 +140,7 @@ def _frontend_config(engine: Engine, s: dict, f: dict) -> FrontendConfig:
         block_size=ready.block_size,
         dtype=ready.dtype,
         attention_backend=ready.attention_backend,
+        num_shards=engine.cfg.num_shards,
     )
 
 

@@ -466,3 +466,19 @@ def test_requests_being_validated_hold_their_permits(tmp_path, tokenizer_dir) ->
     first, second = asyncio.run(both())
     assert first[0] == 422  # too long, once tokenized
     assert second[0] == 429 and msgspec.json.decode(second[2])["error_type"] == "overloaded"
+
+
+def test_dashboard_page_is_open_and_its_figures_need_the_key(tmp_path, tokenizer_dir) -> None:
+    app = make_app(tmp_path, tokenizer_dir, api_key="s3cret", num_shards=2)
+    status, headers, page = call(app, "GET", "/dashboard")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert b"/dashboard/data" in page and b"<script>" in page  # no figures in the page
+    assert call(app, "GET", "/dashboard/data")[0] == 401
+    app.client.dead = "no engine in this test"  # answers at once, without engine figures
+    status, _, body = call(
+        app, "GET", "/dashboard/data", headers={"authorization": "Bearer s3cret"}
+    )
+    d = msgspec.json.decode(body)
+    assert status == 200 and d["engine"] is None
+    assert d["info"]["model_id"] == "m" and d["info"]["num_shards"] == 2
+    assert d["info"]["max_total_tokens"] == 4096
