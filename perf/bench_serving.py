@@ -3,13 +3,16 @@
     python perf/bench_serving.py                       # starts its own server (bundled model)
     python perf/bench_serving.py --url http://127.0.0.1:3000 --concurrency 1,8
     python perf/bench_serving.py --api tgi,chat        # both APIs, level by level
+    python perf/bench_serving.py --out perf/results/serving   # + serving.json and PNG plots
 
 Each level sends `--requests` streaming requests (prose prompts of
 ~`--prompt-words` words, `--new-tokens` new tokens, greedy) with at most
 `concurrency` in flight, and reports output tokens/s, time to first token and
 inter-token latency percentiles, as a client sees them. `--api tgi` drives
 `/generate_stream`; `--api chat` drives `/v1/chat/completions` (the prompt as
-one user message, so the chat template adds a few tokens).
+one user message, so the chat template adds a few tokens). With `--out`, the
+results also go to `serving.json` there, plotted by `perf/plots.py` into
+`throughput.png` and `latency.png`.
 """
 
 from __future__ import annotations
@@ -83,14 +86,20 @@ async def run_level(
         t0 = time.perf_counter()
         await asyncio.gather(*(one(http, p) for p in prompts))
         wall = time.perf_counter() - t0
-    ms = lambda xs, q: float(np.percentile(xs, q)) * 1000 if xs else float("nan")  # noqa: E731
+
+    def ms(xs: list[float]) -> dict[str, float]:
+        return {
+            f"p{q}": float(np.percentile(xs, q)) * 1000 if xs else float("nan")
+            for q in (50, 90, 99)
+        }
+
     return {
         "tok_s": tokens / wall,
         "tokens": tokens,
         "wall": wall,
         "errors": errors,
-        "ttft": (ms(ttft, 50), ms(ttft, 99)),
-        "itl": (ms(itl, 50), ms(itl, 99)),
+        "ttft_ms": ms(ttft),
+        "itl_ms": ms(itl),
     }
 
 
@@ -102,6 +111,8 @@ def main() -> None:
     ap.add_argument("--prompt-words", type=int, default=100)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--api", default="tgi", help="tgi, chat, or both: tgi,chat")
+    ap.add_argument("--out", type=Path, default=None, help="a folder for JSON and PNG plots")
+    ap.add_argument("--server-args", default="", help="extra `tgi-mp serve` flags")
     args = ap.parse_args()
 
     words = (TEXT * 3).split()
@@ -109,13 +120,20 @@ def main() -> None:
     server = None
     url = args.url
     if url is None:
-        server = Server("--max-batch-total-tokens", "32768", "--max-concurrent-requests", "256")
-        url = server.url
-    try:
-        print(
-            f"server: {url}; {args.prompt_words}-word prompts, {args.new_tokens} new tokens, "
-            "greedy, streaming\n"
+        server = Server(
+            "--max-batch-total-tokens",
+            "32768",
+            "--max-concurrent-requests",
+            "256",
+            *args.server_args.split(),
         )
+        url = server.url
+    title = f"{args.prompt_words}-word prompts, {args.new_tokens} new tokens, greedy, streaming" + (
+        f" ({args.server_args})" if args.server_args else ""
+    )
+    runs = []
+    try:
+        print(f"server: {url}; {title}\n")
         print(
             "| API | concurrency | requests | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |"
         )
@@ -128,16 +146,26 @@ def main() -> None:
             ]
             for api in args.api.split(","):
                 r = asyncio.run(run_level(url, prompts, c, args.new_tokens, api))
+                runs.append({"api": api, "concurrency": c, "requests": n, **r})
                 err = f" ({r['errors']} errors)" if r["errors"] else ""
+                ttft, itl = r["ttft_ms"], r["itl_ms"]
                 print(
                     f"| {api} | {c} | {n}{err} | {r['tok_s']:.1f} "
-                    f"| {r['ttft'][0]:.0f} / {r['ttft'][1]:.0f} "
-                    f"| {r['itl'][0]:.0f} / {r['itl'][1]:.0f} |",
+                    f"| {ttft['p50']:.0f} / {ttft['p99']:.0f} "
+                    f"| {itl['p50']:.0f} / {itl['p99']:.0f} |",
                     flush=True,
                 )
     finally:
         if server is not None:
             server.stop()
+    if args.out is not None:
+        from perf.plots import plot_serving
+
+        args.out.mkdir(parents=True, exist_ok=True)
+        results = {"title": title, "runs": runs}
+        (args.out / "serving.json").write_text(json.dumps(results, indent=1) + "\n")
+        for path in plot_serving(results, args.out):
+            print(path)
 
 
 if __name__ == "__main__":
