@@ -78,6 +78,7 @@ def run(cfg: EngineConfig, rank: int) -> int:
                         idle,
                         ch.plan.decode_time,
                         send_time,
+                        *(out.prompt_tops or (None, None, None)),
                     )
                 )
                 send_time = time.perf_counter() - ended

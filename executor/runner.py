@@ -40,6 +40,8 @@ class StepOutput:
     top_ids: np.ndarray | None = None  # int32 [sampled rows, max top_n]
     top_logprobs: np.ndarray | None = None
     prompt_logprobs: np.ndarray | None = None  # float32 [sum(plan.prompt_logprobs)]
+    # With plan.prompt_logprobs.top_k > -1: ranks [n], top ids and logprobs [n, k].
+    prompt_tops: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
     # With proposals verified: tokens per sampled row (the arrays hold them row after
     # row); None: one each.
     counts: np.ndarray | None = None
@@ -318,12 +320,12 @@ class ModelRunner:
             return StepOutput(np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32))
         # Every step: prompt chunks feed the penalty histories too.
         history_rows = self.logits.history.update(plan.penalties, layout)
-        prompt_logprobs = None
+        prompt_logprobs = prompt_tops = None
         if plan.prompt_logprobs.counts.any():
-            prompt_logprobs = self._prompt_logprobs(hidden, plan)
+            prompt_logprobs, prompt_tops = self._prompt_logprobs(hidden, plan)
         if len(rows) == 0:
             empty = np.empty(0, dtype=np.int32), np.empty(0, dtype=np.float32)
-            return StepOutput(*empty, prompt_logprobs=prompt_logprobs)
+            return StepOutput(*empty, prompt_logprobs=prompt_logprobs, prompt_tops=prompt_tops)
         sampling = SamplingTensors(temperature, top_k, top_p, typical_p, min_p, seeds, sample_index)
         inputs = self.logits.inputs_from_plan(plan, rows, sampling, history_rows)
         logits = self.model.compute_logits(hidden[last_token_d])
@@ -344,7 +346,7 @@ class ModelRunner:
             spec = self._sample_proposals(plan, rows, proposed, last_token, hidden)
             wanted += [spec[0].to(torch.int32), *spec[1:]]
         host = self.staging.download(wanted)  # one wait for all of them
-        out = StepOutput(host[0], host[1], prompt_logprobs=prompt_logprobs)
+        out = StepOutput(host[0], host[1], prompt_logprobs=prompt_logprobs, prompt_tops=prompt_tops)
         if top_ids is not None:
             out.top_ids, out.top_logprobs = host[2], host[3]
         if spec is not None:
@@ -448,19 +450,38 @@ class ModelRunner:
             plan, layout=msgspec.structs.replace(plan.layout, input_ids=ids)
         )
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, plan: StepPlan) -> np.ndarray:
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, plan: StepPlan
+    ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
         """Logprob of each next prompt token, from the raw logits (no temperature or
-        penalty, as TGI's prefill details), for the rows that asked."""
+        penalty, as TGI's prefill details and vLLM's prompt_logprobs), for the rows that
+        asked; with `top_k` > -1 also its rank (1 + the tokens more likely) and the top_k
+        most likely tokens there."""
         query_lens = plan.layout.query_lens
         starts = np.cumsum(query_lens) - query_lens
-        counts = plan.prompt_logprobs.counts
+        counts, top_k = plan.prompt_logprobs.counts, plan.prompt_logprobs.top_k
+        k = -1 if top_k is None else int(top_k[counts > 0].max(initial=-1))
         positions = np.concatenate(
             [np.arange(s, s + c) for s, c in zip(starts, counts, strict=True) if c]
         )
-        targets = to_device(plan.prompt_logprobs.targets, torch.int64, self.device)
-        out = torch.empty(len(positions), dtype=torch.float32, device=self.device)
-        for i in range(0, len(positions), _PROMPT_LOGPROB_CHUNK):
-            pos = to_device(positions[i : i + _PROMPT_LOGPROB_CHUNK], torch.int64, self.device)
+        n, dev = len(positions), self.device
+        targets = to_device(plan.prompt_logprobs.targets, torch.int64, dev)
+        out = torch.empty(n, dtype=torch.float32, device=dev)
+        if k >= 0:
+            ranks = torch.empty(n, dtype=torch.int32, device=dev)
+            top_ids = torch.empty(n, k, dtype=torch.int32, device=dev)
+            top_lps = torch.empty(n, k, dtype=torch.float32, device=dev)
+        for i in range(0, n, _PROMPT_LOGPROB_CHUNK):
+            pos = to_device(positions[i : i + _PROMPT_LOGPROB_CHUNK], torch.int64, dev)
             logp = self.model.compute_logits(hidden[pos]).float().log_softmax(dim=-1)
-            out[i : i + len(pos)] = logp.gather(1, targets[i : i + len(pos), None]).squeeze(1)
-        return out.cpu().numpy()
+            target = logp.gather(1, targets[i : i + len(pos), None])
+            out[i : i + len(pos)] = target.squeeze(1)
+            if k >= 0:
+                ranks[i : i + len(pos)] = (logp > target).sum(dim=1) + 1
+                if k:
+                    values, ids = logp.topk(k, dim=-1)
+                    top_ids[i : i + len(pos)], top_lps[i : i + len(pos)] = ids, values
+        if k < 0:
+            return out.cpu().numpy(), None
+        host = ranks.cpu().numpy(), top_ids.cpu().numpy(), top_lps.cpu().numpy()
+        return out.cpu().numpy(), host

@@ -50,6 +50,9 @@ class TokenOutput:
     top: list[tuple[int, float]] | None = None
     # With a request's first token, when it asked: logprob of each prompt token (0: NaN).
     prompt_logprobs: list[float] | None = None
+    # With it, when the request asked for prompt_top_k >= 0: per prompt position the
+    # token's rank and the (id, logprob) of the most likely tokens (row 0: unscored).
+    prompt_tops: tuple[list[int], list[list[tuple[int, float]]]] | None = None
     cached_tokens: int | None = None  # with the first token: prompt tokens the cache served
 
 
@@ -138,6 +141,16 @@ class EngineClient:
             top_ids = msg.top_ids.tolist() if msg.top_ids is not None else None
             top_lps = msg.top_logprobs.tolist() if msg.top_logprobs is not None else None
             prompt_lps = {req_id: lps.tolist() for req_id, lps in msg.prompt_logprobs}
+            prompt_tops = {
+                req_id: (
+                    ranks.tolist(),
+                    [
+                        list(zip(i, v, strict=True))
+                        for i, v in zip(ids.tolist(), lps.tolist(), strict=True)
+                    ],
+                )
+                for req_id, ranks, ids, lps in msg.prompt_tops
+            }
             cached = dict(msg.num_cached_tokens)
             # A request may have several tokens in one batch (speculative decoding): its
             # finish goes with its last.
@@ -152,6 +165,7 @@ class EngineClient:
                         out.top = list(zip(top_ids[i], top_lps[i], strict=True))
                     if prompt_lps:  # with its first token only
                         out.prompt_logprobs = prompt_lps.pop(req_id, None)
+                        out.prompt_tops = prompt_tops.pop(req_id, None)
                     if cached:
                         out.cached_tokens = cached.pop(req_id, None)
                     q.put_nowait(out)

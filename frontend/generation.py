@@ -33,6 +33,9 @@ class Generation:
     tokens: list[Token] = field(default_factory=list)
     top_tokens: list[list[Token]] = field(default_factory=list)  # per token, with top_n_tokens
     prefill: list[PrefillToken] = field(default_factory=list)  # with prefill logprobs
+    # With prompt_top_k >= 0: per prompt position, its token's rank and the most likely
+    # (id, logprob) pairs there.
+    prompt_tops: tuple[list[int], list[list[tuple[int, float]]]] | None = None
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     finish_reason: str = ""  # set with the last token
     text: str = ""  # generated_text, set with the last token
@@ -92,6 +95,7 @@ class _TokenReader:
             gen.cached_tokens = out.cached_tokens
         if out.prompt_logprobs is not None:
             gen.prefill = prefill_tokens(self.tokenizer, self.v.prompt_ids, out.prompt_logprobs)
+            gen.prompt_tops = out.prompt_tops
         if out.token_id >= 0:
             text = self.detok.add(out.token_id)
             if reason is None and self.stops.feed(text) is not None:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+from tokenizers import Tokenizer
 
 from tgi_mp.frontend import errors, tools
 from tgi_mp.frontend.chat_template import ChatTemplate
@@ -32,7 +33,12 @@ from tgi_mp.frontend.http import (
     stream_sse,
     until_disconnect,
 )
-from tgi_mp.frontend.openai_choice import Choice, completion_logprobs, usage_of
+from tgi_mp.frontend.openai_choice import (
+    Choice,
+    completion_logprobs,
+    prompt_logprobs,
+    usage_of,
+)
 from tgi_mp.frontend.openai_protocol import (
     AssistantMessage,
     ChatChoice,
@@ -201,6 +207,8 @@ class OpenAIRoutes:
             ],
             usage=usage_of(choices, len(choices)),
         )
+        if req.prompt_logprobs is not None:  # one prompt: every choice scored it alike
+            out.prompt_logprobs = prompt_logprobs(choices[0], self.app.tokenizer)
         count_success(scope, t0, t_valid, _runs(choices))
         await respond_json(send, out, cors)
 
@@ -304,7 +312,7 @@ class OpenAIRoutes:
             created=int(time.time()),
             model=self._model_of(choices),
             system_fingerprint=self.fingerprint,
-            choices=_best_completions(req, choices, texts),
+            choices=_best_completions(req, choices, texts, self.app.tokenizer),
             usage=usage_of(choices, best_of),
         )
         count_success(scope, t0, t_valid, _runs(choices))
@@ -416,7 +424,7 @@ async def _counted(
 
 
 def _best_completions(
-    req: CompletionRequest, choices: list[Choice], texts: list[str]
+    req: CompletionRequest, choices: list[Choice], texts: list[str], tokenizer: Tokenizer
 ) -> list[CompletionChoice]:
     """Of each prompt's `best_of` sequences, the `n` of best mean logprob, renumbered."""
     best_of = len(choices) // len(texts)
@@ -431,6 +439,8 @@ def _best_completions(
             if req.echo:
                 text = prompt_text + text
             kept.append(CompletionChoice(i * req.n + j, text, logprobs, c.finish_reason))
+            if req.prompt_logprobs is not None:
+                kept[-1].prompt_logprobs = prompt_logprobs(c, tokenizer)
     return kept
 
 

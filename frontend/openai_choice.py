@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tokenizers import Tokenizer
+
 from tgi_mp.frontend.detokenizer import StopTrimmer
 from tgi_mp.frontend.generation import Generation
 from tgi_mp.frontend.openai_protocol import (
     CompletionLogprobs,
+    PromptLogprob,
+    PromptLogprobs,
     PromptTokensDetails,
     TokenLogprob,
     TopLogprob,
@@ -106,3 +110,21 @@ def completion_logprobs(c: Choice, echo: bool) -> CompletionLogprobs:
         offsets.append(at)
         at += len(t)
     return CompletionLogprobs(tokens, lps, tops, offsets)
+
+
+def prompt_logprobs(c: Choice, tokenizer: Tokenizer) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs` of a choice's prompt: null for the first token, then the
+    prompt's own token and the most likely ones at each position, decoded alone."""
+    ranks, tops = c.gen.prompt_tops or ([], [])
+    ids = sorted({i for row in tops[1:] for i, _ in row})  # row 0 is unscored (ids -1)
+    decoded = tokenizer.decode_batch([[i] for i in ids], skip_special_tokens=False)
+    texts = dict(zip(ids, decoded, strict=True))
+    out: PromptLogprobs = [None]
+    for pos in range(1, len(c.gen.prefill)):
+        own = c.gen.prefill[pos]
+        lp = own.logprob if own.logprob is not None else float("-inf")
+        entry = {str(own.id): PromptLogprob(lp, ranks[pos], own.text)}
+        for rank, (i, top_lp) in enumerate(tops[pos], 1):
+            entry.setdefault(str(i), PromptLogprob(top_lp, rank, texts[i]))
+        out.append(entry)
+    return out

@@ -90,7 +90,8 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True  # no effect: fast tokenizers have no such choice
     include_stop_str_in_output: bool = False
-    prompt_logprobs: int | None = None  # refused (a 422), not silently ignored: not yet served
+    # vLLM's: each prompt token's logprob and rank, and the k most likely tokens there.
+    prompt_logprobs: int | None = None
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -155,6 +156,19 @@ class AssistantMessage(msgspec.Struct, omit_defaults=True):
     tool_calls: list[ToolCall] | None = None
 
 
+class PromptLogprob(msgspec.Struct):
+    """vLLM's entry of `prompt_logprobs`: a token at a prompt position."""
+
+    logprob: float
+    rank: int  # 1 + the tokens more likely there
+    decoded_token: str
+
+
+# vLLM's `prompt_logprobs`: per prompt token, null for the first, then {token id: entry}
+# for the prompt's own token and the most likely ones.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class ChatChoice(msgspec.Struct):
     index: int
     message: AssistantMessage
@@ -170,6 +184,7 @@ class ChatCompletion(msgspec.Struct):
     system_fingerprint: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | Unset = UNSET  # with vLLM's `prompt_logprobs`
 
 
 class FunctionDelta(msgspec.Struct, omit_defaults=True):
@@ -222,6 +237,7 @@ class CompletionChoice(msgspec.Struct):
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: str | None
+    prompt_logprobs: PromptLogprobs | Unset = UNSET  # with vLLM's `prompt_logprobs`
 
 
 class Completion(msgspec.Struct):

@@ -82,11 +82,15 @@ def with_extras(r: SamplingFields, v: ValidRequest, cfg: FrontendConfig) -> Vali
                 f"`logit_bias` values must be >= -100 and <= 100. Given: {value}", "logit_bias"
             )
         bias.append((int(key), float(value)))
-    if r.prompt_logprobs is not None:
+    top = r.prompt_logprobs
+    if top is not None and not 0 <= top <= cfg.max_top_n_tokens:
         raise errors.invalid(
-            "`prompt_logprobs` is not supported yet; /v1/completions with `echo` and "
-            "`logprobs` gives each prompt token's logprob",
+            f"`prompt_logprobs` must be >= 0 and <= {cfg.max_top_n_tokens}. Given: {top}",
             "prompt_logprobs",
+        )
+    if top is not None and r.stream:  # vLLM's rule: the prompt is scored before any token
+        raise errors.invalid(
+            "`prompt_logprobs` are not available when `stream` is true", "prompt_logprobs"
         )
     if r.min_tokens > v.params.max_new_tokens:
         raise errors.invalid(
@@ -108,6 +112,8 @@ def with_extras(r: SamplingFields, v: ValidRequest, cfg: FrontendConfig) -> Vali
         grammar=constraint(r, cfg),
         # OpenAI's `model` names an adapter; any other name is the base model (as before).
         adapter=cfg.lora_adapters.index(r.model) if r.model in cfg.lora_adapters else -1,
+        prefill_logprobs=v.params.prefill_logprobs or top is not None,
+        prompt_top_k=-1 if top is None else top,
     )
     return dataclasses.replace(
         v,

@@ -62,6 +62,9 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True, gc=False):
     # Until this many tokens are generated, EOS (unless ignore_eos) and the stop token ids
     # cannot be sampled (vLLM's `min_tokens`).
     min_tokens: int = 0
+    # With prefill_logprobs, -1: only each prompt token's logprob (TGI's prefill details);
+    # k >= 0: also its rank and the k most likely tokens there (vLLM's `prompt_logprobs`).
+    prompt_top_k: int = -1
 
 
 # ---------------------------------------------------------------- frontend -> scheduler
@@ -106,6 +109,9 @@ class TokenBatch(msgspec.Struct, tag=True, array_like=True, gc=False):
     # (req_id, float32 [prompt length]) with the request's first token, for requests that
     # asked for prefill logprobs; entry 0 is NaN (the first token has no context).
     prompt_logprobs: list[tuple[int, np.ndarray]] = []
+    # For those with prompt_top_k >= 0: (req_id, ranks int32 [prompt length], top ids int32
+    # and logprobs float32 [prompt length, k]); row 0 is unscored (rank 0).
+    prompt_tops: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
 
 
 class Error(msgspec.Struct, tag=True, array_like=True, gc=False):
@@ -227,6 +233,9 @@ class PromptLogprobColumns(msgspec.Struct, array_like=True, gc=False):
 
     counts: np.ndarray  # int32 [B]
     targets: np.ndarray  # int32 [sum(counts)]
+    # Row i's prompt_top_k (-1: logprobs only). With any > -1, every scored position also
+    # reports its target's rank and the most likely tokens (as many as any row asks).
+    top_k: np.ndarray | None = None  # int32 [B]
 
 
 class LogitBiasColumns(msgspec.Struct, array_like=True, gc=False):
@@ -327,6 +336,11 @@ class StepResult(msgspec.Struct, tag=True, array_like=True, gc=False):
     idle_time: float = 0.0
     plan_decode_time: float = 0.0
     result_send_time: float = 0.0
+    # With plan.prompt_logprobs.top_k > -1: each scored position's target rank (int32
+    # [sum(counts)]) and its top_k tokens (int32 ids, float32 logprobs [sum(counts), k]).
+    prompt_ranks: np.ndarray | None = None
+    prompt_top_ids: np.ndarray | None = None
+    prompt_top_logprobs: np.ndarray | None = None
 
 
 class ExecutorFailed(msgspec.Struct, tag=True, array_like=True, gc=False):

@@ -149,8 +149,11 @@ class SchedulerProcess:
         t2 = time.perf_counter()
         started = max(step.sent_at, self._last_result_at)
         self._last_result_at = t2
+        tops = None
+        if result.prompt_ranks is not None:
+            tops = (result.prompt_ranks, result.prompt_top_ids, result.prompt_top_logprobs)
         outputs = self.core.update(
-            step, result.token_ids, result.prompt_logprobs, result.token_counts
+            step, result.token_ids, result.prompt_logprobs, result.token_counts, tops
         )
         self._emit(outputs, result)
         t3 = time.perf_counter()
@@ -258,6 +261,9 @@ class SchedulerProcess:
                     (o.req.req_id, o.prompt_logprobs)
                     for o in with_token
                     if o.prompt_logprobs is not None
+                ],
+                prompt_tops=[
+                    (o.req.req_id, *o.prompt_tops) for o in with_token if o.prompt_tops is not None
                 ],
             )
             if result is not None and result.top_ids is not None:

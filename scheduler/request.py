@@ -48,6 +48,7 @@ class Request:
         "params",
         "pending_matcher",
         "prompt_logprobs",
+        "prompt_tops",
         "req_id",
         "seed",
         "seq_id",
@@ -97,8 +98,17 @@ class Request:
         # Its grammar's matcher (scheduler.grammar), once built; until then the future.
         self.matcher = None
         self.pending_matcher = None
+        # With prompt_top_k > -1: each position's rank, top ids and top logprobs.
+        self.prompt_tops: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         if params.prefill_logprobs:
             self.prompt_logprobs = np.full(self.num_prompt, np.nan, dtype=np.float32)
+            if params.prompt_top_k >= 0:
+                k = params.prompt_top_k
+                self.prompt_tops = (
+                    np.zeros(self.num_prompt, dtype=np.int32),
+                    np.full((self.num_prompt, k), -1, dtype=np.int32),
+                    np.full((self.num_prompt, k), np.nan, dtype=np.float32),
+                )
 
     @property
     def num_generated(self) -> int:

@@ -442,10 +442,12 @@ class Scheduler:
         sampled: np.ndarray,
         prompt_logprobs: np.ndarray | None = None,
         counts: np.ndarray | None = None,
+        prompt_tops: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     ) -> list[Output]:
         """Applies a step's sampled tokens (one per row with `plan.sample` set, or
         `counts[i]` for the i-th such row when it verified proposals), and the prompt
-        logprobs of the rows that asked for them."""
+        logprobs of the rows that asked for them (with `prompt_tops`, their ranks and
+        top tokens too)."""
         outputs: list[Output] = []
         tokens = sampled.tolist()
         sample = step.plan.sampling.sample
@@ -477,7 +479,10 @@ class Scheduler:
                 k += 1
             values = None
             if scored:
-                values = prompt_logprobs[scored_at : scored_at + scored]
+                rows = slice(scored_at, scored_at + scored)
+                values = prompt_logprobs[rows]
+                if prompt_tops is not None and req.prompt_tops is not None:
+                    self._keep_prompt_tops(req, [a[rows] for a in prompt_tops])
                 scored_at += scored
             if req.status != Status.RUNNING:  # preempted is impossible mid-step; aborted is not
                 continue
@@ -486,6 +491,17 @@ class Scheduler:
             except Exception as e:  # this request's bookkeeping broke: it alone fails
                 outputs.append(self._fail(req, e))
         return outputs
+
+    @staticmethod
+    def _keep_prompt_tops(req: Request, tops: list[np.ndarray]) -> None:
+        """This step's ranks and top tokens of `req`'s scored positions (the step's k is
+        the most any row asked for: the request keeps its own first k)."""
+        ranks, ids, lps = req.prompt_tops
+        start = req.num_computed + 1
+        stop = start + len(tops[0])
+        k = ids.shape[1]
+        ranks[start:stop] = tops[0]
+        ids[start:stop], lps[start:stop] = tops[1][:, :k], tops[2][:, :k]
 
     def _apply(
         self,
@@ -528,7 +544,7 @@ class Scheduler:
                     reason = FinishReason.EOS
             out = Output(req, token, reason, row)
             if req.num_generated == 1:
-                out.prompt_logprobs = req.prompt_logprobs
+                out.prompt_logprobs, out.prompt_tops = req.prompt_logprobs, req.prompt_tops
             outs.append(out)
             if reason is not None:  # what was accepted after it is never emitted
                 self._finish(req, reason)

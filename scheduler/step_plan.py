@@ -45,6 +45,7 @@ class Output:
     finish: FinishReason | None
     row: int = -1  # index of this token in the step's sampled arrays (its logprob's too)
     prompt_logprobs: np.ndarray | None = None  # with the first token, when asked for
+    prompt_tops: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # likewise
     error: str | None = None  # the engine failed this request (finish is ERROR)
 
 
@@ -152,9 +153,12 @@ def _prompt_logprobs(reqs: list[Request], num_new: list[int]) -> PromptLogprobCo
         for r, k in zip(reqs, scored, strict=True)
         if k
     ]
+    tops = any(k and r.params.prompt_top_k >= 0 for r, k in zip(reqs, scored, strict=True))
     return PromptLogprobColumns(
         counts=np.array(scored, dtype=np.int32),
         targets=np.concatenate(targets) if targets else np.empty(0, np.int32),
+        # Sent only when a row scored now wants its prompt's ranks and top tokens.
+        top_k=np.array([r.params.prompt_top_k for r in reqs], np.int32) if tops else None,
     )
 
 

@@ -348,12 +348,67 @@ def test_vllm_extras_ignore_eos_min_tokens_stop_token_ids(server, client) -> Non
         timeout=60,
     )
     assert r.status_code == 422 and r.json()["error"]["param"] == "min_tokens"
+
+
+def test_vllm_prompt_logprobs_are_transformers(server) -> None:
+    """vLLM's `prompt_logprobs`: at each prompt position the prompt token's logprob and
+    rank and the k most likely tokens, as transformers scores the prompt."""
+    prompt = "The lighthouse keeper climbed the stairs"
+    ids = tokenizer()(prompt)["input_ids"]
+    with torch.inference_mode():
+        ref = hf_model()(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+    k = 3
     r = httpx.post(
         f"{server.url}/v1/completions",
-        json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "prompt_logprobs": 1},
+        json={"model": MODEL, "prompt": prompt, "max_tokens": 2, "prompt_logprobs": k},
         timeout=60,
     )
-    assert r.status_code == 422 and r.json()["error"]["param"] == "prompt_logprobs"
+    assert r.status_code == 200, r.text
+    scores = r.json()["choices"][0]["prompt_logprobs"]
+    assert len(scores) == len(ids) and scores[0] is None
+    for pos in range(1, len(ids)):
+        row = ref[pos - 1]
+        entry = {int(i): e for i, e in scores[pos].items()}
+        own = entry[ids[pos]]
+        assert own["logprob"] == pytest.approx(float(row[ids[pos]]), abs=2e-3)
+        assert own["rank"] == int((row > row[ids[pos]]).sum()) + 1
+        assert own["decoded_token"] == tokenizer().decode([ids[pos]])
+        top = row.topk(k)
+        for rank, (value, i) in enumerate(zip(top.values, top.indices, strict=True), 1):
+            assert entry[int(i)]["logprob"] == pytest.approx(float(value), abs=2e-3)
+            if int(i) != ids[pos]:
+                assert entry[int(i)]["rank"] == rank
+        assert set(entry) <= {ids[pos], *top.indices.tolist()}
+    # Chat: one list for the answer (the templated prompt), 0 = the prompt's own only.
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": MODEL, "messages": ASK, "max_tokens": 2, "prompt_logprobs": 0},
+        timeout=60,
+    )
+    body = r.json()
+    assert r.status_code == 200 and body["prompt_logprobs"][0] is None
+    assert len(body["prompt_logprobs"]) == body["usage"]["prompt_tokens"]
+    assert all(len(e) == 1 for e in body["prompt_logprobs"][1:])
+    assert "prompt_logprobs" not in greedy_json(server, ASK)  # only when asked for
+    for extra, why in (({"stream": True}, "stream"), ({"prompt_logprobs": 6}, "<= 5")):
+        r = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "prompt_logprobs": 1} | extra,
+            timeout=60,
+        )
+        error = r.json()["error"]
+        assert r.status_code == 422 and error["param"] == "prompt_logprobs"
+        assert why in error["message"]
+
+
+def greedy_json(server, messages: list[dict]) -> dict:
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": MODEL, "messages": messages, "max_tokens": 2, "temperature": 0},
+        timeout=60,
+    )
+    assert r.status_code == 200
+    return r.json()
 
 
 def test_vllm_extras_stop_strings_special_tokens_and_templates(client) -> None:

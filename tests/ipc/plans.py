@@ -39,7 +39,7 @@ def random_plan(rng: np.random.Generator, b: int, tokens: int, step_id: int = 7)
             history_counts=ints(b),
             history_ids=ints(2 * b),
         ),
-        prompt_logprobs=m.PromptLogprobColumns(ints(b), ints(2 * b)),
+        prompt_logprobs=m.PromptLogprobColumns(ints(b), ints(2 * b), ints(b)),
         bias=m.LogitBiasColumns(ints(b), ints(2 * b), floats(2 * b)),
         grammar=m.GrammarColumns(ints(b)),
     )

@@ -132,6 +132,29 @@ class FakeExecutor:
         assert len(values) == len(plan.prompt_logprobs.targets)
         return np.array(values, dtype=np.float32)
 
+    @staticmethod
+    def score_tops(plan: StepPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Ranks and top tokens that name what they score: rank target % 7 + 1, top id
+        c = target + c, its logprob position + c / 10."""
+        top_k, counts = plan.prompt_logprobs.top_k, plan.prompt_logprobs.counts
+        k = -1 if top_k is None else int(top_k[counts > 0].max(initial=-1))
+        if k < 0:
+            return None
+        targets = plan.prompt_logprobs.targets.astype(np.int64)
+        positions = np.concatenate(
+            [
+                plan.layout.context_lens[i] + np.arange(n)
+                for i, n in enumerate(plan.prompt_logprobs.counts.tolist())
+            ]
+            or [np.empty(0, np.int64)]
+        )
+        columns = np.arange(k)
+        return (
+            (targets % 7 + 1).astype(np.int32),
+            (targets[:, None] + columns).astype(np.int32),
+            (positions[:, None] + columns / 10).astype(np.float32),
+        )
+
 
 @dataclass
 class Trace:
@@ -141,6 +164,7 @@ class Trace:
     finish: dict[tuple[bytes, int], FinishReason] = field(default_factory=dict)
     plans: list[tuple[StepPlan, list[Request]]] = field(default_factory=list)
     prompt_logprobs: dict[tuple[bytes, int], np.ndarray] = field(default_factory=dict)
+    prompt_tops: dict[tuple[bytes, int], tuple] = field(default_factory=dict)
 
     def saw(self, frontend: bytes, req_id: int, token: int, reason: FinishReason | None) -> None:
         key = (frontend, req_id)
@@ -209,7 +233,7 @@ def step_once(s: Scheduler, ex: FakeExecutor, trace: Trace, between: Callable[[]
                 assert (ex.lora_slots[slot] if slot >= 0 else -1) == req.params.adapter
         trace.plans.append((plan, list(step.reqs)))
         tokens = ex.step(plan)
-        sent = (step, tokens, ex.score_prompt(plan), ex.counts)
+        sent = (step, tokens, ex.score_prompt(plan), ex.counts, ex.score_tops(plan))
     between()  # e.g. a client aborts while a step is in flight
     if ex.overlap:
         applied, ex.inflight = ex.inflight, sent
@@ -222,6 +246,8 @@ def step_once(s: Scheduler, ex: FakeExecutor, trace: Trace, between: Callable[[]
                 key = (out.req.frontend, out.req.req_id)
                 assert key not in trace.prompt_logprobs, "prompt logprobs sent twice"
                 trace.prompt_logprobs[key] = out.prompt_logprobs.copy()
+                if out.prompt_tops is not None:
+                    trace.prompt_tops[key] = tuple(a.copy() for a in out.prompt_tops)
     check_bookkeeping(s)
     return step is not None or ex.inflight is not None
 
@@ -413,6 +439,41 @@ def test_preemption_with_chunked_resume(make) -> None:
     trace = run_all(s, ex)
     assert s.stats.preemptions > 0
     check_outputs(trace, reqs)
+
+
+def test_prompt_ranks_and_top_tokens_follow_chunks(make) -> None:
+    """vLLM's prompt_logprobs: each request keeps its own first k of the step's top
+    tokens (k = the most any row asks), position by position, across chunks."""
+    rng = np.random.default_rng(7)
+    s, ex = make(num_blocks=64, max_batch_prefill_tokens=6, max_batch_size=4)
+    ks = [-1, 0, 1, 3, None, 2]  # None: no prompt scoring; -1: logprobs only (TGI's)
+    reqs = [
+        add(
+            s,
+            i,
+            prompt_of(rng, int(rng.integers(4, 15))),
+            max_new_tokens=3,
+            prefill_logprobs=k is not None,
+            prompt_top_k=-1 if k is None else k,
+        )
+        for i, k in enumerate(ks)
+    ]
+    trace = run_all(s, ex)
+    check_outputs(trace, reqs)
+    for r, k in zip(reqs, ks, strict=True):
+        key = (r.frontend, r.req_id)
+        if k is None or k < 0:
+            assert key not in trace.prompt_tops
+            continue
+        ranks, ids, lps = trace.prompt_tops[key]
+        prompt = r.tokens[: r.num_prompt].astype(np.int64)
+        assert ids.shape == lps.shape == (r.num_prompt, k)
+        assert ranks[0] == 0 and (ids[0] == -1).all()  # the first token is unscored
+        np.testing.assert_array_equal(ranks[1:], prompt[1:] % 7 + 1)
+        columns = np.arange(k)
+        np.testing.assert_array_equal(ids[1:], prompt[1:, None] + columns)
+        positions = np.arange(r.num_prompt - 1)[:, None]
+        np.testing.assert_allclose(lps[1:], positions + columns / 10, rtol=1e-6)
 
 
 def test_prompt_logprobs_follow_chunks_and_preemption(make) -> None:
