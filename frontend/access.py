@@ -6,18 +6,15 @@ request. `--disable-access-log` turns the lines off."""
 from __future__ import annotations
 
 import contextvars
-import functools
 import logging
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
 
-import msgspec
-
 from tgi_mp.frontend import metrics
 from tgi_mp.frontend.http import Scope, Send, header
-from tgi_mp.frontend.openapi import openapi_document
+from tgi_mp.frontend.openapi import documented_routes
 
 log = logging.getLogger("tgi_mp.access")
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a client's id is echoed only if it is plain
@@ -74,15 +71,12 @@ def sending(send: Send, entry: Entry) -> Send:
     return wrapped
 
 
-@functools.cache
-def _routes() -> frozenset[str]:
-    paths = msgspec.json.decode(openapi_document(""))["paths"]
-    return frozenset(paths) | {"/ping", "/docs", "/api-doc/openapi.json"}
+_UNDOCUMENTED = frozenset({"/ping", "/docs", "/api-doc/openapi.json"})
 
 
 def route_label(path: str) -> str:
     """The route `path` is served by, so labels stay few whatever paths clients send."""
-    if path in _routes():
+    if path in _UNDOCUMENTED or path in documented_routes():
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"

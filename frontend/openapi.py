@@ -67,15 +67,16 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _json_body(request: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(request)}}}
+
+
 def _generation(ok: dict[str, Any], summary: str) -> dict[str, Any]:
     error = _ref("ErrorResponse")
     return {
         "post": {
             "summary": summary,
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": _ref("GenerateRequest")}},
-            },
+            "requestBody": _json_body("GenerateRequest"),
             "responses": {
                 "200": ok,
                 "422": _json(error, "Input validation error"),
@@ -92,10 +93,7 @@ def _openai(request: str, answer: str, chunk: str, summary: str) -> dict[str, An
     return {
         "post": {
             "summary": summary,
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": _ref(request)}},
-            },
+            "requestBody": _json_body(request),
             "responses": {
                 "200": {
                     "description": "The answer, or its chunks as server-sent events",
@@ -118,14 +116,17 @@ def _paths(sse: dict[str, Any]) -> dict[str, Any]:
     return {**_tgi_paths(sse), **_openai_paths(), **_other_paths()}
 
 
+@functools.cache
+def documented_routes() -> frozenset[str]:
+    """The paths the OpenAPI document lists."""
+    return frozenset(_paths({}))
+
+
 def _post(request: str, answer: str, summary: str) -> dict[str, Any]:
     return {
         "post": {
             "summary": summary,
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": _ref(request)}},
-            },
+            "requestBody": _json_body(request),
             "responses": {
                 "200": _json(_ref(answer), "The answer"),
                 "422": _json(_ref("ErrorBody"), "Invalid request"),

