@@ -20,6 +20,16 @@ from tgi_mp.executor.device import (
     resolve_device,
     resolve_dtype,
 )
+from tgi_mp.executor.drafting import (
+    DraftModel,
+    Drafts,
+    Verified,
+    add_bias,
+    concat_ranges,
+    position_bias,
+    row_sampling,
+    verify,
+)
 from tgi_mp.executor.logits import LogitsPipeline, RowInputs, to_device
 from tgi_mp.executor.lora import LoraAdapters
 from tgi_mp.executor.parallel import join
@@ -28,7 +38,7 @@ from tgi_mp.executor.staging import HostStaging
 from tgi_mp.executor.weights import load_model
 from tgi_mp.ipc.messages import StepPlan
 from tgi_mp.kernels.attention import AttentionInputs, allocate_kv_cache
-from tgi_mp.kernels.backends import select_backend
+from tgi_mp.kernels.backends import AttentionBackend, select_backend
 
 log = logging.getLogger("tgi_mp.executor")
 
@@ -58,10 +68,14 @@ _PROMPT_LOGPROB_CHUNK = 256
 
 
 def kv_bytes_per_block(cfg: EngineConfig, dtype: torch.dtype) -> int:
-    """One block's K and V over all layers, on one executor (its share of the KV heads)."""
-    mc = cfg.model_config
-    heads = mc.num_kv_heads // cfg.num_shards
-    return 2 * mc.num_layers * cfg.block_size * heads * mc.head_dim * dtype.itemsize
+    """One block's K and V over all layers, on one executor (its share of the KV heads),
+    the draft model's included."""
+    total = 0
+    for mc in (cfg.model_config, cfg.draft_model_config):
+        if mc is not None:
+            heads = mc.num_kv_heads // cfg.num_shards
+            total += 2 * mc.num_layers * cfg.block_size * heads * mc.head_dim * dtype.itemsize
+    return total
 
 
 def host_kv_budget(cfg: EngineConfig) -> tuple[int, str]:
@@ -139,6 +153,7 @@ class ModelRunner:
             if cfg.lora_slots
             else None
         )
+        draft = self._load_draft() if cfg.draft_model is not None else None
         self.logits = LogitsPipeline(
             cfg.model_config.vocab_size, self.device, cfg.watermark_gamma, cfg.watermark_delta
         )
@@ -147,6 +162,11 @@ class ModelRunner:
             cfg, kv_bytes_per_block(cfg, self.dtype), lambda: self._kv_budget(bool(graphs))
         )
         self.kv_caches = self._kv_cache(self.num_blocks)
+        self.draft = None
+        if draft is not None:
+            self.draft = DraftModel(
+                cfg, *draft, self.num_blocks, self.tp, self.staging, self.device, self.dtype
+            )
         log.info(
             "rank %d: %s loaded in %.1fs (%s, %s); KV cache %d blocks x %d tokens = %d tokens (%s)",
             rank,
@@ -203,6 +223,42 @@ class ModelRunner:
             attention=self.attention,
             quantize=method,
         )
+
+    def _load_draft(self) -> tuple[torch.nn.Module, AttentionBackend]:
+        """The draft model (this rank's shard) and its attention backend."""
+        cfg = self.cfg
+        mc, source, shards = cfg.draft_model_config, cfg.draft_model, cfg.num_shards
+        assert mc is not None and source is not None
+        shape = (mc.num_heads // shards, mc.num_kv_heads // shards, mc.head_dim)
+        attention, why = select_backend(
+            cfg.attention, self.device, self.dtype, cfg.block_size, shape
+        )
+        # GGUF's own 4-bit weights exist only in a GGUF draft; int4 quantizes any other.
+        method = cfg.quantize
+        if method == "gguf" and source.kind != "gguf":
+            method = "int4"
+        t0 = time.perf_counter()
+        model = load_model(
+            source,
+            mc,
+            self.dtype,
+            self.device,
+            None,
+            self.tp,
+            dummy=cfg.load_format == "dummy",
+            attention=attention,
+            quantize=method,
+        )
+        log.info(
+            "rank %d: draft model %s loaded in %.1fs (%d layers; attention %s: %s)",
+            self.tp.rank,
+            source.model_id,
+            time.perf_counter() - t0,
+            mc.num_layers,
+            attention.name,
+            why,
+        )
+        return model, attention
 
     def _kv_budget(self, graphs: bool) -> tuple[int, str]:
         """Bytes for the KV cache when no option gives them, and how they were found."""
@@ -285,6 +341,10 @@ class ModelRunner:
         counts = layout.block_counts
         tables = np.zeros((len(counts), int(counts.max())), dtype=np.int32)
         tables[np.arange(tables.shape[1])[None, :] < counts[:, None]] = layout.block_tables
+        drafts = None
+        if self.draft is not None:
+            plan, drafts = self._draft(plan, tables)
+            layout = plan.layout
         rows = np.flatnonzero(s.sample)
         last_token = (np.cumsum(layout.query_lens) - 1)[rows]
         proposed = plan.speculative[rows] if plan.speculative is not None else None
@@ -342,7 +402,10 @@ class ModelRunner:
         if top_ids is not None:
             wanted += [top_ids.to(torch.int32), top_lps]
         spec = None
-        if proposed is not None and proposed.any():
+        if drafts is not None:
+            assert proposed is not None
+            verified = self._verify(plan, rows, proposed, last_token, hidden, drafts)
+        elif proposed is not None and proposed.any():
             spec = self._sample_proposals(plan, rows, proposed, last_token, hidden)
             wanted += [spec[0].to(torch.int32), *spec[1:]]
         host = self.staging.download(wanted)  # one wait for all of them
@@ -351,11 +414,56 @@ class ModelRunner:
             out.top_ids, out.top_logprobs = host[2], host[3]
         if spec is not None:
             self._accept(out, plan, rows, proposed, host[2 + 2 * (top_ids is not None) :])
+        if drafts is not None:
+            _merge(out, proposed > 0, verified)
         # The next plan may refer to each row's last token (overlapped scheduling).
         self._last_tokens = out.last_tokens()
         if self._share_tokens:  # ... on the other ranks too
             self.tp.broadcast_from_first(torch.from_numpy(self._last_tokens).to(self.device))
         return out
+
+    def _draft(self, plan: StepPlan, tables: np.ndarray) -> tuple[StepPlan, Drafts | None]:
+        """The draft model's pass over the step; the plan with its proposals in the
+        placeholders the scheduler left for them."""
+        assert self.draft is not None
+        layout = plan.layout
+        proposed = plan.speculative
+        if proposed is None:
+            proposed = np.zeros(len(layout.query_lens), dtype=np.int32)
+        drafts = self.draft.propose(plan, layout.input_ids, tables, proposed)
+        if drafts is None:
+            return plan, None
+        ids = layout.input_ids.copy()
+        ends = np.cumsum(layout.query_lens)[np.flatnonzero(proposed)]
+        mask = np.arange(drafts.tokens.shape[1])[None, :] < drafts.ks[:, None]
+        ids[concat_ranges(ends - drafts.ks, drafts.ks)] = drafts.tokens[mask]
+        return msgspec.structs.replace(
+            plan, layout=msgspec.structs.replace(layout, input_ids=ids)
+        ), drafts
+
+    def _verify(
+        self,
+        plan: StepPlan,
+        rows: np.ndarray,
+        proposed: np.ndarray,
+        first: np.ndarray,
+        hidden: torch.Tensor,
+        drafts: Drafts,
+    ) -> Verified:
+        """The draft's proposals checked against the target's logits at each position
+        of the rows that speculate (their k + 1: the last real token and each proposal)."""
+        spec = np.flatnonzero(proposed)
+        per_row = proposed[spec] + 1
+        plan_rows = np.repeat(rows[spec], per_row)
+        offset = np.arange(int(per_row.sum())) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+        dev = self.device
+        positions = to_device(concat_ranges(first[spec], per_row), torch.int64, dev)
+        logits = add_bias(
+            self.model.compute_logits(hidden[positions]), position_bias(plan, plan_rows, dev)
+        )
+        sampling = row_sampling(plan, plan_rows, dev)
+        sampling.sample_index = sampling.sample_index + to_device(offset, torch.int64, dev)
+        return verify(logits, sampling, drafts, int(plan.sampling.top_n.max()), self.staging)
 
     def _sample_proposals(
         self,
@@ -385,21 +493,7 @@ class ModelRunner:
             to_device(s.seeds[plan_rows], torch.int64, dev),
             to_device(s.sample_index[plan_rows] + j, torch.int64, dev),
         )
-        inputs = RowInputs(sampling, int(s.top_n.max()))
-        b = plan.bias
-        if len(b.ids):  # the rows' logit bias, at each of their positions
-            counts = b.counts[plan_rows]
-            at = (np.cumsum(b.counts) - b.counts)[plan_rows]
-            entry = (
-                np.repeat(at, counts)
-                + np.arange(counts.sum())
-                - np.repeat(np.cumsum(counts) - counts, counts)
-            )
-            inputs.bias = (
-                to_device(np.repeat(np.arange(len(plan_rows)), counts), torch.int64, dev),
-                to_device(b.ids[entry], torch.int64, dev),
-                to_device(b.values[entry], torch.float32, dev),
-            )
+        inputs = RowInputs(sampling, int(s.top_n.max()), position_bias(plan, plan_rows, dev))
         pos = to_device(positions, torch.int64, dev)
         tokens, logprobs, top_ids, top_lps = self.logits(
             self.model.compute_logits(hidden[pos]), inputs
@@ -485,3 +579,24 @@ class ModelRunner:
             return out.cpu().numpy(), None
         host = ranks.cpu().numpy(), top_ids.cpu().numpy(), top_lps.cpu().numpy()
         return out.cpu().numpy(), host
+
+
+def _merge(out: StepOutput, speculated: np.ndarray, verified: Verified) -> None:
+    """`out` (one token per sampled row) with the speculating rows' (`speculated`)
+    verified tokens in their place, row after row (`out.counts`)."""
+    counts = np.ones(len(speculated), dtype=np.int32)
+    counts[speculated] = verified.counts
+    theirs = np.repeat(speculated, counts)
+
+    def merged(mine: np.ndarray, spec: np.ndarray) -> np.ndarray:
+        joined = np.empty((len(theirs), *mine.shape[1:]), dtype=mine.dtype)
+        joined[~theirs], joined[theirs] = mine[~speculated], spec
+        return joined
+
+    out.tokens = merged(out.tokens, verified.tokens)
+    out.logprobs = merged(out.logprobs, verified.logprobs)
+    if out.top_ids is not None:
+        assert verified.top_ids is not None and verified.top_logprobs is not None
+        out.top_ids = merged(out.top_ids, verified.top_ids)
+        out.top_logprobs = merged(out.top_logprobs, verified.top_logprobs)
+    out.counts = counts

@@ -281,8 +281,9 @@ class StepPlan(msgspec.Struct, tag=True, array_like=True, gc=False):
     bias: LogitBiasColumns
     grammar: GrammarColumns = msgspec.field(default_factory=_no_grammar)
     # Speculative decoding: row i's input ends with `speculative[i]` proposed tokens
-    # (n-gram lookup) after its last real one; its sampled tokens are the target's at
-    # each of those positions that the proposals match, plus one. None: no proposals.
+    # after its last real one (n-gram lookup; with a draft model, placeholders the
+    # executors fill with its proposals); its sampled tokens are the proposals the
+    # target accepts, plus one of its own. None: no proposals.
     speculative: np.ndarray | None = None  # int32 [B]
     lora: LoraColumns | None = None  # None: no adapter configured
 

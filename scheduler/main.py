@@ -85,6 +85,7 @@ class SchedulerProcess:
                 speculate_ngram_max=self.cfg.speculate_ngram_max,
                 speculate_ngram_min=self.cfg.speculate_ngram_min,
                 speculate_max_batch=self.cfg.speculate_max_batch,
+                speculate_draft=self.cfg.draft_model is not None,
                 lora_adapters=len(self.cfg.lora_adapters),
                 lora_slots=self.cfg.lora_slots,
             ),

@@ -53,6 +53,9 @@ class SchedulerConfig:
     speculate_ngram_max: int = DEFAULTS["speculate_ngram_max"]
     speculate_ngram_min: int = DEFAULTS["speculate_ngram_min"]
     speculate_max_batch: int = DEFAULTS["speculate_max_batch"]
+    # The executors' draft model proposes instead: the plan reserves the proposals'
+    # positions (placeholders the executors fill) and the scheduler only counts them.
+    speculate_draft: bool = False
     # LoRA (scheduler/lora_slots.py): adapters configured, and how many are resident.
     lora_adapters: int = 0
     lora_slots: int = 0
@@ -235,13 +238,17 @@ class Scheduler:
         return budget, preempted
 
     def _propose(self, req: Request, room: int) -> int:
-        """Puts n-gram proposals for a decoding request's next tokens after its last one
-        (in `tokens`, past `num_tokens`): how many."""
+        """Puts proposals for a decoding request's next tokens after its last one (in
+        `tokens`, past `num_tokens`): how many. n-gram lookup finds them here; for a
+        draft model they are placeholders (0) that the executors fill."""
         cfg = self.cfg
         k = min(cfg.speculate, room, req.params.max_new_tokens - req.num_generated - 1)
-        proposal = ngram_proposal(
-            req.tokens[: req.num_tokens], k, cfg.speculate_ngram_max, cfg.speculate_ngram_min
-        )
+        if cfg.speculate_draft:
+            proposal = np.zeros(max(k, 0), dtype=np.int32)
+        else:
+            proposal = ngram_proposal(
+                req.tokens[: req.num_tokens], k, cfg.speculate_ngram_max, cfg.speculate_ngram_min
+            )
         req.tokens[req.num_tokens : req.num_tokens + len(proposal)] = proposal
         req.num_proposed = len(proposal)
         return len(proposal)

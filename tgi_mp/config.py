@@ -43,6 +43,10 @@ class EngineConfig(msgspec.Struct, frozen=True):
     speculate_ngram_max: int = DEFAULTS["speculate_ngram_max"]
     speculate_ngram_min: int = DEFAULTS["speculate_ngram_min"]
     speculate_max_batch: int = DEFAULTS["speculate_max_batch"]
+    # A draft model for speculative decoding (`--speculative-model`, resolved by the
+    # launcher): it proposes the tokens instead of n-gram lookup.
+    draft_model: ModelSource | None = None
+    draft_model_config: ModelConfig | None = None
     shared_memory: bool = DEFAULTS["shared_memory"]
     # LoRA adapters, found and checked by the launcher (`lora_source.resolve_adapters`).
     lora_adapters: tuple[LoraSpec, ...] = ()
@@ -98,6 +102,9 @@ class EngineConfig(msgspec.Struct, frozen=True):
                 "speculate_ngram_min must be >= 1 and <= speculate_ngram_max, got "
                 f"{self.speculate_ngram_min} and {self.speculate_ngram_max}"
             )
+        if self.draft_model_config is not None:
+            check_draft(self.model_config, self.draft_model_config, self.speculate)
+            check_divisible(self.draft_model_config, self.num_shards)
         if self.max_loras < 1:
             raise ValueError(f"max_loras must be at least 1, got {self.max_loras}")
         if not 0.0 < self.kv_cache_fraction <= 1.0:
@@ -135,6 +142,22 @@ class EngineConfig(msgspec.Struct, frozen=True):
     def load(cls, path: str) -> EngineConfig:
         with open(path, "rb") as f:
             return msgspec.msgpack.decode(f.read(), type=cls)
+
+
+def check_draft(target: ModelConfig, draft: ModelConfig, speculate: int) -> None:
+    """A draft model proposes token ids the target reads as its own: one vocabulary."""
+    if speculate < 1:
+        raise ValueError("--speculative-model needs --speculate N (N >= 1 proposals a step)")
+    if draft.vocab_size != target.vocab_size:
+        raise ValueError(
+            f"the draft model's vocabulary ({draft.vocab_size} tokens) is not the target's "
+            f"({target.vocab_size}): a draft model must share the target's tokenizer"
+        )
+    if draft.max_position_embeddings < target.max_position_embeddings:
+        raise ValueError(
+            f"the draft model's context ({draft.max_position_embeddings} positions) is "
+            f"shorter than the target's ({target.max_position_embeddings})"
+        )
 
 
 def check_divisible(mc: ModelConfig, n: int) -> None:

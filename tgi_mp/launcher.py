@@ -87,6 +87,9 @@ class Engine:
             if adapters and not isinstance(adapters[0], LoraSpec):  # names and paths
                 pairs = parse_adapters(adapters) if isinstance(adapters, str) else adapters
                 adapters = resolve_adapters(pairs, mc, opts.get("max_lora_rank"))
+            if (draft := opts.pop("speculative_model", None)) is not None:
+                opts["draft_model"] = resolve_model(draft)
+                opts["draft_model_config"] = load_model_config(opts["draft_model"])
             cfg = EngineConfig(
                 model=source,
                 model_config=mc,

@@ -303,6 +303,15 @@ OPTIONS: tuple[Option, ...] = (
         int,
     ),
     Option(
+        "--speculative-model",
+        None,
+        "A small draft model (local path, or Hub id; same tokenizer as the target) that "
+        "proposes the --speculate N tokens instead of n-gram lookup: it runs in the "
+        "executors beside the target, with its own KV cache in the same blocks. Greedy "
+        "output is unchanged; sampled rows are verified by rejection sampling.",
+        "engine",
+    ),
+    Option(
         "--speculate-ngram-max",
         3,
         "Longest suffix (tokens) the n-gram proposer matches; shorter ones are tried next.",
