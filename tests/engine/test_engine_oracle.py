@@ -22,7 +22,7 @@ from tests.engine.oracle import NEW_TOKENS, compare, prompts, reference_greedy
 from tgi_mp.frontend import grammar
 from tgi_mp.ipc.messages import SamplingParams
 from tgi_mp.launcher import Engine
-from tgi_mp.model_source import resolve_model
+from tgi_mp.model_source import default_gguf_path, resolve_model
 from tgi_mp.tokenizer_export import export_tokenizer
 
 GREEDY = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
@@ -141,6 +141,32 @@ def test_preemption_with_speculative_decoding(cases, default_engine):
     print(f"[oracle] speculation: {spec.spec_accepted_tokens}/{spec.spec_proposed_tokens}")
     assert 0 < spec.spec_accepted_tokens < spec.spec_proposed_tokens
     assert spec_draws == asyncio.run(_sampled(default_engine, [c[0] for c in cases[:3]]))
+
+
+def test_draft_model_speculation_follows_the_oracle(cases):
+    """`--speculative-model` with the target itself as its draft (the one model with
+    its tokenizer on this disk), through chunked prefill, preemption and the prefix
+    cache: greedy tokens are the oracle's, and the draft, whose KV cache must keep in
+    step with the target's (prompt chunks, recomputes, accepted and rejected
+    proposals, cached blocks), proposes what the target picks nearly always."""
+    cases = cases[1:5]  # prompts of 6 to 130 tokens: together they do not fit in 256
+    with Engine.start(
+        None,
+        dtype="float32",
+        max_batch_total_tokens=256,
+        max_batch_prefill_tokens=64,
+        speculate=3,
+        speculate_max_batch=16,
+        speculative_model=default_gguf_path(),
+    ) as engine:
+        _check("draft model, speculate 3", cases, _run(engine, cases, concurrent=True))
+        first = asyncio.run(_stats(engine))
+        _check("draft model, again", cases, _run(engine, cases, concurrent=True))
+        stats = asyncio.run(_stats(engine))
+    print(f"[oracle] draft: {stats.spec_accepted_tokens}/{stats.spec_proposed_tokens} accepted")
+    assert first.preemptions > 0 and stats.cache_hit_tokens > first.cache_hit_tokens
+    assert stats.spec_accepted_tokens > 0.9 * stats.spec_proposed_tokens > 0
+    assert stats.blocks_free == stats.blocks_total
 
 
 async def _sampled(engine: Engine, prompts_: list[list[int]]) -> list[list[int]]:

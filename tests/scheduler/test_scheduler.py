@@ -57,9 +57,17 @@ class FakeExecutor:
     """Executes plans on a token-id 'KV cache': slot -> the token whose KV would live there."""
 
     def __init__(
-        self, num_blocks: int, block_size: int, fn: TokenFn = hash_token, overlap: bool = False
+        self,
+        num_blocks: int,
+        block_size: int,
+        fn: TokenFn = hash_token,
+        overlap: bool = False,
+        draft: TokenFn | None = None,
     ) -> None:
         self.bs = block_size
+        # A draft model's guess of `fn`: it fills the proposals' placeholders, as the
+        # runner's draft model does (None: the plan's proposals are n-gram lookups).
+        self.draft = draft
         self.num_blocks = num_blocks
         self.kv = np.full(num_blocks * block_size, -1, dtype=np.int64)
         self.fn = fn
@@ -92,6 +100,17 @@ class FakeExecutor:
             rows = np.flatnonzero(lay.input_from >= 0)
             ids = ids.copy()
             ids[starts[rows + 1] - 1] = self.last[lay.input_from[rows]]
+        if self.draft is not None and plan.speculative is not None:
+            ids = ids.copy()
+            for i in np.flatnonzero(plan.speculative):
+                k, end = int(plan.speculative[i]), int(starts[i + 1])
+                assert not ids[end - k : end].any(), "a draft placeholder that is not 0"
+                c = int(lay.context_lens[i])
+                history = self.kv[self._slots(tables[i], 0, c)]
+                history = np.concatenate([history, ids[starts[i] : end - k]])
+                for j in range(end - k, end):
+                    ids[j] = self.draft(history)
+                    history = np.append(history, ids[j])
         # Write every row's KV first, then read: as in a real forward pass, a block
         # shared by two rows of one step corrupts one of them.
         for i in range(b):
@@ -300,10 +319,13 @@ def _builder(overlap: bool) -> Iterator[Callable[..., tuple[Scheduler, FakeExecu
     def build(
         num_blocks: int = 64, block_size: int = 4, fn: TokenFn = hash_token, **kw
     ) -> tuple[Scheduler, FakeExecutor]:
-        cfg = SchedulerConfig(num_blocks=num_blocks, block_size=block_size, **kw)
+        draft = kw.pop("draft", None)
+        cfg = SchedulerConfig(
+            num_blocks=num_blocks, block_size=block_size, speculate_draft=draft is not None, **kw
+        )
         s = Scheduler(cfg)
         made.append(s)
-        return s, FakeExecutor(num_blocks, block_size, fn, overlap=overlap)
+        return s, FakeExecutor(num_blocks, block_size, fn, overlap=overlap, draft=draft)
 
     yield build
     for s in made:
@@ -1006,9 +1028,11 @@ def test_ngram_proposal_follows_the_most_recent_longest_match() -> None:
     assert ngram_proposal(t, 0, 3, 1).tolist() == []
 
 
-def test_speculation_randomized(make) -> None:
-    """Proposals accepted and rejected at random (a 'model' that often repeats itself),
-    with preemption, aborts, stops, the prefix cache and a small budget: every request's
+@pytest.mark.parametrize("drafted", [False, True], ids=["ngram", "draft"])
+def test_speculation_randomized(make, drafted: bool) -> None:
+    """Proposals accepted and rejected at random (a 'model' that often repeats itself;
+    n-gram lookup, or a draft model that guesses it right 3 times in 4), with
+    preemption, aborts, stops, the prefix cache and a small budget: every request's
     tokens are its reference's, nothing is emitted after a finish, and every block ends
     free (the fixture) with none held twice or past what was computed (every step)."""
     seed = 99
@@ -1020,6 +1044,10 @@ def test_speculation_randomized(make) -> None:
         h = hash_token(history)
         return int(history[-3]) if h % 3 and len(history) >= 3 else h % vocab
 
+    def guess(history: np.ndarray) -> int:
+        right = fn(history)
+        return right if hash_token(history[::-1]) % 4 else (right + 1) % vocab
+
     eos = frozenset({EOS})
     s, ex = make(
         num_blocks=30,
@@ -1029,6 +1057,7 @@ def test_speculation_randomized(make) -> None:
         eos_token_ids=eos,
         speculate=4,
         speculate_max_batch=8,
+        **({"draft": guess} if drafted else {}),
     )
     reqs: list[Request] = []
     arrivals = {}
