@@ -56,26 +56,41 @@ def generate(
     return asyncio.run(main())
 
 
+async def stats_of(engine: Engine):
+    client = engine.client()
+    try:
+        return await client.stats()
+    finally:
+        client.close()
+
+
 def test_two_shards_give_the_tokens_of_one(tiny_dir) -> None:
     rng = np.random.default_rng(0)
     batch = [rng.integers(3, 256, n).tolist() for n in (1, 5, 17, 40, 77)]
     results = {}
     # Two shards with overlapped scheduling (rank 0 broadcasts its sampled tokens, which
-    # the next plan refers to) and speculative decoding, and with neither.
-    for n, overlap in ((1, True), (2, True), (2, False)):
+    # the next plan refers to) and n-gram speculation; with neither; and with a draft
+    # model (the tiny model itself, sharded too: rank 0 broadcasts each proposal).
+    for n, overlap, spec in ((1, True, ""), (2, True, "ngram"), (2, False, ""), (2, True, "draft")):
         with Engine.start(
             tiny_dir,
             dtype="float32",
             num_shards=n,
             max_batch_total_tokens=2048,
             overlap_scheduling=overlap,
-            speculate=4 if (n, overlap) == (2, True) else 0,
+            speculate=4 if spec else 0,
             speculate_max_batch=8,
+            speculative_model=tiny_dir if spec == "draft" else None,
         ) as engine:
-            results[n, overlap] = (generate(engine, batch, False), generate(engine, batch, True))
-    assert results[1, True][0] == results[1, True][1]
-    assert results[2, True] == results[1, True]
-    assert results[2, False] == results[1, True]
+            results[n, overlap, spec] = (
+                generate(engine, batch, False),
+                generate(engine, batch, True),
+            )
+            stats = asyncio.run(stats_of(engine)) if spec == "draft" else None
+    assert results[1, True, ""][0] == results[1, True, ""][1]
+    for key in ((2, True, "ngram"), (2, False, ""), (2, True, "draft")):
+        assert results[key] == results[1, True, ""], key
+    assert stats is not None and stats.spec_accepted_tokens > 0.9 * stats.spec_proposed_tokens > 0
 
 
 def rank_params(source, cfg, n: int) -> list[dict[str, torch.Tensor]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import torch
 
@@ -114,3 +115,22 @@ def test_auto_dtype_follows_the_cpus_native_bf16(monkeypatch, amx, avx512_bf16, 
     assert str(dtype) == f"torch.{want}"
     assert ("AMX" if amx else "AVX512_BF16" if avx512_bf16 else "no native bf16") in why
     assert device.resolve_dtype("float32", torch.device("cpu")) == (torch.float32, "--dtype")
+
+
+def test_draft_model_must_share_the_vocabulary_and_speculate(base: dict, tmp_path) -> None:
+    mc = base["model_config"]
+    draft = {"draft_model": base["model"], "draft_model_config": mc}
+    with pytest.raises(ValueError, match="needs --speculate N"):
+        EngineConfig(**base, **draft)
+    other = msgspec.structs.replace(mc, vocab_size=mc.vocab_size + 1)
+    with pytest.raises(ValueError, match="must share the target's tokenizer"):
+        EngineConfig(**base, speculate=2, draft_model=base["model"], draft_model_config=other)
+    short = msgspec.structs.replace(mc, max_position_embeddings=mc.max_position_embeddings // 2)
+    with pytest.raises(ValueError, match="shorter than the target's"):
+        EngineConfig(**base, speculate=2, draft_model=base["model"], draft_model_config=short)
+    cfg = EngineConfig(**base, speculate=2, **draft)
+    # Each block holds the draft's K/V too: the same model twice, twice the bytes.
+    plain = kv_bytes_per_block(EngineConfig(**base), torch.float32)
+    assert kv_bytes_per_block(cfg, torch.float32) == 2 * plain
+    saved = EngineConfig(**{**base, "ipc_root": str(tmp_path)}, speculate=2, **draft)
+    assert EngineConfig.load(saved.save()) == saved
