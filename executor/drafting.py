@@ -1,21 +1,12 @@
-"""Speculative decoding with a draft model (`--speculative-model`), in the executor.
+"""Speculative decoding's draft model (`--speculative-model`), in the executor.
 
 The draft runs beside the target with its own KV cache in the target's block ids:
 the scheduler's block tables serve both. Each step it first computes every
 token the target computes, minus the proposals' placeholders (so its cache never
-falls behind), then proposes each speculating row's k tokens one decode at a time
-and computes the last one's KV too: whatever the target accepts, the draft's
-cache is then valid wherever the target's is.
-
-The target checks the proposals in its one forward, by rejection sampling
-(Leviathan et al. 2023; Chen et al. 2023): proposal x, drawn from the draft's
-distribution q, is kept with probability min(1, p(x) / q(x)); at the first
-rejection the row's token is drawn from norm(max(0, p - q)); when all are kept,
-one more from p. The output distribution is the target's. Greedy rows have
-one-hot p and q, so they keep the proposals equal to the target's argmax and then
-take its argmax: the same tokens as without speculation. Every random number is a
-function of (seed, token index, stream), so seeded requests repeat whatever
-batch they share.
+falls behind), then proposes each speculating row's k tokens one batched decode
+at a time and computes the last one's KV too: whatever the target accepts, the
+draft's cache is then valid wherever the target's is. The target checks the
+proposals in its own forward (`executor/verification.py`).
 """
 
 from __future__ import annotations
@@ -28,115 +19,18 @@ import torch
 from tgi_mp.config import EngineConfig
 from tgi_mp.executor.logits import to_device
 from tgi_mp.executor.parallel import TensorParallel
-from tgi_mp.executor.sampler import (
-    SamplingTensors,
-    _i64,
-    apply_min_p,
-    apply_top_k_top_p,
-    apply_typical_p,
-    hash_uniform,
-)
+from tgi_mp.executor.sampler import DRAFT_STREAM, SamplingTensors, gumbel_draw, sampling_logprobs
 from tgi_mp.executor.staging import HostStaging
+from tgi_mp.executor.verification import (
+    add_bias,
+    at_rows,
+    concat_ranges,
+    position_bias,
+    row_sampling,
+)
 from tgi_mp.ipc.messages import StepPlan
 from tgi_mp.kernels.attention import AttentionInputs, allocate_kv_cache
 from tgi_mp.kernels.backends import AttentionBackend
-
-# Independent random streams of one (seed, token index): the draft's draw, the
-# acceptance test and the draw after a rejection (the target's own draw keeps the
-# stream plain sampling uses).
-_DRAFT = _i64(0x8CB92BA72F3D8DD7)
-_ACCEPT = _i64(0x4F1BBCDCBFA53E0B)
-_RESIDUAL = _i64(0x2545F4914F6CDD1D)
-
-
-def sampling_logprobs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """Log-probabilities of the distribution each row's token is drawn from (after
-    temperature, typical-p, min-p, top-k and top-p; -inf where excluded), float32
-    [B, V]. Greedy rows: 0 at the argmax, -inf elsewhere."""
-    out = torch.full_like(logits, float("-inf"), dtype=torch.float32)
-    greedy = t.temperature <= 0
-    g = greedy.nonzero().squeeze(1)
-    out[g, logits[g].argmax(dim=-1)] = 0.0
-    rows = (~greedy).nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return out
-    top = torch.finfo(logits.dtype).max
-    scaled = (logits[rows] / t.temperature[rows, None]).clamp(max=top)
-    typical, min_p = t.typical_p[rows], t.min_p[rows]
-    if bool((typical < 1).any()):
-        scaled = apply_typical_p(scaled, typical)
-    if bool((min_p > 0).any()):
-        scaled = apply_min_p(scaled, min_p)
-    top_k, top_p = t.top_k[rows], t.top_p[rows]
-    cut = ((top_k > 0) | (top_p < 1)).nonzero().squeeze(1)
-    if cut.numel():  # as plain sampling: only the rows that truncate are truncated
-        scaled[cut] = apply_top_k_top_p(scaled[cut], top_k[cut], top_p[cut])
-    out[rows] = scaled.float().log_softmax(dim=-1)
-    return out
-
-
-def gumbel_draw(
-    logp: torch.Tensor, seeds: torch.Tensor, index: torch.Tensor, stream: int = 0
-) -> torch.Tensor:
-    """One id per row from exp(logp) (unnormalised is fine), Gumbel-max with the
-    counter-based noise of (seed ^ stream, index): int64 [B]."""
-    u = hash_uniform(seeds ^ stream, index, logp.shape[-1])
-    return (logp.double() - torch.log(-torch.log(u))).argmax(dim=-1)
-
-
-def reported_logprobs(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """What TGI reports: log-softmax after temperature, before any truncation."""
-    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    top = torch.finfo(logits.dtype).max
-    return (logits / t[:, None]).clamp(max=top).float().log_softmax(dim=-1)
-
-
-def position_bias(
-    plan: StepPlan, plan_rows: np.ndarray, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The logit bias of `plan_rows` (one logits row each, in that order, repeats
-    allowed): (logits row, token id, value), or None when none of them has any."""
-    b = plan.bias
-    if not len(b.ids):
-        return None
-    counts = b.counts[plan_rows]
-    if not counts.any():
-        return None
-    at = (np.cumsum(b.counts) - b.counts)[plan_rows]
-    entry = concat_ranges(at, counts)
-    return (
-        to_device(np.repeat(np.arange(len(plan_rows)), counts), torch.int64, device),
-        to_device(b.ids[entry], torch.int64, device),
-        to_device(b.values[entry], torch.float32, device),
-    )
-
-
-def add_bias(logits: torch.Tensor, bias: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
-    if bias is not None:
-        row, ids, values = bias
-        logits.index_put_((row, ids), values.to(logits.dtype), accumulate=True)
-    return logits
-
-
-def row_sampling(plan: StepPlan, plan_rows: np.ndarray, device: torch.device) -> SamplingTensors:
-    """`plan_rows`' sampling columns on the device (their sample index: the next token's)."""
-    s = plan.sampling
-    return SamplingTensors(
-        to_device(s.temperature[plan_rows], torch.float32, device),
-        to_device(s.top_k[plan_rows], torch.int64, device),
-        to_device(s.top_p[plan_rows], torch.float32, device),
-        to_device(s.typical_p[plan_rows], torch.float32, device),
-        to_device(s.min_p[plan_rows], torch.float32, device),
-        to_device(s.seeds[plan_rows], torch.int64, device),
-        to_device(s.sample_index[plan_rows], torch.int64, device),
-    )
-
-
-def _at(t: SamplingTensors, rows: torch.Tensor, offset: torch.Tensor | int) -> SamplingTensors:
-    """Rows of `t` (repeats allowed), their sample index moved on by `offset`."""
-    cols = {name: col[rows] for name, col in vars(t).items()}
-    cols["sample_index"] = cols["sample_index"] + offset
-    return SamplingTensors(**cols)
 
 
 @dataclass
@@ -216,9 +110,9 @@ class DraftModel:
             return self.tp.broadcast_from_first(ids), None
         logits = self.model.compute_logits(hidden)
         add_bias(logits, position_bias(plan, spec[rows], self.device))
-        sub = _at(sampling, to_device(rows, torch.int64, self.device), j)
+        sub = at_rows(sampling, to_device(rows, torch.int64, self.device), j)
         logq = sampling_logprobs(logits, sub)
-        ids = gumbel_draw(logq, sub.seeds, sub.sample_index, _DRAFT)
+        ids = gumbel_draw(logq, sub.seeds, sub.sample_index, DRAFT_STREAM)
         return self.tp.broadcast_from_first(ids), logq
 
     @torch.inference_mode()
@@ -267,89 +161,3 @@ class DraftModel:
             rows, picked = rows[more], hidden[to_device(more, torch.int64, dev)]
         (host,) = self.staging.download([tokens.to(torch.int32)])
         return Drafts(host, logq, ks)
-
-
-@dataclass
-class Verified:
-    """The speculating rows' tokens (accepted proposals, then the target's own), row
-    after row, `counts[s]` for row s; their reported logprobs and top-n."""
-
-    tokens: np.ndarray
-    logprobs: np.ndarray
-    counts: np.ndarray
-    top_ids: np.ndarray | None = None
-    top_logprobs: np.ndarray | None = None
-
-
-def verify(
-    logits: torch.Tensor,
-    sampling: SamplingTensors,
-    drafts: Drafts,
-    top_n: int,
-    staging: HostStaging,
-) -> Verified:
-    """Rejection sampling of the drafts against the target's `logits` at each
-    speculating row's k + 1 positions (row after row; position j predicts token j,
-    so `sampling` holds each position's own sample index), bias already added."""
-    dev = logits.device
-    ks = drafts.ks
-    logp = sampling_logprobs(logits, sampling)
-    reported = reported_logprobs(logits, sampling.temperature)
-    # The positions that check a proposal: all but each row's last.
-    starts = np.cumsum(ks + 1) - (ks + 1)
-    checks = to_device(concat_ranges(starts, ks), torch.int64, dev)
-    lasts = to_device(starts + ks, torch.int64, dev)
-    mask = np.arange(drafts.tokens.shape[1])[None, :] < ks[:, None]
-    x = to_device(drafts.tokens[mask], torch.int64, dev)
-    assert drafts.logq is not None
-    logq = drafts.logq[to_device(mask, torch.bool, dev)]
-    q_x = logq.gather(1, x[:, None]).squeeze(1).double().exp()
-    p_x = logp[checks].gather(1, x[:, None]).squeeze(1).double().exp()
-    seeds, index = sampling.seeds[checks], sampling.sample_index[checks]
-    u = hash_uniform(seeds ^ _ACCEPT, index, 1).squeeze(1)
-    accepted = u * q_x <= p_x
-    # After a rejection: from what p has more of than q (never empty there: q(x) > p(x)
-    # somewhere means p > q elsewhere).
-    residual = (logp[checks].exp() - logq.exp()).clamp(min=0).log()
-    correction = torch.empty(len(logits), dtype=torch.int64, device=dev)
-    correction[checks] = gumbel_draw(residual, seeds, index, _RESIDUAL)
-    last_seeds, last_index = sampling.seeds[lasts], sampling.sample_index[lasts]
-    correction[lasts] = gumbel_draw(logp[lasts], last_seeds, last_index)
-    wanted = [
-        accepted,
-        correction.to(torch.int32),
-        reported[checks].gather(1, x[:, None]).squeeze(1),
-        reported.gather(1, correction[:, None]).squeeze(1),
-    ]
-    if top_n:
-        top = reported.topk(top_n, dim=-1)
-        wanted += [top.indices.to(torch.int32), top.values]
-    host = staging.download(wanted)
-    accepted, correction, lp_x, lp_c = host[:4]
-    proposals = drafts.tokens[mask]
-    keep_x, keep_c, keep_pos, counts = [], [], [], np.empty(len(ks), dtype=np.int32)
-    at = 0
-    for s, k in enumerate(ks.tolist()):
-        a = int(np.cumprod(accepted[at : at + k]).sum())
-        keep_x.append(np.arange(at, at + a))
-        keep_c.append(starts[s] + a)
-        keep_pos.append(np.arange(starts[s], starts[s] + a + 1))
-        counts[s] = a + 1
-        at += k
-    # Row s's tokens: its a accepted proposals, then the correction at position a.
-    tok, lps = [], []
-    for s, ix in enumerate(keep_x):
-        tok += [proposals[ix], correction[keep_c[s] : keep_c[s] + 1]]
-        lps += [lp_x[ix], lp_c[keep_c[s] : keep_c[s] + 1]]
-    out = Verified(np.concatenate(tok).astype(np.int32), np.concatenate(lps), counts)
-    if top_n:
-        pos = np.concatenate(keep_pos)
-        out.top_ids, out.top_logprobs = host[4][pos], host[5][pos]
-    return out
-
-
-def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The concatenated ranges [start, start + length)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.repeat(np.asarray(starts, dtype=np.int64), lengths) + within

@@ -20,21 +20,19 @@ from tgi_mp.executor.device import (
     resolve_device,
     resolve_dtype,
 )
-from tgi_mp.executor.drafting import (
-    DraftModel,
-    Drafts,
-    Verified,
-    add_bias,
-    concat_ranges,
-    position_bias,
-    row_sampling,
-    verify,
-)
-from tgi_mp.executor.logits import LogitsPipeline, RowInputs, to_device
+from tgi_mp.executor.drafting import DraftModel
+from tgi_mp.executor.logits import LogitsPipeline, to_device
 from tgi_mp.executor.lora import LoraAdapters
 from tgi_mp.executor.parallel import join
 from tgi_mp.executor.sampler import SamplingTensors
 from tgi_mp.executor.staging import HostStaging
+from tgi_mp.executor.verification import (
+    accept_ngram,
+    fill_drafts,
+    merge_verified,
+    ngram_draws,
+    verify_drafts,
+)
 from tgi_mp.executor.weights import load_model
 from tgi_mp.ipc.messages import StepPlan
 from tgi_mp.kernels.attention import AttentionInputs, allocate_kv_cache
@@ -343,8 +341,13 @@ class ModelRunner:
         tables[np.arange(tables.shape[1])[None, :] < counts[:, None]] = layout.block_tables
         drafts = None
         if self.draft is not None:
-            plan, drafts = self._draft(plan, tables)
-            layout = plan.layout
+            proposed = plan.speculative
+            if proposed is None:
+                proposed = np.zeros(len(layout.query_lens), dtype=np.int32)
+            drafts = self.draft.propose(plan, layout.input_ids, tables, proposed)
+            if drafts is not None:
+                plan = fill_drafts(plan, proposed, drafts)
+                layout = plan.layout
         rows = np.flatnonzero(s.sample)
         last_token = (np.cumsum(layout.query_lens) - 1)[rows]
         proposed = plan.speculative[rows] if plan.speculative is not None else None
@@ -404,132 +407,34 @@ class ModelRunner:
         spec = None
         if drafts is not None:
             assert proposed is not None
-            verified = self._verify(plan, rows, proposed, last_token, hidden, drafts)
+            verified = verify_drafts(
+                self.model.compute_logits,
+                plan,
+                rows,
+                proposed,
+                last_token,
+                hidden,
+                drafts,
+                self.staging,
+            )
         elif proposed is not None and proposed.any():
-            spec = self._sample_proposals(plan, rows, proposed, last_token, hidden)
+            spec = ngram_draws(
+                self.logits, self.model.compute_logits, plan, rows, proposed, last_token, hidden
+            )
             wanted += [spec[0].to(torch.int32), *spec[1:]]
         host = self.staging.download(wanted)  # one wait for all of them
         out = StepOutput(host[0], host[1], prompt_logprobs=prompt_logprobs, prompt_tops=prompt_tops)
         if top_ids is not None:
             out.top_ids, out.top_logprobs = host[2], host[3]
         if spec is not None:
-            self._accept(out, plan, rows, proposed, host[2 + 2 * (top_ids is not None) :])
+            accept_ngram(out, plan, rows, proposed, host[2 + 2 * (top_ids is not None) :])
         if drafts is not None:
-            _merge(out, proposed > 0, verified)
+            merge_verified(out, proposed > 0, verified)
         # The next plan may refer to each row's last token (overlapped scheduling).
         self._last_tokens = out.last_tokens()
         if self._share_tokens:  # ... on the other ranks too
             self.tp.broadcast_from_first(torch.from_numpy(self._last_tokens).to(self.device))
         return out
-
-    def _draft(self, plan: StepPlan, tables: np.ndarray) -> tuple[StepPlan, Drafts | None]:
-        """The draft model's pass over the step; the plan with its proposals in the
-        placeholders the scheduler left for them."""
-        assert self.draft is not None
-        layout = plan.layout
-        proposed = plan.speculative
-        if proposed is None:
-            proposed = np.zeros(len(layout.query_lens), dtype=np.int32)
-        drafts = self.draft.propose(plan, layout.input_ids, tables, proposed)
-        if drafts is None:
-            return plan, None
-        ids = layout.input_ids.copy()
-        ends = np.cumsum(layout.query_lens)[np.flatnonzero(proposed)]
-        mask = np.arange(drafts.tokens.shape[1])[None, :] < drafts.ks[:, None]
-        ids[concat_ranges(ends - drafts.ks, drafts.ks)] = drafts.tokens[mask]
-        return msgspec.structs.replace(
-            plan, layout=msgspec.structs.replace(layout, input_ids=ids)
-        ), drafts
-
-    def _verify(
-        self,
-        plan: StepPlan,
-        rows: np.ndarray,
-        proposed: np.ndarray,
-        first: np.ndarray,
-        hidden: torch.Tensor,
-        drafts: Drafts,
-    ) -> Verified:
-        """The draft's proposals checked against the target's logits at each position
-        of the rows that speculate (their k + 1: the last real token and each proposal)."""
-        spec = np.flatnonzero(proposed)
-        per_row = proposed[spec] + 1
-        plan_rows = np.repeat(rows[spec], per_row)
-        offset = np.arange(int(per_row.sum())) - np.repeat(np.cumsum(per_row) - per_row, per_row)
-        dev = self.device
-        positions = to_device(concat_ranges(first[spec], per_row), torch.int64, dev)
-        logits = add_bias(
-            self.model.compute_logits(hidden[positions]), position_bias(plan, plan_rows, dev)
-        )
-        sampling = row_sampling(plan, plan_rows, dev)
-        sampling.sample_index = sampling.sample_index + to_device(offset, torch.int64, dev)
-        return verify(logits, sampling, drafts, int(plan.sampling.top_n.max()), self.staging)
-
-    def _sample_proposals(
-        self,
-        plan: StepPlan,
-        rows: np.ndarray,
-        proposed: np.ndarray,
-        first: np.ndarray,
-        hidden: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
-        """The target's tokens after each proposal of the rows verifying some: position j
-        of a row's k (its input the j-th proposal) draws as the row's (j+1)-th token would
-        alone, same seed and token index, so accepting the leading matches and the first
-        disagreement is exact for greedy and rejection sampling for a point-mass
-        proposal (accept x with probability p(x); else the draw, from p without x)."""
-        spec = np.flatnonzero(proposed)
-        reps = proposed[spec]
-        j = np.arange(int(reps.sum())) - np.repeat(np.cumsum(reps) - reps, reps) + 1
-        plan_rows = np.repeat(rows[spec], reps)
-        positions = np.repeat(first[spec], reps) + j
-        s, dev = plan.sampling, self.device
-        sampling = SamplingTensors(
-            to_device(s.temperature[plan_rows], torch.float32, dev),
-            to_device(s.top_k[plan_rows], torch.int64, dev),
-            to_device(s.top_p[plan_rows], torch.float32, dev),
-            to_device(s.typical_p[plan_rows], torch.float32, dev),
-            to_device(s.min_p[plan_rows], torch.float32, dev),
-            to_device(s.seeds[plan_rows], torch.int64, dev),
-            to_device(s.sample_index[plan_rows] + j, torch.int64, dev),
-        )
-        inputs = RowInputs(sampling, int(s.top_n.max()), position_bias(plan, plan_rows, dev))
-        pos = to_device(positions, torch.int64, dev)
-        tokens, logprobs, top_ids, top_lps = self.logits(
-            self.model.compute_logits(hidden[pos]), inputs
-        )
-        return (tokens, logprobs) + (
-            (top_ids.to(torch.int32), top_lps) if top_ids is not None else ()
-        )
-
-    @staticmethod
-    def _accept(
-        out: StepOutput, plan: StepPlan, rows: np.ndarray, proposed: np.ndarray, extra: list
-    ) -> None:
-        """Each verifying row keeps its first token, then the target's token after each
-        proposal as long as the proposal before it was the target's own: 1 + accepted
-        tokens per row, in `out`'s arrays row after row (`out.counts`)."""
-        ends = np.cumsum(plan.layout.query_lens)[rows]  # one past each row's last input
-        inputs = plan.layout.input_ids
-        n = len(rows)
-        # Rows' first draws are entries 0..n-1 of the joined arrays, their later ones
-        # follow from n on, k per verifying row: `keep` picks each row's accepted ones.
-        joined = np.concatenate([out.tokens, extra[0]])
-        keep, counts, at = [], np.ones(n, dtype=np.int32), n
-        for i, k in enumerate(proposed.tolist()):
-            keep.append(i)
-            if k:
-                drawn = np.concatenate([joined[i : i + 1], joined[at : at + k - 1]])
-                accepted = int(np.cumprod(drawn == inputs[ends[i] - k : ends[i]]).sum())
-                keep.extend(range(at, at + accepted))
-                counts[i] = 1 + accepted
-                at += k
-        out.tokens = joined[keep]
-        out.logprobs = np.concatenate([out.logprobs, extra[1]])[keep]
-        if out.top_ids is not None:
-            out.top_ids = np.concatenate([out.top_ids, extra[2]])[keep]
-            out.top_logprobs = np.concatenate([out.top_logprobs, extra[3]])[keep]
-        out.counts = counts
 
     def _fill_inputs(self, plan: StepPlan) -> StepPlan:
         """The plan with the input tokens it refers back to (overlapped scheduling: the
@@ -579,24 +484,3 @@ class ModelRunner:
             return out.cpu().numpy(), None
         host = ranks.cpu().numpy(), top_ids.cpu().numpy(), top_lps.cpu().numpy()
         return out.cpu().numpy(), host
-
-
-def _merge(out: StepOutput, speculated: np.ndarray, verified: Verified) -> None:
-    """`out` (one token per sampled row) with the speculating rows' (`speculated`)
-    verified tokens in their place, row after row (`out.counts`)."""
-    counts = np.ones(len(speculated), dtype=np.int32)
-    counts[speculated] = verified.counts
-    theirs = np.repeat(speculated, counts)
-
-    def merged(mine: np.ndarray, spec: np.ndarray) -> np.ndarray:
-        joined = np.empty((len(theirs), *mine.shape[1:]), dtype=mine.dtype)
-        joined[~theirs], joined[theirs] = mine[~speculated], spec
-        return joined
-
-    out.tokens = merged(out.tokens, verified.tokens)
-    out.logprobs = merged(out.logprobs, verified.logprobs)
-    if out.top_ids is not None:
-        assert verified.top_ids is not None and verified.top_logprobs is not None
-        out.top_ids = merged(out.top_ids, verified.top_ids)
-        out.top_logprobs = merged(out.top_logprobs, verified.top_logprobs)
-    out.counts = counts

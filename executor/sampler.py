@@ -191,3 +191,52 @@ def _draw(scaled: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         choice = (vals.double() - torch.log(-torch.log(u))).argmax(dim=-1)
         out[group] = choice if ids is None else ids.gather(1, choice[:, None]).squeeze(1)
     return out
+
+
+# Independent random streams of one (seed, token index), for speculative decoding's
+# draws (`executor/verification.py`); plain sampling's stream is 0.
+DRAFT_STREAM = _i64(0x8CB92BA72F3D8DD7)
+ACCEPT_STREAM = _i64(0x4F1BBCDCBFA53E0B)
+RESIDUAL_STREAM = _i64(0x2545F4914F6CDD1D)
+
+
+def sampling_logprobs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Log-probabilities of the distribution each row's token is drawn from (after
+    temperature, typical-p, min-p, top-k and top-p; -inf where excluded), float32
+    [B, V]. Greedy rows: 0 at the argmax, -inf elsewhere."""
+    out = torch.full_like(logits, float("-inf"), dtype=torch.float32)
+    greedy = t.temperature <= 0
+    g = greedy.nonzero().squeeze(1)
+    out[g, logits[g].argmax(dim=-1)] = 0.0
+    rows = (~greedy).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return out
+    top = torch.finfo(logits.dtype).max
+    scaled = (logits[rows] / t.temperature[rows, None]).clamp(max=top)
+    typical, min_p = t.typical_p[rows], t.min_p[rows]
+    if bool((typical < 1).any()):
+        scaled = apply_typical_p(scaled, typical)
+    if bool((min_p > 0).any()):
+        scaled = apply_min_p(scaled, min_p)
+    top_k, top_p = t.top_k[rows], t.top_p[rows]
+    cut = ((top_k > 0) | (top_p < 1)).nonzero().squeeze(1)
+    if cut.numel():  # as plain sampling: only the rows that truncate are truncated
+        scaled[cut] = apply_top_k_top_p(scaled[cut], top_k[cut], top_p[cut])
+    out[rows] = scaled.float().log_softmax(dim=-1)
+    return out
+
+
+def gumbel_draw(
+    logp: torch.Tensor, seeds: torch.Tensor, index: torch.Tensor, stream: int = 0
+) -> torch.Tensor:
+    """One id per row from exp(logp) (unnormalised is fine), Gumbel-max with the
+    counter-based noise of (seed ^ stream, index): int64 [B]."""
+    u = hash_uniform(seeds ^ stream, index, logp.shape[-1])
+    return (logp.double() - torch.log(-torch.log(u))).argmax(dim=-1)
+
+
+def reported_logprobs(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """What TGI reports: log-softmax after temperature, before any truncation."""
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    top = torch.finfo(logits.dtype).max
+    return (logits / t[:, None]).clamp(max=top).float().log_softmax(dim=-1)
