@@ -28,6 +28,7 @@ from tgi_mp.executor.sampler import SamplingTensors
 from tgi_mp.executor.staging import HostStaging
 from tgi_mp.executor.verification import (
     accept_ngram,
+    draft_positions,
     fill_drafts,
     merge_verified,
     ngram_draws,
@@ -360,8 +361,14 @@ class ModelRunner:
             self.cfg.block_size,
             reference=self.attention.reference_plan,
         )
+        # The rows' last positions' logits, and with drafts those that check them (one
+        # pass over the LM head's weights for both).
+        logit_rows = last_token
+        if drafts is not None:
+            assert proposed is not None
+            logit_rows = np.concatenate([last_token, draft_positions(proposed, last_token)])
         # The step's integers in one copy, its float sampling columns in another.
-        ints = [layout.input_ids, last_token, s.top_k[rows], s.seeds[rows], s.sample_index[rows]]
+        ints = [layout.input_ids, logit_rows, s.top_k[rows], s.seeds[rows], s.sample_index[rows]]
         uploaded = self.staging.upload(attn.arrays + ints)
         meta = attn.on_device(uploaded[: len(attn.arrays)])
         input_ids, last_token_d, top_k, seeds, sample_index = uploaded[len(attn.arrays) :]
@@ -392,6 +399,7 @@ class ModelRunner:
         sampling = SamplingTensors(temperature, top_k, top_p, typical_p, min_p, seeds, sample_index)
         inputs = self.logits.inputs_from_plan(plan, rows, sampling, history_rows)
         logits = self.model.compute_logits(hidden[last_token_d])
+        logits, checking = logits[: len(rows)], logits[len(rows) :]
         if len(plan.grammar.rows):
             if read_mask is None:
                 raise RuntimeError(f"step {plan.step_id} has grammar rows but no mask source")
@@ -407,16 +415,7 @@ class ModelRunner:
         spec = None
         if drafts is not None:
             assert proposed is not None
-            verified = verify_drafts(
-                self.model.compute_logits,
-                plan,
-                rows,
-                proposed,
-                last_token,
-                hidden,
-                drafts,
-                self.staging,
-            )
+            verified = verify_drafts(checking, plan, rows, proposed, drafts, self.staging)
         elif proposed is not None and proposed.any():
             spec = ngram_draws(
                 self.logits, self.model.compute_logits, plan, rows, proposed, last_token, hidden

@@ -124,27 +124,31 @@ class Verified:
     top_logprobs: np.ndarray | None = None
 
 
+def draft_positions(proposed: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Where the target's logits check the drafts: each speculating row's k + 1
+    positions (its last real token, then each proposal), row after row. `proposed` and
+    `first` (each row's last real token's position) are of the sampled rows."""
+    spec = np.flatnonzero(proposed)
+    return concat_ranges(first[spec], proposed[spec] + 1)
+
+
 def verify_drafts(
-    compute_logits: Callable[[torch.Tensor], torch.Tensor],
+    logits: torch.Tensor,
     plan: StepPlan,
     rows: np.ndarray,
     proposed: np.ndarray,
-    first: np.ndarray,
-    hidden: torch.Tensor,
     drafts: Drafts,
     staging: HostStaging,
 ) -> Verified:
     """Rejection sampling of the draft's proposals against the target's distribution at
-    each of the speculating rows' k + 1 positions (the last real token, then each
-    proposal: position j predicts token j). `rows`: the sampled plan rows, `proposed`
-    and `first` (the position of each one's last real token) of them."""
-    dev = hidden.device
-    spec = np.flatnonzero(proposed)
+    each of the speculating rows' k + 1 positions (position j predicts token j):
+    `logits` there (at `draft_positions`). `rows`: the sampled plan rows, `proposed`
+    of them."""
+    dev = logits.device
     ks = drafts.ks
     per_row = ks + 1
-    plan_rows = np.repeat(rows[spec], per_row)
-    positions = to_device(concat_ranges(first[spec], per_row), torch.int64, dev)
-    logits = add_bias(compute_logits(hidden[positions]), position_bias(plan, plan_rows, dev))
+    plan_rows = np.repeat(rows[np.flatnonzero(proposed)], per_row)
+    add_bias(logits, position_bias(plan, plan_rows, dev))
     sampling = row_sampling(plan, plan_rows, dev)
     offset = concat_ranges(np.zeros(len(ks), dtype=np.int64), per_row)
     sampling.sample_index = sampling.sample_index + to_device(offset, torch.int64, dev)

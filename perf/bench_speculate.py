@@ -1,7 +1,8 @@
-"""Speculative decoding (n-gram) off vs on, through HTTP, in one run.
+"""Speculative decoding off vs on (n-gram, or a draft model), through HTTP, in one run.
 
     python perf/bench_speculate.py [--rounds 2] [--max-tokens 200] [--speculate 4]
-                                   [--speculate-max-batch N]
+                                   [--speculate-max-batch N] [--speculative-model ID]
+                                   [--concurrency 1,8]
 
 Two `tgi-mp serve` (default settings; one with `--speculate N`) run side by side,
 idle but the one measured; each workload runs through each in turn, `--rounds`
@@ -111,10 +112,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=200)
     ap.add_argument("--speculate", type=int, default=4)
     ap.add_argument("--speculate-max-batch", type=int, default=None, help="default: the server's")
+    ap.add_argument("--speculative-model", default=None, help="a draft model (default: n-gram)")
+    ap.add_argument("--concurrency", default="1,8")
     args = ap.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
     on = ["--speculate", str(args.speculate)]
     if args.speculate_max_batch is not None:
         on += ["--speculate-max-batch", str(args.speculate_max_batch)]
+    if args.speculative_model is not None:
+        on += ["--speculative-model", args.speculative_model]
     servers = {"off": Server("--dtype", "auto"), "on": Server("--dtype", "auto", *on)}
     results: dict[tuple, list[float]] = {}
     rates: dict[str, tuple[float, float]] = {}
@@ -124,7 +130,7 @@ def main() -> None:
         for workload, prompts in (("grounded", GROUNDED), ("free chat", FREE)):
             before = spec_counts(servers["on"].url)
             for r in range(args.rounds):
-                for c, n in ((1, 4), (8, 16)):
+                for c, n in ((c, 4 if c == 1 else 2 * c) for c in levels):
                     for name, server in servers.items():
                         out = asyncio.run(run(server.url, prompts, c, n, args.max_tokens))
                         results.setdefault((workload, c, name), []).append(out["tok_s"])

@@ -155,11 +155,11 @@ def test_draft_model_speculation_follows_the_oracle(cases):
         dtype="float32",
         max_batch_total_tokens=256,
         max_batch_prefill_tokens=64,
-        speculate=3,
+        speculate=4,
         speculate_max_batch=16,
         speculative_model=default_gguf_path(),
     ) as engine:
-        _check("draft model, speculate 3", cases, _run(engine, cases, concurrent=True))
+        _check("draft model, speculate 4", cases, _run(engine, cases, concurrent=True))
         first = asyncio.run(_stats(engine))
         _check("draft model, again", cases, _run(engine, cases, concurrent=True))
         stats = asyncio.run(_stats(engine))

@@ -2,8 +2,8 @@
 distribution (chi-square tests), its greedy tokens, and seeded reproducibility.
 
 Tiny random models with a 16-token vocabulary: a target and a smaller draft (other
-shapes, so other weights), both peaked. One step of 4,000 rows with the same context (`CONTEXT`),
-each proposing one draft token, seeds 0..3,999, temperature 1: every row's first
+shapes, so other weights), both peaked. One step of 5,000 rows with the same context (`CONTEXT`),
+each proposing one draft token, seeds 0..4,999, temperature 1: every row's first
 token must follow the target's p(. | context) whatever the draft proposed, the rate
 of accepted proposals must be sum(min(p, q)), and the token after an accepted x must
 follow p(. | context, x).
@@ -24,7 +24,7 @@ from tgi_mp.config import EngineConfig
 from tgi_mp.executor.runner import ModelRunner
 from tgi_mp.model_source import ModelSource, load_model_config, resolve_model
 
-ROWS = 4000
+ROWS = 5000
 
 
 def config(path: Path, hidden: int, layers: int) -> ModelSource:
