@@ -221,6 +221,7 @@ class ModelRunner:
             dummy=cfg.load_format == "dummy",
             attention=self.attention,
             quantize=method,
+            pack_float32=True,
         )
 
     def _load_draft(self) -> tuple[torch.nn.Module, AttentionBackend]:
@@ -247,6 +248,7 @@ class ModelRunner:
             dummy=cfg.load_format == "dummy",
             attention=attention,
             quantize=method,
+            pack_float32=True,
         )
         log.info(
             "rank %d: draft model %s loaded in %.1fs (%d layers; attention %s: %s)",

@@ -294,19 +294,21 @@ def load_model(
     attention: AttentionBackend = TORCH_ATTENTION,
     quantize: str | None = None,
     pack: bool = True,
+    pack_float32: bool = False,
 ) -> nn.Module:
     """Build the model for `cfg` and load its weights (float32 GGUF dequantisation,
     then cast to `dtype`): with tensor parallelism, only this rank's slices.
     `on_progress(done, total)` is called per tensor. `quantize`: a `--quantize`
     method; int4 / gguf take a GGUF's 4-bit projection weights as shipped. `pack`:
-    bf16 linears packed for oneDNN on the CPU (`executor/packed.py`). The attention
+    bf16 linears packed for oneDNN on the CPU (`executor/packed.py`); `pack_float32`:
+    float32 ones too, where oneDNN is the faster (the executors). The attention
     backend may bring fused layer ops (the C++ CPU backend does, for bf16)."""
     model = build_model(cfg, dtype, device, tp, attention)
     if dummy:  # --load-format dummy: the config alone, no checkpoint read
         init_dummy_weights(model, seed=tp.rank)
         if quantize is not None:
             _log_quantized(quantize, tp, quantize_model(model, quantize))
-        return _finish(model, dtype, device, attention, pack)
+        return _finish(model, dtype, device, attention, pack, pack_float32)
     slicer = Slicer(tp)
     if source.kind == "hf":
         total, tensors = _safetensors_tensors(source.path, slicer)
@@ -323,7 +325,7 @@ def load_model(
     sink.check()
     if quantize is not None:
         _log_quantized(quantize, tp, quantize_model(model, quantize, sink.shipped, sink.fill))
-    return _finish(model, dtype, device, attention, pack)
+    return _finish(model, dtype, device, attention, pack, pack_float32)
 
 
 def _finish(
@@ -332,11 +334,14 @@ def _finish(
     device: torch.device | str,
     attention: AttentionBackend,
     pack: bool,
+    pack_float32: bool = False,
 ) -> nn.Module:
     """The loaded model's fast paths: packed bf16 linears, the backend's fused layer ops."""
     device = torch.device(device)
-    if pack and packing_applies(dtype, device):
-        log.info("%d bf16 linears packed for oneDNN", pack_model(model))
+    if pack and packing_applies(dtype, device, pack_float32):
+        why = "" if dtype == torch.bfloat16 else " (faster than MKL's sgemm on this CPU)"
+        name = str(dtype).removeprefix("torch.")
+        log.info("%d %s linears packed for oneDNN%s", pack_model(model), name, why)
     ops = attention.layer_ops(model, dtype, device)
     if ops is not None:
         model.use_ops(ops)

@@ -39,28 +39,28 @@ def source(spec: str):
     return resolve_model(default_gguf_path() if spec == "default" else spec)
 
 
-def decode_plan(context: int, k: int) -> msgspec.Struct:
-    """One greedy row at `context` tokens: its last token and k placeholders."""
-    p = base_plan(0, rows=1)
+def decode_plan(context: int, k: int, rows: int = 1) -> msgspec.Struct:
+    """`rows` greedy rows at `context` tokens each: their last token and k placeholders."""
+    p = base_plan(0, rows=rows)
     blocks = -(-(context + k + 1) // 16)
+
+    def full(value: int) -> np.ndarray:
+        return np.full(rows, value, dtype=np.int32)
+
     layout = msgspec.structs.replace(
         p.layout,
-        query_lens=np.array([1 + k], np.int32),
-        context_lens=np.array([context], np.int32),
-        input_ids=np.array([5] + [0] * k, np.int32),
-        block_counts=np.array([blocks], np.int32),
-        block_tables=np.arange(blocks, dtype=np.int32),
+        query_lens=full(1 + k),
+        context_lens=full(context),
+        input_ids=np.tile(np.array([5] + [0] * k, np.int32), rows),
+        block_counts=full(blocks),
+        block_tables=np.arange(rows * blocks, dtype=np.int32),
     )
     sampling = msgspec.structs.replace(
-        p.sampling, temperature=np.zeros(1, np.float32), top_n=np.zeros(1, np.int32)
+        p.sampling, temperature=np.zeros(rows, np.float32), top_n=full(0)
     )
-    penalties = msgspec.structs.replace(p.penalties, prompt_lens=np.array([context], np.int32))
+    penalties = msgspec.structs.replace(p.penalties, prompt_lens=full(context))
     return msgspec.structs.replace(
-        p,
-        layout=layout,
-        sampling=sampling,
-        penalties=penalties,
-        speculative=np.array([k], np.int32) if k else None,
+        p, layout=layout, sampling=sampling, penalties=penalties, speculative=full(k) if k else None
     )
 
 

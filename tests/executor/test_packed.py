@@ -1,4 +1,5 @@
-"""oneDNN-packed bf16 linears: the same results as `F.linear`, and what gets packed."""
+"""oneDNN-packed linears: bf16 ones give `F.linear`'s results bit for bit, float32 ones
+(where the probe packs them) within rounding; and what gets packed."""
 
 from __future__ import annotations
 
@@ -7,17 +8,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tgi_mp.executor import packed
 from tgi_mp.executor.packed import PackedLinear, pack_model, packing_applies
 from tgi_mp.executor.quant import Int4Linear
 
 # oneDNN's bf16 linear needs AVX512 (BW, VL, DQ) or AVX-NE-CONVERT: on an AVX2-only CPU
 # nothing is packed (tests/executor/test_model.py runs bf16 there unpacked).
-pytestmark = pytest.mark.skipif(
+needs_bf16 = pytest.mark.skipif(
     not packing_applies(torch.bfloat16, torch.device("cpu")),
     reason="this CPU has no oneDNN bf16 linear",
 )
 
 
+@needs_bf16
 @pytest.mark.parametrize("rows", [1, 7, 33])
 def test_packed_linear_is_f_linear_bit_for_bit(rows: int) -> None:
     gen = torch.Generator().manual_seed(rows)
@@ -29,6 +32,7 @@ def test_packed_linear_is_f_linear_bit_for_bit(rows: int) -> None:
     assert torch.equal(got, F.linear(x, w, b))
 
 
+@needs_bf16
 def test_pack_model_packs_projections_int4_copies_and_the_head() -> None:
     class Layer(nn.Module):
         def __init__(self) -> None:
@@ -59,6 +63,7 @@ def test_pack_model_packs_projections_int4_copies_and_the_head() -> None:
     assert torch.equal(head, F.linear(x, model.model.embed_tokens.weight))
 
 
+@needs_bf16
 def test_int8_big_steps_run_a_packed_dequantized_copy() -> None:
     from tgi_mp.executor.quant import SMALL_BATCH, Int8Linear
 
@@ -76,3 +81,21 @@ def test_int8_big_steps_run_a_packed_dequantized_copy() -> None:
     assert torch.equal(q(x), before)
     small = x[:SMALL_BATCH]
     assert torch.equal(q(small), torch._weight_int8pack_mm(small, q.weight_int8, q.scales) + q.bias)
+
+
+def test_float32_packing_is_asked_for_and_close_to_f_linear(monkeypatch) -> None:
+    """float32 is packed only for the executors (`float32=True`) and where the probe finds
+    oneDNN faster; oneDNN's float32 GEMM then agrees with MKL's up to rounding."""
+    cpu = torch.device("cpu")
+    assert not packing_applies(torch.float32, cpu)  # the exact path unless asked
+    monkeypatch.setattr(packed, "onednn_float32_faster", lambda: False)
+    assert not packing_applies(torch.float32, cpu, float32=True)
+    monkeypatch.setattr(packed, "onednn_float32_faster", lambda: True)
+    assert packing_applies(torch.float32, cpu, float32=True)
+    assert not packing_applies(torch.float16, cpu, float32=True)
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(300, 200, generator=gen), torch.randn(300, generator=gen)
+    for rows in (1, 5, 64):
+        x = torch.randn(rows, 200, generator=gen)
+        got, want = PackedLinear(w, b)(x), F.linear(x, w, b)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-4)
