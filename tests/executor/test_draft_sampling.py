@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.executor.test_speculative_sampling import VOCAB, chi_square, distribution, plan
+from tests.executor.unpacked import float32_unpacked
 from tgi_mp.config import EngineConfig
 from tgi_mp.executor.runner import ModelRunner
 from tgi_mp.model_source import ModelSource, load_model_config, resolve_model
@@ -66,7 +67,8 @@ def runner(
         draft_model_config=None if draft is None else load_model_config(draft),
     )
     torch.manual_seed(0)
-    r = ModelRunner(cfg, 0)
+    with float32_unpacked():  # the LM heads are scaled below
+        r = ModelRunner(cfg, 0)
     with torch.no_grad():  # peaked: proposals are often right, and often wrong
         r.model.lm_head.weight.mul_(30)
         if r.draft is not None:

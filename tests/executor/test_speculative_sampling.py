@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tests.executor.unpacked import float32_unpacked
 from tgi_mp.config import EngineConfig
 from tgi_mp.executor.runner import ModelRunner
 from tgi_mp.ipc import messages as m
@@ -54,7 +55,8 @@ def tiny_runner(tmp_path: Path) -> ModelRunner:
         max_batch_total_tokens=16 * ROWS,
     )
     torch.manual_seed(0)  # the dummy weights, hence the two distributions, are fixed
-    runner = ModelRunner(cfg, 0)
+    with float32_unpacked():  # its LM head is scaled below
+        runner = ModelRunner(cfg, 0)
     with torch.no_grad():  # peaked enough that the likeliest token is often drawn
         runner.model.lm_head.weight.mul_(30)
     return runner
