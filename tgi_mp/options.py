@@ -297,8 +297,9 @@ OPTIONS: tuple[Option, ...] = (
         "--speculate",
         0,
         "Speculative decoding: up to N tokens a step proposed per decoding request by "
-        "n-gram lookup in its own prompt and output, verified in one forward (0: off). "
-        "Greedy and seeded output are unchanged (token for token in float32).",
+        "n-gram lookup in its own prompt and output (or by --speculative-model), verified "
+        "in one forward (0: off). Greedy output is unchanged (token for token in float32); "
+        "so is seeded output with n-gram proposals.",
         "engine",
         int,
     ),
