@@ -17,17 +17,16 @@ import numpy as np
 import torch
 
 from tgi_mp.config import EngineConfig
-from tgi_mp.executor.logits import to_device
+from tgi_mp.executor.logits import add_bias, concat_ranges, position_bias, row_sampling, to_device
 from tgi_mp.executor.parallel import TensorParallel
-from tgi_mp.executor.sampler import DRAFT_STREAM, SamplingTensors, gumbel_draw, sampling_logprobs
-from tgi_mp.executor.staging import HostStaging
-from tgi_mp.executor.verification import (
-    add_bias,
-    at_rows,
-    concat_ranges,
-    position_bias,
-    row_sampling,
+from tgi_mp.executor.sampler import (
+    DRAFT_STREAM,
+    SamplingTensors,
+    gumbel_draw,
+    sampling_logprobs,
+    select_rows,
 )
+from tgi_mp.executor.staging import HostStaging
 from tgi_mp.ipc.messages import StepPlan
 from tgi_mp.kernels.attention import AttentionInputs, allocate_kv_cache
 from tgi_mp.kernels.backends import AttentionBackend
@@ -110,7 +109,7 @@ class DraftModel:
             return self.tp.broadcast_from_first(ids), None
         logits = self.model.compute_logits(hidden)
         add_bias(logits, position_bias(plan, spec[rows], self.device))
-        sub = at_rows(sampling, to_device(rows, torch.int64, self.device), j)
+        sub = select_rows(sampling, to_device(rows, torch.int64, self.device), j)
         logq = sampling_logprobs(logits, sub)
         ids = gumbel_draw(logq, sub.seeds, sub.sample_index, DRAFT_STREAM)
         return self.tp.broadcast_from_first(ids), logq

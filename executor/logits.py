@@ -30,6 +30,54 @@ def to_device(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.
     return torch.from_numpy(np.array(a)).to(device=device, dtype=dtype)
 
 
+def position_bias(
+    plan: StepPlan, plan_rows: np.ndarray, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The logit bias of `plan_rows` (one logits row each, in that order, repeats
+    allowed): (logits row, token id, value), or None when none of them has any."""
+    b = plan.bias
+    if not len(b.ids):
+        return None
+    counts = b.counts[plan_rows]
+    if not counts.any():
+        return None
+    at = (np.cumsum(b.counts) - b.counts)[plan_rows]
+    entry = concat_ranges(at, counts)
+    return (
+        to_device(np.repeat(np.arange(len(plan_rows)), counts), torch.int64, device),
+        to_device(b.ids[entry], torch.int64, device),
+        to_device(b.values[entry], torch.float32, device),
+    )
+
+
+def add_bias(logits: torch.Tensor, bias: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+    if bias is not None:
+        row, ids, values = bias
+        logits.index_put_((row, ids), values.to(logits.dtype), accumulate=True)
+    return logits
+
+
+def row_sampling(plan: StepPlan, plan_rows: np.ndarray, device: torch.device) -> SamplingTensors:
+    """`plan_rows`' sampling columns on the device (their sample index: the next token's)."""
+    s = plan.sampling
+    return SamplingTensors(
+        to_device(s.temperature[plan_rows], torch.float32, device),
+        to_device(s.top_k[plan_rows], torch.int64, device),
+        to_device(s.top_p[plan_rows], torch.float32, device),
+        to_device(s.typical_p[plan_rows], torch.float32, device),
+        to_device(s.min_p[plan_rows], torch.float32, device),
+        to_device(s.seeds[plan_rows], torch.int64, device),
+        to_device(s.sample_index[plan_rows], torch.int64, device),
+    )
+
+
+def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenated ranges [start, start + length)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(np.asarray(starts, dtype=np.int64), lengths) + within
+
+
 @dataclass
 class Penalised:
     """The rows that use a penalty: their positions among the sampled rows, their rows of
@@ -68,9 +116,7 @@ class LogitsPipeline:
         self, logits: torch.Tensor, inputs: RowInputs
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Token ids and their logprobs, and the top-n (ids, logprobs) when asked."""
-        if inputs.bias is not None:
-            row, ids, values = inputs.bias
-            logits.index_put_((row, ids), values.to(logits.dtype), accumulate=True)
+        add_bias(logits, inputs.bias)
         if (p := inputs.penalised) is not None:
             logits[p.rows] = apply_penalties(
                 logits[p.rows],
@@ -115,16 +161,7 @@ class LogitsPipeline:
         penalty table row (from `history.update`), or None."""
         s, dev = plan.sampling, self.device
         inputs = RowInputs(sampling, int(s.top_n.max()))
-        b = plan.bias
-        if len(b.ids):
-            owner = np.repeat(np.arange(len(b.counts)), b.counts)
-            keep = s.sample[owner]
-            logit_row = (np.cumsum(s.sample) - 1)[owner[keep]]
-            inputs.bias = (
-                to_device(logit_row, torch.int64, dev),
-                to_device(b.ids[keep], torch.int64, dev),
-                to_device(b.values[keep], torch.float32, dev),
-            )
+        inputs.bias = position_bias(plan, rows, dev)
         if history_rows is not None:
             table_rows = history_rows[to_device(rows, torch.int64, dev)]
             sel = (table_rows >= 0).nonzero().squeeze(1)

@@ -14,6 +14,7 @@ again), where oneDNN's kernel is 2-4x faster. It rounds differently (a few 1e-6
 relative), so float32 is packed only where a probe at start measures oneDNN clearly
 faster; elsewhere float32 stays MKL's, as transformers runs it.
 """
+
 from __future__ import annotations
 
 import functools

@@ -153,7 +153,7 @@ def sample(
         scaled = (logits[rows] / t.temperature[rows, None]).clamp(max=top)
         logits = logits.clone()
         logits[rows] = scaled
-        tokens[rows] = _draw(scaled, _subset(t, rows))
+        tokens[rows] = _draw(scaled, select_rows(t, rows))
     logp = logits.log_softmax(dim=-1)
     chosen = logp.gather(1, tokens[:, None]).squeeze(1).float()
     if top_n <= 0:
@@ -162,8 +162,25 @@ def sample(
     return tokens, chosen, top.indices, top.values.float()
 
 
-def _subset(t: SamplingTensors, rows: torch.Tensor) -> SamplingTensors:
-    return SamplingTensors(**{name: col[rows] for name, col in vars(t).items()})
+def select_rows(
+    t: SamplingTensors, rows: torch.Tensor, offset: torch.Tensor | int = 0
+) -> SamplingTensors:
+    """Rows of `t` (repeats allowed), their sample index moved on by `offset`."""
+    cols = {name: col[rows] for name, col in vars(t).items()}
+    if not isinstance(offset, int) or offset:
+        cols["sample_index"] = cols["sample_index"] + offset
+    return SamplingTensors(**cols)
+
+
+def _typical_and_min_p(
+    scaled: torch.Tensor, typical_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    """The filters every row of a batch runs when any row asks (1 and 0: off)."""
+    if bool((typical_p < 1).any()):
+        scaled = apply_typical_p(scaled, typical_p)
+    if bool((min_p > 0).any()):
+        scaled = apply_min_p(scaled, min_p)
+    return scaled
 
 
 def _draw(scaled: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
@@ -173,22 +190,18 @@ def _draw(scaled: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     that truncate (top-k / top-p) and rows that do not are drawn as two groups,
     so only the first pays for finding its candidates.
     """
-    if bool((t.typical_p < 1).any()):
-        scaled = apply_typical_p(scaled, t.typical_p)
-    if bool((t.min_p > 0).any()):
-        scaled = apply_min_p(scaled, t.min_p)
+    scaled = _typical_and_min_p(scaled, t.typical_p, t.min_p)
     out = torch.empty(scaled.shape[0], dtype=torch.int64, device=scaled.device)
     truncated = (t.top_k > 0) | (t.top_p < 1)
     for group in (truncated.nonzero().squeeze(1), (~truncated).nonzero().squeeze(1)):
         if group.numel() == 0:
             continue
-        g = _subset(t, group)
+        g = select_rows(t, group)
         if bool(truncated[group[0]]):
             vals, ids = top_candidates(scaled[group], g.top_k, g.top_p)
         else:
             vals, ids = scaled[group], None
-        u = hash_uniform(g.seeds, g.sample_index, ids if ids is not None else scaled.shape[-1])
-        choice = (vals.double() - torch.log(-torch.log(u))).argmax(dim=-1)
+        choice = gumbel_draw(vals, g.seeds, g.sample_index, ids=ids)
         out[group] = choice if ids is None else ids.gather(1, choice[:, None]).squeeze(1)
     return out
 
@@ -213,11 +226,7 @@ def sampling_logprobs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         return out
     top = torch.finfo(logits.dtype).max
     scaled = (logits[rows] / t.temperature[rows, None]).clamp(max=top)
-    typical, min_p = t.typical_p[rows], t.min_p[rows]
-    if bool((typical < 1).any()):
-        scaled = apply_typical_p(scaled, typical)
-    if bool((min_p > 0).any()):
-        scaled = apply_min_p(scaled, min_p)
+    scaled = _typical_and_min_p(scaled, t.typical_p[rows], t.min_p[rows])
     top_k, top_p = t.top_k[rows], t.top_p[rows]
     cut = ((top_k > 0) | (top_p < 1)).nonzero().squeeze(1)
     if cut.numel():  # as plain sampling: only the rows that truncate are truncated
@@ -227,11 +236,16 @@ def sampling_logprobs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
 
 
 def gumbel_draw(
-    logp: torch.Tensor, seeds: torch.Tensor, index: torch.Tensor, stream: int = 0
+    logp: torch.Tensor,
+    seeds: torch.Tensor,
+    index: torch.Tensor,
+    stream: int = 0,
+    ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One id per row from exp(logp) (unnormalised is fine), Gumbel-max with the
-    counter-based noise of (seed ^ stream, index): int64 [B]."""
-    u = hash_uniform(seeds ^ stream, index, logp.shape[-1])
+    """One column per row from exp(logp) (unnormalised is fine), Gumbel-max with the
+    counter-based noise of (seed ^ stream, index) at each column's vocabulary id
+    (`ids` [B, n] when the columns are a subset): int64 [B]."""
+    u = hash_uniform(seeds ^ stream, index, ids if ids is not None else logp.shape[-1])
     return (logp.double() - torch.log(-torch.log(u))).argmax(dim=-1)
 
 

@@ -26,11 +26,18 @@ import msgspec
 import numpy as np
 import torch
 
-from tgi_mp.executor.logits import LogitsPipeline, RowInputs, to_device
+from tgi_mp.executor.logits import (
+    LogitsPipeline,
+    RowInputs,
+    add_bias,
+    concat_ranges,
+    position_bias,
+    row_sampling,
+    to_device,
+)
 from tgi_mp.executor.sampler import (
     ACCEPT_STREAM,
     RESIDUAL_STREAM,
-    SamplingTensors,
     gumbel_draw,
     hash_uniform,
     reported_logprobs,
@@ -60,7 +67,7 @@ def ngram_draws(
     proposal (accept x with probability p(x); else the draw, from p without x)."""
     spec = np.flatnonzero(proposed)
     reps = proposed[spec]
-    j = np.arange(int(reps.sum())) - np.repeat(np.cumsum(reps) - reps, reps) + 1
+    j = concat_ranges(np.ones(len(reps)), reps)  # 1..k within each row
     plan_rows = np.repeat(rows[spec], reps)
     positions = np.repeat(first[spec], reps) + j
     s, dev = plan.sampling, hidden.device
@@ -227,58 +234,3 @@ def merge_verified(out: StepOutput, speculated: np.ndarray, verified: Verified) 
         out.top_ids = merged(out.top_ids, verified.top_ids)
         out.top_logprobs = merged(out.top_logprobs, verified.top_logprobs)
     out.counts = counts
-
-
-def position_bias(
-    plan: StepPlan, plan_rows: np.ndarray, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The logit bias of `plan_rows` (one logits row each, in that order, repeats
-    allowed): (logits row, token id, value), or None when none of them has any."""
-    b = plan.bias
-    if not len(b.ids):
-        return None
-    counts = b.counts[plan_rows]
-    if not counts.any():
-        return None
-    at = (np.cumsum(b.counts) - b.counts)[plan_rows]
-    entry = concat_ranges(at, counts)
-    return (
-        to_device(np.repeat(np.arange(len(plan_rows)), counts), torch.int64, device),
-        to_device(b.ids[entry], torch.int64, device),
-        to_device(b.values[entry], torch.float32, device),
-    )
-
-
-def add_bias(logits: torch.Tensor, bias: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
-    if bias is not None:
-        row, ids, values = bias
-        logits.index_put_((row, ids), values.to(logits.dtype), accumulate=True)
-    return logits
-
-
-def row_sampling(plan: StepPlan, plan_rows: np.ndarray, device: torch.device) -> SamplingTensors:
-    """`plan_rows`' sampling columns on the device (their sample index: the next token's)."""
-    s = plan.sampling
-    return SamplingTensors(
-        to_device(s.temperature[plan_rows], torch.float32, device),
-        to_device(s.top_k[plan_rows], torch.int64, device),
-        to_device(s.top_p[plan_rows], torch.float32, device),
-        to_device(s.typical_p[plan_rows], torch.float32, device),
-        to_device(s.min_p[plan_rows], torch.float32, device),
-        to_device(s.seeds[plan_rows], torch.int64, device),
-        to_device(s.sample_index[plan_rows], torch.int64, device),
-    )
-
-
-def at_rows(t: SamplingTensors, rows: torch.Tensor, offset: torch.Tensor | int) -> SamplingTensors:
-    """Rows of `t` (repeats allowed), their sample index moved on by `offset`."""
-    cols = {name: col[rows] for name, col in vars(t).items()}
-    cols["sample_index"] = cols["sample_index"] + offset
-    return SamplingTensors(**cols)
-
-
-def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The concatenated ranges [start, start + length)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    within = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.repeat(np.asarray(starts, dtype=np.int64), lengths) + within
