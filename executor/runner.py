@@ -27,12 +27,13 @@ from tgi_mp.executor.parallel import join
 from tgi_mp.executor.sampler import SamplingTensors
 from tgi_mp.executor.staging import HostStaging
 from tgi_mp.executor.verification import (
+    accept_drafts,
     accept_ngram,
+    check_drafts,
     draft_positions,
     fill_drafts,
     merge_verified,
     ngram_draws,
-    verify_drafts,
 )
 from tgi_mp.executor.weights import load_model
 from tgi_mp.ipc.messages import StepPlan
@@ -417,7 +418,8 @@ class ModelRunner:
         spec = None
         if drafts is not None:
             assert proposed is not None
-            verified = verify_drafts(checking, plan, rows, proposed, drafts, self.staging)
+            checked_at = len(wanted)
+            wanted += check_drafts(checking, plan, rows, proposed, drafts)
         elif proposed is not None and proposed.any():
             spec = ngram_draws(
                 self.logits, self.model.compute_logits, plan, rows, proposed, last_token, hidden
@@ -430,7 +432,7 @@ class ModelRunner:
         if spec is not None:
             accept_ngram(out, plan, rows, proposed, host[2 + 2 * (top_ids is not None) :])
         if drafts is not None:
-            merge_verified(out, proposed > 0, verified)
+            merge_verified(out, proposed > 0, accept_drafts(host[checked_at:], drafts))
         # The next plan may refer to each row's last token (overlapped scheduling).
         self._last_tokens = out.last_tokens()
         if self._share_tokens:  # ... on the other ranks too

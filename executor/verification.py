@@ -43,7 +43,6 @@ from tgi_mp.executor.sampler import (
     reported_logprobs,
     sampling_logprobs,
 )
-from tgi_mp.executor.staging import HostStaging
 from tgi_mp.ipc.messages import StepPlan
 
 if TYPE_CHECKING:
@@ -139,18 +138,18 @@ def draft_positions(proposed: np.ndarray, first: np.ndarray) -> np.ndarray:
     return concat_ranges(first[spec], proposed[spec] + 1)
 
 
-def verify_drafts(
+def check_drafts(
     logits: torch.Tensor,
     plan: StepPlan,
     rows: np.ndarray,
     proposed: np.ndarray,
     drafts: Drafts,
-    staging: HostStaging,
-) -> Verified:
+) -> list[torch.Tensor]:
     """Rejection sampling of the draft's proposals against the target's distribution at
     each of the speculating rows' k + 1 positions (position j predicts token j):
     `logits` there (at `draft_positions`). `rows`: the sampled plan rows, `proposed`
-    of them."""
+    of them. Returns the device tensors `accept_drafts` reads, to download with the
+    step's others (one wait)."""
     dev = logits.device
     ks = drafts.ks
     per_row = ks + 1
@@ -191,27 +190,30 @@ def verify_drafts(
     if top_n:
         top = reported.topk(top_n, dim=-1)
         wanted += [top.indices.to(torch.int32), top.values]
-    host = staging.download(wanted)
+    return wanted
+
+
+def accept_drafts(host: list[np.ndarray], drafts: Drafts) -> Verified:
+    """Each speculating row's accepted proposals, then the draw at the first rejected
+    one (or after the last): `host` is `check_drafts`' tensors, downloaded."""
     accepted, correction, lp_x, lp_c = host[:4]
-    proposals = drafts.tokens[mask]
-    keep_x, keep_c, keep_pos, counts = [], [], [], np.empty(len(ks), dtype=np.int32)
+    ks = drafts.ks
+    starts = np.cumsum(ks + 1) - (ks + 1)
+    proposals = drafts.tokens[np.arange(drafts.tokens.shape[1])[None, :] < ks[:, None]]
+    tok, lps, pos, counts = [], [], [], np.empty(len(ks), dtype=np.int32)
     at = 0
     for s, k in enumerate(ks.tolist()):
         a = int(np.cumprod(accepted[at : at + k]).sum())
-        keep_x.append(np.arange(at, at + a))
-        keep_c.append(starts[s] + a)
-        keep_pos.append(np.arange(starts[s], starts[s] + a + 1))
+        c = starts[s] + a  # the position whose draw ends the row
+        tok += [proposals[at : at + a], correction[c : c + 1]]
+        lps += [lp_x[at : at + a], lp_c[c : c + 1]]
+        pos.append(np.arange(starts[s], c + 1))
         counts[s] = a + 1
         at += k
-    # Row s's tokens: its a accepted proposals, then the correction at position a.
-    tok, lps = [], []
-    for s, ix in enumerate(keep_x):
-        tok += [proposals[ix], correction[keep_c[s] : keep_c[s] + 1]]
-        lps += [lp_x[ix], lp_c[keep_c[s] : keep_c[s] + 1]]
     out = Verified(np.concatenate(tok).astype(np.int32), np.concatenate(lps), counts)
-    if top_n:
-        pos = np.concatenate(keep_pos)
-        out.top_ids, out.top_logprobs = host[4][pos], host[5][pos]
+    if len(host) > 4:  # top-n alternatives at each kept position
+        kept = np.concatenate(pos)
+        out.top_ids, out.top_logprobs = host[4][kept], host[5][kept]
     return out
 
 
