@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from tgi_mp.model_source import resolve_model
+
+if TYPE_CHECKING:
+    from tgi_mp.ipc.messages import SchedulerStats
+    from tgi_mp.launcher import Engine
 
 NEW_TOKENS = 24  # per prompt: 8 prompts x 24 greedy tokens (suite time; 32 added little)
 NEAR_TIE = 1e-4  # where the reference's two best logits are this close, either pick is right
@@ -127,3 +132,12 @@ def compare(
         if g != w:
             return margins[j] < near_tie, j
     return True, len(want)
+
+
+async def engine_stats(engine: Engine) -> SchedulerStats:
+    """The scheduler's counters, through a client of its own."""
+    client = engine.client()
+    try:
+        return await client.stats()
+    finally:
+        client.close()

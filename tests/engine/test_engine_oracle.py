@@ -18,7 +18,7 @@ import jsonschema
 import pytest
 from tokenizers import Tokenizer
 
-from tests.engine.oracle import NEW_TOKENS, compare, prompts, reference_greedy
+from tests.engine.oracle import NEW_TOKENS, compare, engine_stats, prompts, reference_greedy
 from tgi_mp.frontend import grammar
 from tgi_mp.ipc.messages import SamplingParams
 from tgi_mp.launcher import Engine
@@ -66,14 +66,6 @@ def _run(engine: Engine, cases, concurrent: bool) -> list[list[int]]:
     return asyncio.run(main())
 
 
-async def _stats(engine: Engine):
-    client = engine.client()
-    try:
-        return await client.stats()
-    finally:
-        client.close()
-
-
 @pytest.fixture(scope="module")
 def default_engine():
     with Engine.start(None, dtype="float32", max_batch_total_tokens=8192) as engine:
@@ -85,9 +77,9 @@ def test_alone(default_engine, cases):
 
 
 def test_concurrent(default_engine, cases):
-    before = asyncio.run(_stats(default_engine))
+    before = asyncio.run(engine_stats(default_engine))
     _check("concurrent", cases, _run(default_engine, cases, concurrent=True))
-    stats = asyncio.run(_stats(default_engine))
+    stats = asyncio.run(engine_stats(default_engine))
     assert stats.blocks_free == stats.blocks_total, "every block is back in the pool"
     # Every prompt ran before (test_alone): its whole blocks are reused, except that
     # at least one token is computed (a prompt filling its last block recomputes it).
@@ -104,7 +96,7 @@ def test_chunked_prefill(cases):
         prefix_caching=False,
     ) as engine:
         _check("chunked prefill (64), no prefix cache", cases, _run(engine, cases, True))
-        stats = asyncio.run(_stats(engine))
+        stats = asyncio.run(engine_stats(engine))
     assert stats.cache_hit_tokens == 0 and stats.cached_blocks == 0
     longest = max(len(p) for p, _, _ in cases)
     assert stats.steps >= longest // 64, "long prompts were split over several steps"
@@ -127,12 +119,12 @@ def test_preemption_with_speculative_decoding(cases, default_engine):
         speculate_max_batch=16,
     ) as engine:
         _check("preemption, speculate 4", cases, _run(engine, cases, concurrent=True))
-        first = asyncio.run(_stats(engine))
+        first = asyncio.run(engine_stats(engine))
         # 32 blocks cannot keep every prompt's blocks: some were evicted, some remain.
         _check("after evictions", cases, _run(engine, cases, concurrent=True))
-        stats = asyncio.run(_stats(engine))
+        stats = asyncio.run(engine_stats(engine))
         spec_draws = asyncio.run(_sampled(engine, [c[0] for c in cases[:3]]))
-        spec = asyncio.run(_stats(engine))
+        spec = asyncio.run(engine_stats(engine))
     print(f"[oracle] preemptions: {first.preemptions}, cache hits {stats.cache_hit_tokens}")
     assert first.preemptions > 0, "the small KV cache must have forced preemption"
     total = sum(len(p) - 1 for p, _, _ in cases)
@@ -160,9 +152,9 @@ def test_draft_model_speculation_follows_the_oracle(cases):
         speculative_model=default_gguf_path(),
     ) as engine:
         _check("draft model, speculate 4", cases, _run(engine, cases, concurrent=True))
-        first = asyncio.run(_stats(engine))
+        first = asyncio.run(engine_stats(engine))
         _check("draft model, again", cases, _run(engine, cases, concurrent=True))
-        stats = asyncio.run(_stats(engine))
+        stats = asyncio.run(engine_stats(engine))
     print(f"[oracle] draft: {stats.spec_accepted_tokens}/{stats.spec_proposed_tokens} accepted")
     assert first.preemptions > 0 and stats.cache_hit_tokens > first.cache_hit_tokens
     assert stats.spec_accepted_tokens > 0.9 * stats.spec_proposed_tokens > 0
@@ -197,7 +189,7 @@ def test_one_step_at_a_time_follows_the_oracle(cases):
         shared_memory=False,
     ) as engine:
         _check("serial scheduling, frames", cases, _run(engine, cases, concurrent=True))
-        stats = asyncio.run(_stats(engine))
+        stats = asyncio.run(engine_stats(engine))
     assert stats.preemptions > 0 and stats.blocks_free == stats.blocks_total
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from tests.engine.oracle import compare, prompts, reference_greedy, tokenizer
+from tests.engine.oracle import compare, engine_stats, prompts, reference_greedy, tokenizer
 from tests.engine.test_engine_crash import assert_killing_is_loud
 from tests.executor.test_model import TINY, save_tiny
 from tgi_mp.config import EngineConfig
@@ -56,14 +56,6 @@ def generate(
     return asyncio.run(main())
 
 
-async def stats_of(engine: Engine):
-    client = engine.client()
-    try:
-        return await client.stats()
-    finally:
-        client.close()
-
-
 def test_two_shards_give_the_tokens_of_one(tiny_dir) -> None:
     rng = np.random.default_rng(0)
     batch = [rng.integers(3, 256, n).tolist() for n in (1, 5, 17, 40, 77)]
@@ -86,7 +78,7 @@ def test_two_shards_give_the_tokens_of_one(tiny_dir) -> None:
                 generate(engine, batch, False),
                 generate(engine, batch, True),
             )
-            stats = asyncio.run(stats_of(engine)) if spec == "draft" else None
+            stats = asyncio.run(engine_stats(engine)) if spec == "draft" else None
     assert results[1, True, ""][0] == results[1, True, ""][1]
     for key in ((2, True, "ngram"), (2, False, ""), (2, True, "draft")):
         assert results[key] == results[1, True, ""], key

@@ -11,7 +11,6 @@ follow p(. | context, x).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import msgspec
@@ -19,33 +18,19 @@ import numpy as np
 import pytest
 import torch
 
-from tests.executor.test_speculative_sampling import VOCAB, chi_square, distribution, plan
+from tests.executor.test_speculative_sampling import (
+    VOCAB,
+    chi_square,
+    distribution,
+    plan,
+    tiny_config,
+)
 from tests.executor.unpacked import float32_unpacked
 from tgi_mp.config import EngineConfig
 from tgi_mp.executor.runner import ModelRunner
-from tgi_mp.model_source import ModelSource, load_model_config, resolve_model
+from tgi_mp.model_source import ModelSource, load_model_config
 
 ROWS = 5000
-
-
-def config(path: Path, hidden: int, layers: int) -> ModelSource:
-    path.write_text(
-        json.dumps(
-            {
-                "architectures": ["LlamaForCausalLM"],
-                "hidden_size": hidden,
-                "intermediate_size": 2 * hidden,
-                "num_hidden_layers": layers,
-                "num_attention_heads": 2,
-                "num_key_value_heads": 1,
-                "vocab_size": VOCAB,
-                "max_position_embeddings": 64,
-                "rms_norm_eps": 1e-5,
-                "tie_word_embeddings": False,
-            }
-        )
-    )
-    return resolve_model(str(path))
 
 
 def runner(
@@ -81,7 +66,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelRunner, Model
     """The target with the draft, and the draft alone as a target (the same dummy
     weights: they are a function of the config): its steps give q."""
     tmp = tmp_path_factory.mktemp("draft")
-    target, draft = config(tmp / "target.json", 32, 2), config(tmp / "draft.json", 16, 1)
+    target, draft = tiny_config(tmp / "target.json", 32, 2), tiny_config(tmp / "draft.json", 16, 1)
     return runner(tmp, target, draft, 1), runner(tmp, draft, None, 0)
 
 

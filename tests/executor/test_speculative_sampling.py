@@ -19,29 +19,36 @@ from tests.executor.unpacked import float32_unpacked
 from tgi_mp.config import EngineConfig
 from tgi_mp.executor.runner import ModelRunner
 from tgi_mp.ipc import messages as m
-from tgi_mp.model_source import load_model_config, resolve_model
+from tgi_mp.model_source import ModelSource, load_model_config, resolve_model
 
 VOCAB = 16
 ROWS = 5000
 CONTEXT = [3, 7, 1]
 
 
+def tiny_config(path: Path, hidden: int, layers: int) -> ModelSource:
+    """A tiny Llama of this vocabulary, as a config alone (for dummy weights)."""
+    path.write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "hidden_size": hidden,
+                "intermediate_size": 2 * hidden,
+                "num_hidden_layers": layers,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 1,
+                "vocab_size": VOCAB,
+                "max_position_embeddings": 64,
+                "rms_norm_eps": 1e-5,
+                "tie_word_embeddings": False,
+            }
+        )
+    )
+    return resolve_model(str(path))
+
+
 def tiny_runner(tmp_path: Path) -> ModelRunner:
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "vocab_size": VOCAB,
-        "max_position_embeddings": 64,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-    }
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(config))
-    source = resolve_model(str(path))
+    source = tiny_config(tmp_path / "config.json", 32, 1)
     cfg = EngineConfig(
         model=source,
         model_config=load_model_config(source),
