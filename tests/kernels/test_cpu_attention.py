@@ -67,6 +67,29 @@ def test_mixed_steps_match_the_reference(fast, heads, kv_heads, dim, block_size)
     assert _error(fast, *step) < 2e-2
 
 
+@pytest.mark.parametrize(
+    ("heads", "kv_heads"), [(9, 3), (32, 4), (8, 8)], ids=["gqa3", "gqa8", "mha"]
+)
+@pytest.mark.skipif(not FAST, reason="no AVX512_BF16 here")
+def test_decode_rows_grouped_by_sequence_equal_rows_alone(heads, kv_heads) -> None:
+    # Enough decode rows for the kernel to take every KV head of a sequence in one item
+    # (its grouped walk); the first row alone is taken one KV head at a time. Both must
+    # match the reference, and each other bit for bit.
+    context_lens = [150, 15, 16, 17, 300, 1, 40, 63, 64, 65, 99, 200]
+    step = _step([1] * len(context_lens), context_lens, 16, heads, kv_heads, 64, seed=2)
+    assert _error(True, *step) < 2e-2
+    q, k_cache, v_cache, meta = step
+    scale = q.shape[-1] ** -0.5
+    both = cpu_attention.paged_attention(
+        q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale, True
+    )
+    alone = cpu_attention.paged_attention(
+        q[:1], k_cache, v_cache, meta.query_start_loc[:2], meta.seq_lens[:1],
+        meta.block_tables[:1], scale, True,
+    )  # fmt: skip
+    assert torch.equal(both[:1], alone)
+
+
 @pytest.mark.parametrize("fast", PATHS)
 def test_a_long_prefill_chunk_over_a_long_context(fast) -> None:
     step = _step([256], [700], 16, 9, 3, 64, seed=1)
