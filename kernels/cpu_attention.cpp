@@ -242,48 +242,63 @@ TGI_TARGET void attend_fast(const Problem& p, const Item& it, Scratch& sc) {
       else if (n + 1 < nk) offset = 0, slot = table[++block] * p.block_size;
     }
     tile_scores<RG>(sc.qv.data(), keys, half, sc.s.data());
+    // Below the diagonal (every row sees every key of the tile: most tiles of a chunk
+    // over a cached prefix) the causal mask and the -inf checks are skipped.
+    const bool all_visible = k0 + nk - 1 <= ctx + it.t0;
+    const int64_t key_pairs = (nk + 1) / 2;
     for (int r = 0; r < RG; ++r) {
-      const __m512i rpos = _mm512_load_si512(pos + r * kLanes);
       __m512 tile_max = neg_inf;
-      for (int64_t n = 0; n < nk; ++n) {
-        float* at = sc.s.data() + n * rows + r * kLanes;
-        const __mmask16 visible = _mm512_cmpge_epi32_mask(rpos, _mm512_set1_epi32(int(k0 + n)));
-        const __m512 s = _mm512_mask_mul_ps(neg_inf, visible, _mm512_loadu_ps(at), scale);
-        _mm512_storeu_ps(at, s);
-        tile_max = _mm512_max_ps(tile_max, s);
+      if (all_visible) {
+        for (int64_t n = 0; n < nk; ++n) {
+          float* at = sc.s.data() + n * rows + r * kLanes;
+          const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(at), scale);
+          _mm512_storeu_ps(at, s);
+          tile_max = _mm512_max_ps(tile_max, s);
+        }
+      } else {
+        const __m512i rpos = _mm512_load_si512(pos + r * kLanes);
+        for (int64_t n = 0; n < nk; ++n) {
+          float* at = sc.s.data() + n * rows + r * kLanes;
+          const __mmask16 visible =
+              _mm512_cmpge_epi32_mask(rpos, _mm512_set1_epi32(int(k0 + n)));
+          const __m512 s = _mm512_mask_mul_ps(neg_inf, visible, _mm512_loadu_ps(at), scale);
+          _mm512_storeu_ps(at, s);
+          tile_max = _mm512_max_ps(tile_max, s);
+        }
       }
       const __m512 m_new = _mm512_max_ps(m[r], tile_max);
       // Rows that had no visible key yet carry nothing to rescale (and -inf - -inf is NaN).
       const __mmask16 had = _mm512_cmp_ps_mask(m[r], neg_inf, _CMP_NEQ_OQ);
       const __m512 alpha = _mm512_maskz_mov_ps(had, exp_ps(_mm512_sub_ps(m[r], m_new)));
+      // Probabilities straight into interleaved bf16 pairs (P of V's products).
       __m512 sum = _mm512_setzero_ps();
-      for (int64_t n = 0; n < kTileKeys; ++n) {
-        float* at = sc.s.data() + n * rows + r * kLanes;
-        __m512 w = _mm512_setzero_ps();
-        if (n < nk) {
-          const __m512 s = _mm512_loadu_ps(at);
-          const __mmask16 live = _mm512_cmp_ps_mask(s, neg_inf, _CMP_NEQ_OQ);
-          w = _mm512_maskz_mov_ps(live, exp_ps(_mm512_sub_ps(s, m_new)));
-          sum = _mm512_add_ps(sum, w);
+      for (int64_t n2 = 0; n2 < key_pairs; ++n2) {
+        __m512 w[2];
+        for (int j = 0; j < 2; ++j) {
+          const int64_t n = 2 * n2 + j;
+          w[j] = _mm512_setzero_ps();
+          if (n >= nk) continue;
+          const __m512 s = _mm512_loadu_ps(sc.s.data() + n * rows + r * kLanes);
+          const __m512 e = exp_ps(_mm512_sub_ps(s, m_new));
+          w[j] = all_visible
+                     ? e : _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, neg_inf, _CMP_NEQ_OQ), e);
+          sum = _mm512_add_ps(sum, w[j]);
         }
-        _mm512_storeu_ps(at, w);
-      }
-      l[r] = _mm512_fmadd_ps(l[r], alpha, sum);
-      m[r] = m_new;
-      for (int64_t i = 0; i < d; ++i) {
-        float* at = sc.o.data() + i * rows + r * kLanes;
-        _mm512_storeu_ps(at, _mm512_mul_ps(_mm512_loadu_ps(at), alpha));
-      }
-    }
-    const int64_t key_pairs = (nk + 1) / 2;
-    for (int64_t n2 = 0; n2 < key_pairs; ++n2) {
-      for (int r = 0; r < RG; ++r) {
-        const __m512 even = _mm512_loadu_ps(sc.s.data() + (2 * n2) * rows + r * kLanes);
-        const __m512 odd = _mm512_loadu_ps(sc.s.data() + (2 * n2 + 1) * rows + r * kLanes);
-        const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(odd, even);
+        const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]);
         _mm512_storeu_si512(sc.pv.data() + n2 * rows + r * kLanes,
                             _mm512_permutexvar_epi16(interleave, both));
       }
+      l[r] = _mm512_fmadd_ps(l[r], alpha, sum);
+      // Once a row's maximum has settled, alpha is 1 in every lane: nothing to rescale.
+      if (_mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.f), _CMP_EQ_OQ) != 0xFFFF) {
+        for (int64_t i = 0; i < d; ++i) {
+          float* at = sc.o.data() + i * rows + r * kLanes;
+          _mm512_storeu_ps(at, _mm512_mul_ps(_mm512_loadu_ps(at), alpha));
+        }
+      }
+      m[r] = m_new;
+    }
+    for (int64_t n2 = 0; n2 < key_pairs; ++n2) {
       const bf16* even = values[2 * n2];
       const bf16* odd = values[2 * n2 + 1];
       uint32_t* dst = sc.vp.data() + n2 * d;
