@@ -10,6 +10,7 @@ builds the costliest ones a step may have, and runs the same code.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,10 @@ from tgi_mp.executor.penalties import PenaltyHistory, apply_penalties
 from tgi_mp.executor.sampler import SamplingTensors, sample
 from tgi_mp.executor.watermark import apply_watermark
 from tgi_mp.ipc.messages import StepPlan
+from tgi_mp.kernels.cpu_build import KernelUnavailable
+from tgi_mp.kernels.cpu_logits import TokenMasker
+
+log = logging.getLogger("tgi_mp.executor")
 
 # A grammar-banned token's logit offset: finite (0 * -inf would be NaN), and far below
 # any logit, so its probability is exactly 0.
@@ -99,7 +104,7 @@ class RowInputs:
     bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # row, id, value
     penalised: Penalised | None = None
     watermarked: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, their previous token
-    allowed: tuple[torch.Tensor, torch.Tensor] | None = None  # rows, grammar_bias of them
+    allowed: tuple[torch.Tensor, np.ndarray] | None = None  # rows, their grammar bitmask
 
 
 class LogitsPipeline:
@@ -111,6 +116,7 @@ class LogitsPipeline:
         self.watermark_gamma = watermark_gamma
         self.watermark_delta = watermark_delta
         self._bits = torch.arange(32, dtype=torch.int32, device=device)
+        self._masker = _cpu_masker() if device.type == "cpu" else None
 
     def __call__(
         self, logits: torch.Tensor, inputs: RowInputs
@@ -132,9 +138,16 @@ class LogitsPipeline:
                 logits[rows], prev, self.watermark_gamma, self.watermark_delta
             )
         if inputs.allowed is not None:  # last: what is sampled and reported is constrained
-            rows, bias = inputs.allowed
-            logits.index_add_(0, rows, bias[:, : logits.shape[1]])
+            self.apply_grammar(logits, *inputs.allowed)
         return sample(logits, inputs.sampling, inputs.top_n)
+
+    def apply_grammar(self, logits: torch.Tensor, rows: torch.Tensor, bitmask: np.ndarray) -> None:
+        """Bans, in place, the tokens each constrained row's bitmask (int32 [G, W], bit t:
+        token t allowed) does not allow: by the C++ kernel on the CPU, else by a bias."""
+        if self._masker is not None:
+            self._masker(logits, rows, bitmask)
+        else:
+            logits.index_add_(0, rows, self.grammar_bias(bitmask)[:, : logits.shape[1]])
 
     def grammar_bias(self, bitmask: np.ndarray) -> torch.Tensor:
         """A grammar bitmask (int32 [G, W], bit t: token t allowed) as float32 [G, W * 32]
@@ -218,3 +231,12 @@ class LogitsPipeline:
             ),
             watermarked=(rows, rows),
         )
+
+
+def _cpu_masker() -> TokenMasker | None:
+    """The CPU's in-place mask kernel, or None (no C++ compiler: the bias path)."""
+    try:
+        return TokenMasker(BANNED)
+    except KernelUnavailable as e:
+        log.warning("grammar masks by the general path: %s", e)
+        return None

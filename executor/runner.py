@@ -409,7 +409,7 @@ class ModelRunner:
             sampled_row = np.cumsum(s.sample) - 1
             inputs.allowed = (
                 to_device(sampled_row[plan.grammar.rows], torch.int64, self.device),
-                self.logits.grammar_bias(read_mask()),
+                read_mask(),
             )
         tokens, logprobs, top_ids, top_lps = self.logits(logits, inputs)
         wanted = [tokens.to(torch.int32), logprobs]

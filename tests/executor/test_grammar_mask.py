@@ -4,10 +4,12 @@ reported logprobs are those of the constrained distribution."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from tgi_mp.executor.logits import BANNED, LogitsPipeline, RowInputs
 from tgi_mp.executor.sampler import SamplingTensors
+from tgi_mp.kernels.cpu_logits import TokenMasker
 
 VOCAB = 100
 BANNED_F32 = float(torch.tensor(BANNED, dtype=torch.float32))
@@ -20,8 +22,11 @@ def _bitmask(allowed: list[list[int]]) -> np.ndarray:
     return np.packbits(bits, axis=1, bitorder="little").view(np.int32)
 
 
-def test_masked_rows_sample_only_allowed_tokens() -> None:
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "bias"])
+def test_masked_rows_sample_only_allowed_tokens(kernel: bool) -> None:
     pipeline = LogitsPipeline(VOCAB, torch.device("cpu"), 0.25, 2.0)
+    if not kernel:  # the general path (other devices; a CPU with no C++ compiler)
+        pipeline._masker = None
     logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(0))
     logits[1, 7] = 50.0  # row 1's favourite, which its grammar forbids
     allowed = [[3, 8, 99], [5, 6]]  # for rows 1 and 2; row 0 is free
@@ -36,7 +41,7 @@ def test_masked_rows_sample_only_allowed_tokens() -> None:
         sample_index=torch.zeros(3, dtype=torch.int64),
     )
     inputs = RowInputs(sampling, top_n=2)
-    inputs.allowed = (torch.tensor([1, 2]), pipeline.grammar_bias(_bitmask(allowed)))
+    inputs.allowed = (torch.tensor([1, 2]), _bitmask(allowed))
     tokens, logprobs, top_ids, _ = pipeline(logits.clone(), inputs)
     assert int(tokens[0]) == free_choice  # untouched
     assert int(tokens[1]) == max(allowed[0], key=lambda t: float(logits[1, t]))
@@ -53,3 +58,30 @@ def test_bits_unpack_the_same_on_every_device_path() -> None:
     bias = pipeline.grammar_bias(mask)
     assert torch.equal(bias < 0, shifted) and bias.unique().tolist() == [-BANNED_F32, 0.0]
     assert bias[0, [0, 31, 32, 63, 64, 99]].tolist() == [0.0] * 6
+
+
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "portable"])
+@pytest.mark.parametrize("vocab", [100, 49152, 49159])
+def test_the_cpu_kernel_bans_exactly_what_the_bias_does(vocab: int, avx512: bool) -> None:
+    # Random masks with all-allowed, all-banned and mixed words, over a vocabulary
+    # that is (or is not) a multiple of 32, on some rows of a larger batch; the
+    # kernel's in-place write must give the bias path's logits bit for bit.
+    gen = np.random.default_rng(0)
+    words = (vocab + 31) // 32
+    mask = gen.integers(-(2**31), 2**31, size=(5, words), dtype=np.int64).astype(np.int32)
+    mask[:, ::7] = -1
+    mask[:, 1::7] = 0
+    rows = torch.tensor([6, 0, 3, 7, 2])
+    logits = 10 * torch.randn(8, vocab, generator=torch.Generator().manual_seed(1))
+    pipeline = LogitsPipeline(vocab, torch.device("cpu"), 0.25, 2.0)
+    want = logits.clone()
+    want.index_add_(0, rows, pipeline.grammar_bias(mask)[:, :vocab])
+    got = logits.clone()
+    masker = TokenMasker(BANNED)
+    if not avx512:
+        masker.fast = 0
+    elif not masker.fast:
+        pytest.skip("no AVX-512 here")
+    masker(got, rows, mask)
+    assert torch.equal(got, want)
+    assert (got == -BANNED_F32).any() and (got != -BANNED_F32).any()
