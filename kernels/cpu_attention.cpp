@@ -355,7 +355,7 @@ TGI_TARGET void attend_rows(const Problem& p, const Item& it, Scratch& sc) {
   const int64_t* table = p.block_tables + it.seq * p.bt_stride;
   const int64_t slot_elems = p.kv_heads * d;
   sc.o.assign(rows * d, 0.f);  // [row][head_dim]
-  sc.vp.resize(hn * (kKeys / 2) * d);  // [head][key pair][head_dim] interleaved pairs
+  sc.vp.resize(kKeys / 2 * d);  // [key pair][head_dim] one head's interleaved pairs
   sc.zeros.assign(slot_elems, 0);
   sc.row_stats.assign(2 * rows, 0.f);
   sc.prob_pairs.resize(rows * (kKeys / 2));
@@ -438,7 +438,7 @@ TGI_TARGET void attend_rows(const Problem& p, const Item& it, Scratch& sc) {
     for (int64_t hh = 0; hh < hn; ++hh) {
       const int64_t h = h0 + hh;
       for (int64_t n2 = 0; n2 < key_pairs; ++n2) {
-        uint32_t* dst = sc.vp.data() + (hh * (kKeys / 2) + n2) * d;
+        uint32_t* dst = sc.vp.data() + n2 * d;
         for (int64_t i = 0; i < d; i += 32) {
           const __m512i a = _mm512_loadu_si512(values[2 * n2] + h * d + i);
           const __m512i b = _mm512_loadu_si512(values[2 * n2 + 1] + h * d + i);
@@ -449,7 +449,7 @@ TGI_TARGET void attend_rows(const Problem& p, const Item& it, Scratch& sc) {
       for (int r = 0; r < G; ++r) {
         const int64_t row = hh * G + r;
         const uint32_t* probs = sc.prob_pairs.data() + row * (kKeys / 2);
-        const uint32_t* vp = sc.vp.data() + hh * (kKeys / 2) * d;
+        const uint32_t* vp = sc.vp.data();
         float* o = sc.o.data() + row * d;
         for (int64_t i = 0; i < d; i += 16) {
           __m512 acc = _mm512_loadu_ps(o + i);
