@@ -21,7 +21,7 @@ from tgi_mp.executor.sampler import SamplingTensors, sample
 from tgi_mp.executor.watermark import apply_watermark
 from tgi_mp.ipc.messages import StepPlan
 from tgi_mp.kernels.cpu_build import KernelUnavailable
-from tgi_mp.kernels.cpu_logits import TokenMasker
+from tgi_mp.kernels.cpu_logits import CpuLogits
 
 log = logging.getLogger("tgi_mp.executor")
 
@@ -116,7 +116,7 @@ class LogitsPipeline:
         self.watermark_gamma = watermark_gamma
         self.watermark_delta = watermark_delta
         self._bits = torch.arange(32, dtype=torch.int32, device=device)
-        self._masker = _cpu_masker() if device.type == "cpu" else None
+        self._cpu = _cpu_kernels() if device.type == "cpu" else None
 
     def __call__(
         self, logits: torch.Tensor, inputs: RowInputs
@@ -139,13 +139,15 @@ class LogitsPipeline:
             )
         if inputs.allowed is not None:  # last: what is sampled and reported is constrained
             self.apply_grammar(logits, *inputs.allowed)
+        if self._cpu is not None and inputs.top_n <= 0 and not inputs.sampling.temperature.any():
+            return (*self._cpu.greedy(logits), None, None)  # all greedy: one read of the rows
         return sample(logits, inputs.sampling, inputs.top_n)
 
     def apply_grammar(self, logits: torch.Tensor, rows: torch.Tensor, bitmask: np.ndarray) -> None:
         """Bans, in place, the tokens each constrained row's bitmask (int32 [G, W], bit t:
         token t allowed) does not allow: by the C++ kernel on the CPU, else by a bias."""
-        if self._masker is not None:
-            self._masker(logits, rows, bitmask)
+        if self._cpu is not None:
+            self._cpu.mask(logits, rows, bitmask)
         else:
             logits.index_add_(0, rows, self.grammar_bias(bitmask)[:, : logits.shape[1]])
 
@@ -233,10 +235,10 @@ class LogitsPipeline:
         )
 
 
-def _cpu_masker() -> TokenMasker | None:
-    """The CPU's in-place mask kernel, or None (no C++ compiler: the bias path)."""
+def _cpu_kernels() -> CpuLogits | None:
+    """The CPU's logits kernels, or None (no C++ compiler: torch's ops)."""
     try:
-        return TokenMasker(BANNED)
+        return CpuLogits(BANNED)
     except KernelUnavailable as e:
-        log.warning("grammar masks by the general path: %s", e)
+        log.warning("logits by torch's ops alone: %s", e)
         return None

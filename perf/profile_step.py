@@ -25,10 +25,11 @@ from bench_step import copy_bandwidth
 from torch import nn
 
 from tgi_mp.executor import quant
+from tgi_mp.executor.logits import LogitsPipeline, RowInputs
 from tgi_mp.executor.models.llama import TORCH_OPS
 from tgi_mp.executor.packed import PackedLinear
 from tgi_mp.executor.penalties import apply_penalties
-from tgi_mp.executor.sampler import SamplingTensors, sample
+from tgi_mp.executor.sampler import SamplingTensors
 from tgi_mp.executor.weights import load_model
 from tgi_mp.kernels.attention import AttentionMetadata, allocate_kv_cache
 from tgi_mp.kernels.backends import select_backend
@@ -162,6 +163,7 @@ def measure(args: argparse.Namespace, model: nn.Module, cfg, dtype: torch.dtype,
         sample_index=torch.zeros(b, dtype=torch.int64),
     )
     sampler_times: list[float] = []
+    pipeline = LogitsPipeline(cfg.vocab_size, torch.device("cpu"), 0.25, 2.0)
     history = torch.zeros(b, cfg.vocab_size, dtype=torch.bool)
     history[:, torch.randint(0, cfg.vocab_size, (args.context,))] = True
     counts = history.to(torch.int32)
@@ -176,7 +178,7 @@ def measure(args: argparse.Namespace, model: nn.Module, cfg, dtype: torch.dtype,
         t = time.perf_counter()
         if args.sample:  # the executor applies penalties just before sampling
             logits = apply_penalties(logits, history, counts, repetition, zero, zero)
-        sample(logits, columns)
+        pipeline(logits, RowInputs(columns, 0))  # what the executor runs on them
         sampler_times.append(time.perf_counter() - t)
 
     for _ in range(3):

@@ -9,7 +9,7 @@ import torch
 
 from tgi_mp.executor.logits import BANNED, LogitsPipeline, RowInputs
 from tgi_mp.executor.sampler import SamplingTensors
-from tgi_mp.kernels.cpu_logits import TokenMasker
+from tgi_mp.kernels.cpu_logits import CpuLogits
 
 VOCAB = 100
 BANNED_F32 = float(torch.tensor(BANNED, dtype=torch.float32))
@@ -26,7 +26,7 @@ def _bitmask(allowed: list[list[int]]) -> np.ndarray:
 def test_masked_rows_sample_only_allowed_tokens(kernel: bool) -> None:
     pipeline = LogitsPipeline(VOCAB, torch.device("cpu"), 0.25, 2.0)
     if not kernel:  # the general path (other devices; a CPU with no C++ compiler)
-        pipeline._masker = None
+        pipeline._cpu = None
     logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(0))
     logits[1, 7] = 50.0  # row 1's favourite, which its grammar forbids
     allowed = [[3, 8, 99], [5, 6]]  # for rows 1 and 2; row 0 is free
@@ -77,11 +77,11 @@ def test_the_cpu_kernel_bans_exactly_what_the_bias_does(vocab: int, avx512: bool
     want = logits.clone()
     want.index_add_(0, rows, pipeline.grammar_bias(mask)[:, :vocab])
     got = logits.clone()
-    masker = TokenMasker(BANNED)
+    kernels = CpuLogits(BANNED)
     if not avx512:
-        masker.fast = 0
-    elif not masker.fast:
+        kernels.fast = 0
+    elif not kernels.fast:
         pytest.skip("no AVX-512 here")
-    masker(got, rows, mask)
+    kernels.mask(got, rows, mask)
     assert torch.equal(got, want)
     assert (got == -BANNED_F32).any() and (got != -BANNED_F32).any()
