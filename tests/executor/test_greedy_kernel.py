@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.executor.test_sampler import _columns as sampling_columns
 from tgi_mp.executor.logits import BANNED, LogitsPipeline, RowInputs
 from tgi_mp.executor.sampler import SamplingTensors, sample
 from tgi_mp.kernels.cpu_logits import CpuLogits
@@ -39,16 +40,9 @@ def test_greedy_rows_equal_argmax_and_log_softmax(vocab: int, avx512: bool) -> N
 
 
 def _columns(temperature: list[float]) -> SamplingTensors:
-    n = len(temperature)
-    return SamplingTensors(
-        temperature=torch.tensor(temperature),
-        top_k=torch.zeros(n, dtype=torch.int64),
-        top_p=torch.ones(n),
-        typical_p=torch.ones(n),
-        min_p=torch.zeros(n),
-        seeds=torch.arange(n),
-        sample_index=torch.zeros(n, dtype=torch.int64),
-    )
+    columns = sampling_columns(len(temperature))
+    columns.temperature = torch.tensor(temperature)
+    return columns
 
 
 @pytest.mark.parametrize(
