@@ -40,38 +40,18 @@ from tgi_mp.kernels.attention import AttentionMetadata, allocate_kv_cache
 from tgi_mp.kernels.backends import AttentionBackend
 from tgi_mp.model_source import load_model_config, resolve_model
 
-
-@torch.library.custom_op("tgi_mp_bench::paged_attention", mutates_args=())
-def _attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    query_start: torch.Tensor,
-    seq_lens: torch.Tensor,
-    block_tables: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    return cpu_attention.paged_attention(
-        q, k_cache, v_cache, query_start, seq_lens, block_tables, scale, True
-    )
-
-
-@_attention.register_fake
-def _(q, k_cache, v_cache, query_start, seq_lens, block_tables, scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("tgi_mp_bench::write_kv", mutates_args=("k_cache", "v_cache"))
-def _write_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    slots: torch.Tensor,
-) -> None:  # fmt: skip
-    AttentionBackend.scatter(k, v, k_cache, v_cache, slots)
-
-
-@_write_kv.register_fake
-def _(k, v, k_cache, v_cache, slots):
-    return None
+# The C++ kernel and the reference cache write, registered as they are (their type
+# hints give the schemas); fakes give dynamo their outputs' shapes without running them.
+_attention = torch.library.custom_op(
+    "tgi_mp_bench::paged_attention", cpu_attention.paged_attention, mutates_args=()
+)
+_attention.register_fake(
+    lambda q, *rest: torch.empty_like(q, memory_format=torch.contiguous_format)
+)
+_write_kv = torch.library.custom_op(
+    "tgi_mp_bench::write_kv", AttentionBackend.scatter, mutates_args=("k_cache", "v_cache")
+)
+_write_kv.register_fake(lambda *args: None)
 
 
 class CustomOpAttention(AttentionBackend):
@@ -85,8 +65,9 @@ class CustomOpAttention(AttentionBackend):
 
     def attend(self, q, k_cache, v_cache, meta, scale):
         return torch.ops.tgi_mp_bench.paged_attention(
-            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale
-        )
+            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale,
+            True,
+        )  # fmt: skip
 
 
 def main() -> None:
