@@ -248,23 +248,15 @@ TGI_TARGET void attend_fast(const Problem& p, const Item& it, Scratch& sc) {
     const int64_t key_pairs = (nk + 1) / 2;
     for (int r = 0; r < RG; ++r) {
       __m512 tile_max = neg_inf;
-      if (all_visible) {
-        for (int64_t n = 0; n < nk; ++n) {
-          float* at = sc.s.data() + n * rows + r * kLanes;
-          const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(at), scale);
-          _mm512_storeu_ps(at, s);
-          tile_max = _mm512_max_ps(tile_max, s);
-        }
-      } else {
-        const __m512i rpos = _mm512_load_si512(pos + r * kLanes);
-        for (int64_t n = 0; n < nk; ++n) {
-          float* at = sc.s.data() + n * rows + r * kLanes;
-          const __mmask16 visible =
-              _mm512_cmpge_epi32_mask(rpos, _mm512_set1_epi32(int(k0 + n)));
-          const __m512 s = _mm512_mask_mul_ps(neg_inf, visible, _mm512_loadu_ps(at), scale);
-          _mm512_storeu_ps(at, s);
-          tile_max = _mm512_max_ps(tile_max, s);
-        }
+      const __m512i rpos = _mm512_load_si512(pos + r * kLanes);
+      for (int64_t n = 0; n < nk; ++n) {
+        float* at = sc.s.data() + n * rows + r * kLanes;
+        const __mmask16 visible =
+            all_visible ? __mmask16(0xFFFF)
+                        : _mm512_cmpge_epi32_mask(rpos, _mm512_set1_epi32(int(k0 + n)));
+        const __m512 s = _mm512_mask_mul_ps(neg_inf, visible, _mm512_loadu_ps(at), scale);
+        _mm512_storeu_ps(at, s);
+        tile_max = _mm512_max_ps(tile_max, s);
       }
       const __m512 m_new = _mm512_max_ps(m[r], tile_max);
       // Rows that had no visible key yet carry nothing to rescale (and -inf - -inf is NaN).
